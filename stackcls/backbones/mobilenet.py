@@ -1,0 +1,63 @@
+"""MobileNet v1 (Howard et al. 2017), as keras.applications.MobileNet (include_top=False).
+
+Last convolutional block (depth 1): conv_dw_13 / conv_pw_13 and their BatchNorms.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from stackcls.backbones.base import Backbone, BackboneSpec, Block
+from stackcls.backbones.layers import BatchNorm, Conv2D, DepthwiseConv2D, relu6, zero_pad
+
+# (pointwise filters before alpha, stride) of blocks 1..13
+_BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1),
+           (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
+
+
+class _DWBlock(nnx.Module):
+    def __init__(self, i, cin, cout, stride, rngs):
+        self.stride = stride
+        self.dw = DepthwiseConv2D(f"conv_dw_{i}", cin, 3, stride,
+                                  "same" if stride == 1 else "valid", use_bias=False, rngs=rngs)
+        self.dw_bn = BatchNorm(f"conv_dw_{i}_bn", cin)
+        self.pw = Conv2D(f"conv_pw_{i}", cin, cout, 1, use_bias=False, rngs=rngs)
+        self.pw_bn = BatchNorm(f"conv_pw_{i}_bn", cout)
+
+    def __call__(self, x, train=False):
+        if self.stride != 1:
+            x = zero_pad(x, ((0, 1), (0, 1)))  # Keras conv_pad_i
+        x = relu6(self.dw_bn(self.dw(x), train))
+        return relu6(self.pw_bn(self.pw(x), train))
+
+
+class MobileNet(Backbone):
+    def __init__(self, input_size=224, alpha=0.25, *, rngs: nnx.Rngs):
+        self.input_size = input_size
+        self.preprocess = "tf"
+        self.alpha = alpha
+        c = int(32 * alpha)
+        self.conv1 = Conv2D("conv1", 3, c, 3, 2, use_bias=False, rngs=rngs)
+        self.conv1_bn = BatchNorm("conv1_bn", c)
+        blocks = []
+        for i, (f, s) in enumerate(_BLOCKS, start=1):
+            cout = int(f * alpha)
+            blocks.append(_DWBlock(i, c, cout, s, rngs))
+            c = cout
+        self.blocks = nnx.List(blocks[:-1])
+        self.block_last = Block(block=blocks[-1])
+        self.features_dim = c
+
+    def trunk(self, x, train=False):
+        x = relu6(self.conv1_bn(self.conv1(x), train))
+        for b in self.blocks:
+            x = b(x, train)
+        return x
+
+    def last_block(self, x, train=False):
+        return self.block_last.block(x, train)
+
+
+SPECS = {"mobilenet": BackboneSpec("mobilenet", MobileNet, 224, "tf", kwargs={"alpha": 0.25},
+                                   doc="MobileNet v1, alpha 0.25 by default")}
