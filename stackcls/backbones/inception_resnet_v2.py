@@ -1,0 +1,178 @@
+"""InceptionResNetV2 (Szegedy et al. 2017), a port of keras.applications.InceptionResNetV2
+(include_top=False).
+
+Read top to bottom like keras/src/applications/inception_resnet_v2.py. Every Keras `conv2d_bn` is
+a `ConvBN`: Conv2D without bias, BatchNormalization with scale=False (no gamma), optional ReLU.
+Unnamed ones get Keras's automatic names as a fresh session would give them (`conv2d_N`,
+`batch_normalization_N`); weights are matched by Keras's layer order (`keras_order`, see
+keras_graph.py). Each residual block ends in a 1x1 Conv2D with bias and no BatchNorm
+(`block35_1_conv`), added to the shortcut scaled by 0.17 / 0.1 / 0.2 (Keras's CustomScaleLayer).
+
+Depth-1 training unfreezes `block_last`: block8_10 (the last residual block, no final ReLU) and
+conv_7b.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from stackcls.backbones import layers as L
+from stackcls.backbones.base import Backbone, BackboneSpec, Block
+from stackcls.backbones.inception_v3 import _Names, avg_pool_3x3_same, concat, max_pool_3x3_s2, relu
+from stackcls.backbones.keras_graph import Sym, apply, call, keras_order
+
+INPUT_SIZE = 299
+PREPROCESS = "tf"
+
+
+def scale_add(x, up, scale):
+    """Keras CustomScaleLayer([x, up]): x + up * scale."""
+    return apply(lambda a, b: a + b * scale, x, up)
+
+
+class ConvBN(nnx.Module):
+    """Keras `conv2d_bn`: Conv2D(use_bias=False) -> BatchNormalization(scale=False) -> ReLU.
+    `name` None: Keras auto-names; else conv `name`, BN `name_bn` (and ReLU `name_ac`)."""
+
+    def __init__(self, names, in_ch, filters, kernel, strides=1, padding="same", name=None, *,
+                 rngs):
+        self.conv = L.Conv2D(name or names("conv2d"), in_ch, filters, kernel, strides, padding,
+                             use_bias=False, rngs=rngs)
+        self.bn = L.BatchNorm(f"{name}_bn" if name else names("batch_normalization"), filters,
+                              scale=False)
+
+    def __call__(self, x, train=False):
+        x = call(self.conv, x)
+        x = call(self.bn, x, train=train)
+        return relu(x)
+
+
+class Branch(nnx.Module):
+    """A chain of ConvBN; specs are (filters, kernel[, strides, padding])."""
+
+    def __init__(self, names, in_ch, specs, *, rngs):
+        convs = []
+        for spec in specs:
+            convs.append(ConvBN(names, in_ch, *spec, rngs=rngs))
+            in_ch = spec[0]
+        self.convs = nnx.List(convs)
+        self.out_ch = in_ch
+
+    def __call__(self, x, train=False):
+        for c in self.convs:
+            x = c(x, train)
+        return x
+
+
+class Mixed5b(nnx.Module):
+    """Stem end: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 -> 320 channels."""
+
+    def __init__(self, names, in_ch, *, rngs):
+        self.branch_0 = Branch(names, in_ch, [(96, 1)], rngs=rngs)
+        self.branch_1 = Branch(names, in_ch, [(48, 1), (64, 5)], rngs=rngs)
+        self.branch_2 = Branch(names, in_ch, [(64, 1), (96, 3), (96, 3)], rngs=rngs)
+        self.branch_pool = Branch(names, in_ch, [(64, 1)], rngs=rngs)
+        self.out_ch = 96 + 64 + 96 + 64
+
+    def __call__(self, x, train=False):
+        return concat([self.branch_0(x, train), self.branch_1(x, train), self.branch_2(x, train),
+                       self.branch_pool(avg_pool_3x3_same(x), train)])
+
+
+class Reduction(nnx.Module):
+    """mixed_6a / mixed_7a: conv branches ending in a 3x3/2 valid conv, plus a 3x3/2 max pool."""
+
+    def __init__(self, names, in_ch, branches, *, rngs):
+        self.branches = nnx.List([Branch(names, in_ch, b, rngs=rngs) for b in branches])
+        self.out_ch = sum(b.out_ch for b in self.branches) + in_ch
+
+    def __call__(self, x, train=False):
+        return concat([b(x, train) for b in self.branches] + [max_pool_3x3_s2(x)])
+
+
+_BRANCHES = {
+    "block35": [[(32, 1)], [(32, 1), (32, 3)], [(32, 1), (48, 3), (64, 3)]],
+    "block17": [[(192, 1)], [(128, 1), (160, (1, 7)), (192, (7, 1))]],
+    "block8": [[(192, 1)], [(192, 1), (224, (1, 3)), (256, (3, 1))]],
+}
+
+
+class InceptionResNetBlock(nnx.Module):
+    """Keras `inception_resnet_block`: branches -> concat -> 1x1 conv (bias, no BN) ->
+    x + scale * up -> ReLU (none for block8_10)."""
+
+    def __init__(self, names, in_ch, block_type, block_idx, scale, activation=True, *, rngs):
+        self.name = f"{block_type}_{block_idx}"
+        self.branches = nnx.List([Branch(names, in_ch, b, rngs=rngs)
+                                  for b in _BRANCHES[block_type]])
+        mixed = sum(b.out_ch for b in self.branches)
+        self.conv = L.Conv2D(f"{self.name}_conv", mixed, in_ch, 1, use_bias=True, rngs=rngs)
+        self.scale = scale
+        self.activation = activation
+
+    def __call__(self, x, train=False):
+        mixed = concat([b(x, train) for b in self.branches])
+        x = scale_add(x, call(self.conv, mixed), self.scale)
+        return relu(x) if self.activation else x
+
+
+class InceptionResNetV2(Backbone):
+    def __init__(self, input_size: int = INPUT_SIZE, *, rngs: nnx.Rngs):
+        self.input_size = input_size
+        self.preprocess = PREPROCESS
+        names = _Names()
+        self.stem = Branch(names, 3, [(32, 3, 2, "valid"), (32, 3, 1, "valid"), (64, 3)],
+                           rngs=rngs)
+        # max pool 3x3/2
+        self.stem2 = Branch(names, 64, [(80, 1, 1, "valid"), (192, 3, 1, "valid")], rngs=rngs)
+        # max pool 3x3/2
+        self.mixed_5b = Mixed5b(names, 192, rngs=rngs)
+        c = self.mixed_5b.out_ch  # 320
+        self.block35 = nnx.List([InceptionResNetBlock(names, c, "block35", i, 0.17, rngs=rngs)
+                                 for i in range(1, 11)])
+        self.mixed_6a = Reduction(names, c, [[(384, 3, 2, "valid")],
+                                             [(256, 1), (256, 3), (384, 3, 2, "valid")]],
+                                  rngs=rngs)
+        c = self.mixed_6a.out_ch  # 1088
+        self.block17 = nnx.List([InceptionResNetBlock(names, c, "block17", i, 0.1, rngs=rngs)
+                                 for i in range(1, 21)])
+        self.mixed_7a = Reduction(names, c, [[(256, 1), (384, 3, 2, "valid")],
+                                             [(256, 1), (288, 3, 2, "valid")],
+                                             [(256, 1), (288, 3), (320, 3, 2, "valid")]],
+                                  rngs=rngs)
+        c = self.mixed_7a.out_ch  # 2080
+        self.block8 = nnx.List([InceptionResNetBlock(names, c, "block8", i, 0.2, rngs=rngs)
+                                for i in range(1, 10)])
+        self.block_last = Block(
+            block8_10=InceptionResNetBlock(names, c, "block8", 10, 1.0, activation=False,
+                                           rngs=rngs),
+            conv_7b=ConvBN(names, c, 1536, 1, name="conv_7b", rngs=rngs))
+        self.features_dim = 1536
+
+    def trunk(self, x, train=False):
+        """Preprocessed images (N, H, W, 3) -> block8_9 output, the input of block8_10."""
+        x = max_pool_3x3_s2(self.stem(x, train))
+        x = max_pool_3x3_s2(self.stem2(x, train))
+        x = self.mixed_5b(x, train)
+        for b in self.block35:
+            x = b(x, train)
+        x = self.mixed_6a(x, train)
+        for b in self.block17:
+            x = b(x, train)
+        x = self.mixed_7a(x, train)
+        for b in self.block8:
+            x = b(x, train)
+        return x
+
+    def last_block(self, carry, train=False):
+        x = self.block_last.block8_10(carry, train)
+        return self.block_last.conv_7b(x, train)
+
+    def keras_order(self) -> list[str]:
+        """Keras `model.layers` order, replayed on the graph of our forward pass."""
+        return [layer.name for layer in keras_order(self(Sym()))]
+
+
+SPECS = {"inception_resnet_v2": BackboneSpec(
+    "inception_resnet_v2", InceptionResNetV2, INPUT_SIZE, PREPROCESS, min_size=75,
+    doc="InceptionResNetV2, features from conv_7b (1536)")}
