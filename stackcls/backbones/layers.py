@@ -316,6 +316,14 @@ def zero_pad(x, pad):
     return jnp.pad(x, ((0, 0), tuple(pad[0]), tuple(pad[1]), (0, 0)))
 
 
+def correct_pad(x, kernel=3):
+    """Keras imagenet_utils.correct_pad: the ZeroPadding2D before a stride-2 "valid" conv."""
+    k = _pair(kernel)
+    adjust = (1 - x.shape[1] % 2, 1 - x.shape[2] % 2)
+    c = (k[0] // 2, k[1] // 2)
+    return ((c[0] - adjust[0], c[0]), (c[1] - adjust[1], c[1]))
+
+
 def relu6(x):
     return jnp.clip(x, 0, 6)
 
