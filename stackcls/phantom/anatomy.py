@@ -77,7 +77,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
              ao_d=np.array([u(0.1, 0.4), u(0.15, 0.45), 1.0]),
              pa_r=u(11, 14), pa_p=np.array([a_o * u(0.9, 1.3), a_o * u(0.6, 0.9), -a_o * u(0.3, 0.5)]),
              pa_d=np.array([-u(0.2, 0.5), u(0.3, 0.6), 1.0]),
-             fat_margin=u(3, 9), fat_level=u(-0.6, 0.4))
+             fat_margin=u(2, 6), fat_level=u(0.2, 1.4))
     # Heart orientation: long axis (apex direction) around left-anterior-inferior, jittered.
     jitter_axis = np.cross(LAI, rng.normal(size=3))
     udir = _rot(jitter_axis, np.deg2rad(u(0, 20))) @ LAI
@@ -89,7 +89,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     e2 = np.cross(e3, e1)                                     # anterior(-superior-left)
     frame = np.stack([e1, e2, e3])
     # Body: elliptic thorax, LV base centre left of midline and anterior.
-    base_c = np.array([u(0, 30), u(-30, -5), 0.0])
+    base_c = np.array([u(0, 30), u(-12, 12), 0.0])
     apex = base_c + zb0 * udir
     ax_b, ay_b = u(140, 185), u(95, 125)
     p.update(ax=ax_b, subcut=u(6, 25), wall_mm=u(8, 15))
@@ -99,7 +99,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     p["ay"] = ay_b
     # Diaphragm: two domes, the left one just under the apex, the right one higher (liver).
     R = u(150, 250)
-    hl = apex[2] - u(5, 22) + ((apex[0] - 60) ** 2 + apex[1] ** 2) / (2 * R)
+    hl = apex[2] - u(12, 30) + ((apex[0] - 60) ** 2 + apex[1] ** 2) / (2 * R)
     p.update(dome_r=R, dome_hl=hl, dome_hr=hl + u(0, 15), liver_x=u(30, 70),
              stomach_signal=u(0.08, 0.85))
     sig = SIGNAL * rng.uniform(0.9, 1.1, size=SIGNAL.shape).astype(np.float32)
@@ -255,7 +255,7 @@ def body_labels(anat: Anatomy, pts: np.ndarray) -> np.ndarray:
     lab[thorax] = LUNG
     lab[abdo] = ABDOMEN
     zl = p["dome_hl"]
-    stomach = ((x - 70) / 45) ** 2 + ((y + 5) / 35) ** 2 + ((z - zl + 45) / 40) ** 2 < 1
+    stomach = ((x - 70) / 45) ** 2 + ((y + 5) / 35) ** 2 + ((z - zl + 60) / 40) ** 2 < 1
     spleen = ((x - 95) / 30) ** 2 + ((y - 45) / 30) ** 2 + ((z - zl + 50) / 50) ** 2 < 1
     liver = x < p["liver_x"] - 0.4 * y
     lab[abdo & liver] = LIVER
