@@ -47,4 +47,13 @@ KERAS: dict[str, KerasRef] = {
                           _pre("mobilenet")),
     "mobilenet_v2": KerasRef(_app("mobilenet_v2.MobileNetV2", alpha=0.35), 64, {"alpha": 0.35},
                              _pre("mobilenet_v2")),
+    # bb-2
+    "resnet50_v2": KerasRef(_app("resnet_v2.ResNet50V2"), 64, {}, _pre("resnet_v2")),
+    "densenet121": KerasRef(_app("densenet.DenseNet121"), 64, {}, _pre("densenet")),
+    "xception": KerasRef(_app("xception.Xception"), 71, {}, _pre("xception")),
+    # bb-3
+    "inception_v3": KerasRef(_app("inception_v3.InceptionV3"), 75, {}, _pre("inception_v3")),
+    "inception_resnet_v2": KerasRef(_app("inception_resnet_v2.InceptionResNetV2"), 75, {},
+                                    _pre("inception_resnet_v2")),
+    "nasnet_mobile": KerasRef(_app("nasnet.NASNetMobile"), 72, {}, _pre("nasnet")),
 }
