@@ -27,7 +27,7 @@ from flax import nnx
 from stackcls.backbones.base import Backbone, BackboneSpec, Block
 from stackcls.backbones.preprocessing import preprocess_input
 
-__all__ = ["names", "spec", "create", "features", "last_block_filter", "trainable_filter",
+__all__ = ["names", "spec", "create", "features", "feature_dim", "available", "last_block_filter", "trainable_filter",
            "Backbone", "BackboneSpec", "Block", "preprocess_input"]
 
 # name -> module under stackcls.backbones defining SPECS (imported on first use).
@@ -119,6 +119,13 @@ def create(name: str, weights: str | Path | None = "imagenet", input_size: int |
     else:
         path = Path(weights)
     return W.load_keras_weights(model, path)
+
+
+def feature_dim(model: Backbone) -> int:
+    """D of features(): the channels of the last feature map (no computation)."""
+    n = model.input_size
+    out = jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, n, n, 3), jnp.float32))
+    return int(out.shape[-1])
 
 
 @functools.lru_cache(maxsize=32)
