@@ -44,6 +44,7 @@ from flax import nnx
 from stackcls.decode import _decode_batch
 
 FEATURES_VERSION = "penultimate+logprobs"
+PROB_FLOOR = 1e-6          # probabilities are clipped here before the log (slice_features, predict)
 
 DEFAULT_PROTOCOL = dict(
     hidden=64,              # GRU width per direction
@@ -67,7 +68,7 @@ def slice_features(penultimate, probs) -> np.ndarray:
     p = np.asarray(probs, np.float32)
     if pen.ndim != 2 or p.shape != (pen.shape[0], 3):
         raise ValueError(f"slice_features: want penultimate (S, D) and probs (S, 3), got {pen.shape} and {p.shape}")
-    return np.concatenate([pen, np.log(np.clip(p, 1e-6, 1.0))], axis=1)
+    return np.concatenate([pen, np.log(np.clip(p, PROB_FLOOR, 1.0))], axis=1)
 
 
 class StackHead(nnx.Module):

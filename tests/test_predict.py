@@ -1,0 +1,139 @@
+"""predict_stack: caller order, orientation (unknown -> from data; known but contradicted -> warning),
+modes, one compiled call, clear errors; DICOM / NIfTI inputs and the CLI once io lands."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stackcls.predict import OrientationWarning, Prediction, predict_command, predict_stack
+from stackcls.stack import Stack, is_ordered
+from stackcls.stack_model import slice_features, train_stack_model
+
+
+class ToyModel:
+    """Satisfies the load_model contract; a slice's class is encoded in its mean brightness (0/1/2)."""
+
+    def __init__(self, stack_head=None):
+        self.stack_head = stack_head
+        self.traces = 0
+
+    def preprocess(self, images):
+        return np.asarray(images, np.float32)[..., None]
+
+    def slice_outputs(self, x):
+        self.traces += 1                                   # counts Python executions (= traces)
+        m = jnp.mean(x, axis=(1, 2, 3))
+        pen = jnp.stack([m, m ** 2, jnp.sin(3 * m), jnp.cos(3 * m)], 1)
+        return pen, jax.nn.softmax(-(m[:, None] - jnp.arange(3.0)) ** 2 / (2 * 0.5 ** 2), axis=1)
+
+
+def toy_stack(rng, S=None, a=None, c=None, noise=0.45):
+    S = S or int(rng.integers(8, 17))
+    a = a if a is not None else int(rng.integers(1, 4))
+    c = c if c is not None else int(rng.integers(1, 4))
+    y = np.array([0] * a + [1] * (S - a - c) + [2] * c)
+    img = y[:, None, None] + noise * rng.normal(size=(S, 1, 1)) + 0.05 * rng.normal(size=(S, 8, 8))
+    return img.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def model():
+    rng = np.random.default_rng(0)
+    toy = ToyModel()
+    feats, labels, subjects = [], [], []
+    for i in range(60):
+        img, y = toy_stack(rng)
+        pen, probs = toy.slice_outputs(toy.preprocess(img))
+        feats.append(slice_features(pen, probs)); labels.append(y); subjects.append(f"t{i // 2}")
+    head = train_stack_model(feats, labels, subjects, protocol=dict(hidden=8, epochs=80, folds=1,
+                                                                    learning_rates=(1e-2,)), verbose=False)
+    return ToyModel(head)
+
+
+def test_array_apex_to_base_and_base_to_apex(model):
+    img, y = toy_stack(np.random.default_rng(1), S=12, a=2, c=3, noise=0.1)
+    p = predict_stack(img, model, orientation="apex_to_base")
+    assert isinstance(p, Prediction)
+    assert p.labels == ["OAP"] * 2 + ["IN"] * 7 + ["OBS"] * 3
+    assert p.in_range == (2, 8) and p.in_range_apex_to_base == (2, 8)
+    assert p.apex_to_base == list(range(12)) and p.orientation == "as_given"
+    assert p.probabilities.shape == (12, 3) and np.allclose(p.probabilities.sum(1), 1, atol=1e-4)
+    q = predict_stack(img[::-1], model, orientation="base_to_apex")   # caller gives base first
+    assert q.labels == p.labels[::-1] and q.apex_to_base == list(range(11, -1, -1))
+    assert q.in_range == (3, 9) and q.in_range_apex_to_base == (2, 8)
+    np.testing.assert_allclose(q.probabilities, p.probabilities[::-1], atol=1e-5)
+    assert q.orientation_warning is None and q.orientation_source == "caller"
+
+
+def test_unknown_orientation_decided_from_data(model):
+    rng = np.random.default_rng(2)
+    right, acc = 0, []
+    for _ in range(10):
+        img, y = toy_stack(rng)
+        rev = predict_stack(img[::-1], model, orientation="unknown")
+        right += rev.orientation == "reversed"
+        acc.append(np.mean(np.array(rev.labels) == np.array([["OAP", "IN", "OBS"][k] for k in y[::-1]])))
+        assert rev.apex_to_base == list(range(len(y)))[::-1] or rev.orientation != "reversed"
+        assert rev.orientation_source == "data"
+        fwd = predict_stack(Stack(img, [f"f{i}" for i in range(len(y))], "s", "ED"), model)  # orientation_known=False
+        assert fwd.orientation == "as_given" and fwd.sources[0] == "f0"
+    assert right >= 9 and np.mean(acc) > 0.85, (right, acc)
+
+
+def test_known_orientation_contradicted_warns(model):
+    img, y = toy_stack(np.random.default_rng(3), S=12, a=3, c=3, noise=0.1)
+    st = Stack(img[::-1], [str(i) for i in range(12)], "s1", "ES", orientation_known=True)  # wrong geometry
+    with pytest.warns(OrientationWarning, match="reversed slice order"):
+        p = predict_stack(st, model)
+    assert p.orientation == "as_given" and p.orientation_source == "geometry"
+    assert p.orientation_warning and "s1/ES" in p.orientation_warning
+    assert p.orientation_scores["reversed"] > p.orientation_scores["as_given"] + 3
+    assert is_ordered(p.labels)                           # the stated order is kept, still decoded in order
+    good = predict_stack(Stack(img, [str(i) for i in range(12)], "s1", "ES", orientation_known=True), model)
+    assert good.orientation_warning is None
+
+
+def test_modes(model):
+    rng = np.random.default_rng(4)
+    img, y = toy_stack(rng, S=14, a=3, c=3, noise=0.1)
+    img[5] = 0.0                                          # an IN slice that looks OAP on its own
+    sl = predict_stack(img, model, mode="slice", orientation="apex_to_base")
+    so = predict_stack(img, model, mode="slice_ordered", orientation="apex_to_base")
+    st = predict_stack(img, model, mode="stack", orientation="apex_to_base")
+    assert sl.labels[5] == "OAP" and not is_ordered(sl.labels)
+    assert so.labels[5] == "IN" and is_ordered(so.labels) and is_ordered(st.labels)
+    np.testing.assert_allclose(sl.probabilities, so.probabilities)
+    with pytest.raises(ValueError, match="no stack head"):
+        predict_stack(img, ToyModel(), mode="stack", orientation="apex_to_base")
+
+
+def test_sixteen_slices_one_compiled_call(model):
+    from stackcls.predict import _compiled
+    rng = np.random.default_rng(5)
+    m = ToyModel(model.stack_head)
+    predict_stack(toy_stack(rng, S=16)[0], m, orientation="unknown")        # warm-up: traced once
+    n = m.traces
+    for _ in range(3):
+        predict_stack(toy_stack(rng, S=16)[0], m, orientation="unknown")
+    assert m.traces == n                                  # no re-tracing: the whole stack ran compiled
+    assert _compiled(m, "stack").jitted._cache_size() == 1
+
+
+def test_clear_errors(model):
+    with pytest.raises(ValueError, match="at least 2"):
+        predict_stack(np.zeros((1, 8, 8)), model, orientation="apex_to_base")
+    with pytest.raises(ValueError, match="empty list"):
+        predict_stack([], model)
+    with pytest.raises(ValueError, match="needs orientation"):
+        predict_stack(np.zeros((4, 8, 8)), model)
+    with pytest.raises(ValueError, match="mode"):
+        predict_stack(np.zeros((4, 8, 8)), model, mode="crf", orientation="unknown")
+    with pytest.raises(ValueError, match=r"\(S, H, W\)"):
+        predict_stack(np.zeros((4, 8)), model, orientation="unknown")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        predict_stack("/nonexistent/stack.nii.gz", model)
+    with pytest.raises(TypeError, match="slice_outputs"):
+        predict_stack(np.zeros((4, 8, 8)), object(), orientation="unknown")
