@@ -1,0 +1,152 @@
+"""Files -> Stacks ordered apex to base: DICOM series, NIfTI files, the ACDC layout, labels CSV.
+
+    stacks = load_stacks("study/")                       # DICOM folder, searched recursively
+    stacks = load_stacks("../shared/data/acdc", labels="../shared/data/acdc/labels.csv")
+    res = scan(path)            # ScanResult(stacks, skipped=[(path, reason), ...], ignored=[...])
+
+Bad files never stop a scan: each is reported with its reason (`scan` returns them, `load_stacks`
+warns). `StackReadError` (a ValueError) is raised for a missing path, an empty folder or a source
+without any stack (`load_stacks`), and for a bad labels CSV.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from stackcls.io.errors import ScanResult, StackReadError
+from stackcls.io.labels import COLUMNS, LabelRow, attach_labels, load_labels, save_labels
+from stackcls.stack import Stack
+
+__all__ = ["load_stacks", "scan", "load_labels", "save_labels", "attach_labels", "inspect_command",
+           "ScanResult", "StackReadError", "LabelRow", "COLUMNS"]
+
+# Files a study folder often holds next to images; not reported as failures.
+_NOT_IMAGES = {".csv", ".md", ".txt", ".json", ".cfg", ".yaml", ".yml", ".png", ".jpg", ".jpeg",
+               ".py", ".pdf", ".html", ".xml", ".log", ".zip", ".npz", ".npy", ".h5"}
+
+
+def _split_folder(folder: Path):
+    """Walk a folder: ACDC patient folders, NIfTI files, candidate DICOM files, ignored files."""
+    from stackcls.io.nifti import is_nifti
+
+    acdc, nifti, dicom, ignored = [], [], [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if "Info.cfg" in filenames and any(is_nifti(f) for f in filenames):
+            acdc.append(Path(dirpath))
+            # an ACDC patient folder holds no further images
+            dirnames[:] = []
+            continue
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            p = os.path.join(dirpath, f)
+            if is_nifti(f):
+                nifti.append(p)
+            elif Path(f).suffix.lower() in _NOT_IMAGES:
+                ignored.append((p, f"not an image ({Path(f).suffix} file)"))
+            else:
+                dicom.append(p)
+    return acdc, nifti, dicom, ignored
+
+
+def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = True) -> ScanResult:
+    """Read every stack under `source` and report every file that could not be used.
+
+    source: a DICOM folder (recursive; several subjects and series allowed) or a list of DICOM files
+        in any order; a NIfTI file (3-D: one stack, 4-D: a cine); a folder in the ACDC layout
+        (`patientXXX/patientXXX_frameYY.nii.gz` + `Info.cfg`); or a folder mixing these.
+    phases: ("ED", "ES") by default; names, temporal indices, or "all" for every cine phase.
+    labels: optional labels CSV path (or rows) attached to the stacks it names; for DICOM/4-D NIfTI
+        the ES frame it names is the one loaded.
+    es: the ES temporal index (int), overriding the estimate (see geometry.estimate_es).
+    """
+    from stackcls.io import dicom as dcm
+    from stackcls.io import nifti as nii
+    from stackcls.io.labels import es_frames
+
+    rows = None
+    if labels is not None:
+        rows = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
+        if es is None:
+            from stackcls.io.labels import _rows_of
+            rows = _rows_of(rows)
+            es = es_frames(rows) or None
+    stacks, skipped, ignored, warns = [], [], [], []
+
+    def nifti_file(p):
+        try:
+            e = es.get(nii.nifti_stem(p)) if isinstance(es, dict) else es
+            stacks.extend(nii.read_nifti(p, phases=phases, es=e))
+        except StackReadError as err:
+            skipped.append((err.path, err.reason))
+
+    if isinstance(source, (list, tuple)):
+        files = [str(f) for f in source]
+        missing = [f for f in files if not os.path.isfile(f)]
+        for f in missing:
+            skipped.append((f, "no such file"))
+        files = [f for f in files if f not in missing]
+        for f in (f for f in files if nii.is_nifti(f)):
+            nifti_file(f)
+        st, sk, warns = dcm.scan_dicom([f for f in files if not nii.is_nifti(f)], phases, es,
+                                       progress)
+        stacks += st
+        skipped += sk
+        if not files and not missing:
+            raise StackReadError("<file list>", "empty list of files")
+    else:
+        source = Path(source)
+        if not source.exists():
+            raise StackReadError(source, "no such file or folder")
+        if source.is_file():
+            if nii.is_nifti(source):
+                nifti_file(source)
+            else:
+                st, sk, warns = dcm.scan_dicom([source], phases, es, progress)
+                stacks += st
+                skipped += sk
+        else:
+            acdc, niftis, dicoms, ignored = _split_folder(source)
+            if not (acdc or niftis or dicoms or ignored):
+                skipped.append((str(source), "empty folder: no files found (searched recursively)"))
+            for folder in acdc:
+                st, sk, ig = nii.read_acdc_patient(folder, phases)
+                stacks += st
+                skipped += sk
+                ignored += ig
+            for f in niftis:
+                nifti_file(f)
+            if dicoms:
+                st, sk, warns = dcm.scan_dicom(dicoms, phases, es, progress)
+                stacks += st
+                skipped += sk
+    for w in warns:
+        warnings.warn(w, stacklevel=3)
+    stacks.sort(key=lambda s: (s.subject, str(s.meta.get("series_uid", s.meta.get("file", ""))),
+                               s.frame if s.frame is not None else -1))
+    if rows is not None:
+        attach_labels(stacks, rows if labels is not None and not isinstance(labels, (str, os.PathLike))
+                      else labels)
+    return ScanResult(stacks, skipped, ignored)
+
+
+def load_stacks(source, phases=("ED", "ES"), labels=None, es=None) -> list[Stack]:
+    """Like `scan`, but returns only the stacks: each skipped file is reported with
+    `warnings.warn` (file and reason), and a source without any stack raises StackReadError."""
+    res = scan(source, phases=phases, labels=labels, es=es)
+    for path, reason in res.skipped:
+        warnings.warn(f"skipped {path}: {reason}", stacklevel=2)
+    if not res.stacks:
+        detail = "; ".join(f"{p}: {r}" for p, r in res.skipped[:5])
+        more = f" (and {len(res.skipped) - 5} more)" if len(res.skipped) > 5 else ""
+        raise StackReadError(source if not isinstance(source, (list, tuple)) else "<file list>",
+                             f"no stack found{': ' + detail + more if detail else ''}")
+    return res.stacks
+
+
+def inspect_command(path, labels=None) -> int:
+    from stackcls.io.inspect import inspect_command as _cmd
+    return _cmd(path, labels=labels)

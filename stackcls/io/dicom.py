@@ -1,0 +1,376 @@
+"""DICOM cine short-axis series -> Stacks ordered apex to base.
+
+Files are found by content, not by name (any file under a folder; extensions are not trusted).
+Grouping: (PatientID or StudyInstanceUID, SeriesInstanceUID, image size, slice orientation).
+Within a group: slice position = ImagePositionPatient . normal (normal = row x col of
+ImageOrientationPatient); phases are ranked by TriggerTime at every position (InstanceNumber only as
+a warned fallback); the apex end comes from LPS geometry (see geometry.apex_to_base), never from
+InstanceNumber, file names or SliceLocation (whose sign differs between scanners).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from stackcls.io.errors import StackReadError
+from stackcls.io.geometry import apex_to_base, estimate_es
+from stackcls.stack import Stack
+
+GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+POSITION_TOL_MM = 0.01   # two slices closer than this along the normal are at the same position
+TRIGGER_TOL_MS = 0.5     # two images at one position closer than this in time are duplicates
+ORIENT_COS_TOL = 0.9998  # ~1.1 degrees: normals closer than this belong to one stack
+
+# Decoder hints by transfer syntax (pydicom decodes uncompressed, RLE and deflate by itself).
+_JPEG = "pip install pylibjpeg pylibjpeg-libjpeg (or pip install python-gdcm)"
+_J2K = "pip install pylibjpeg pylibjpeg-openjpeg (or pip install python-gdcm)"
+_JLS = "pip install pyjpegls (or pip install python-gdcm)"
+_DECODER_HINT = {
+    "1.2.840.10008.1.2.4.50": _JPEG, "1.2.840.10008.1.2.4.51": _JPEG,
+    "1.2.840.10008.1.2.4.57": _JPEG, "1.2.840.10008.1.2.4.70": _JPEG,
+    "1.2.840.10008.1.2.4.80": _JLS, "1.2.840.10008.1.2.4.81": _JLS,
+    "1.2.840.10008.1.2.4.90": _J2K, "1.2.840.10008.1.2.4.91": _J2K,
+    "1.2.840.10008.1.2.4.201": _J2K, "1.2.840.10008.1.2.4.202": _J2K,
+    "1.2.840.10008.1.2.4.203": _J2K,
+}
+
+
+@dataclasses.dataclass
+class DicomSlice:
+    """One readable single-frame image with the header fields the grouping needs."""
+
+    path: str
+    subject: str
+    study: str
+    series: str
+    series_description: str
+    shape: tuple[int, int]
+    ipp: np.ndarray
+    normal: np.ndarray
+    pixel_spacing: tuple[float, float]
+    thickness: float | None
+    trigger: float | None
+    instance: int | None
+    sop: str
+    image: np.ndarray
+
+
+def _looks_like_raw_dataset(path: str) -> bool:
+    """True for DICOM written without the 128-byte preamble + 'DICM' (old ACR-NEMA style files):
+    they start with a little-endian group 0008 (or 0002) tag."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return len(head) == 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00"
+
+
+def _float_list(ds, tag, n):
+    v = ds.get(tag)
+    if v is None or v == "" or (hasattr(v, "__len__") and len(v) != n):
+        return None
+    try:
+        return [float(x) for x in (v if n > 1 else [v])]
+    except (TypeError, ValueError):
+        return None
+
+
+def read_slice(path) -> DicomSlice:
+    """Read one DICOM file into a DicomSlice; raises StackReadError(path, reason) if unusable."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = str(path)
+    try:
+        ds = pydicom.dcmread(path, force=False)
+    except InvalidDicomError:
+        if not _looks_like_raw_dataset(path):
+            raise StackReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte "
+                                       "preamble)") from None
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception as e:  # noqa: BLE001 - any parser failure is a corrupt file
+            raise StackReadError(path, f"corrupt DICOM ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001
+        raise StackReadError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
+    try:
+        return _slice_from_dataset(path, ds)
+    except StackReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom parses values lazily: bad bytes surface here
+        raise StackReadError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
+
+
+def _slice_from_dataset(path: str, ds) -> DicomSlice:
+    sop_class = ds.get("SOPClassUID")
+    kind = getattr(sop_class, "name", None) or (str(sop_class) if sop_class else "unknown SOP class")
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise StackReadError(path, f"float pixel data ({kind}) is not supported")
+        raise StackReadError(path, f"not an image: {kind} without pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise StackReadError(path, f"multi-frame image ({frames} frames, {kind}): only classic "
+                                   "single-frame images are read (one file per slice and phase)")
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if spp != 1:
+        raise StackReadError(path, f"colour image ({spp} samples per pixel, "
+                                   f"{ds.get('PhotometricInterpretation', '?')}): not a grey-level slice")
+    missing = [t for t in GEOMETRY_TAGS if t not in ds or ds[t].value in (None, "", [])]
+    if missing:
+        raise StackReadError(path, f"missing geometry tag(s) {', '.join(missing)} ({kind}): cannot "
+                                   "place the slice in a stack")
+    ipp = _float_list(ds, "ImagePositionPatient", 3)
+    iop = _float_list(ds, "ImageOrientationPatient", 6)
+    ps = _float_list(ds, "PixelSpacing", 2)
+    if ipp is None or iop is None or ps is None:
+        raise StackReadError(path, "malformed geometry tag(s): ImagePositionPatient needs 3 numbers, "
+                                   "ImageOrientationPatient 6, PixelSpacing 2")
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    nn = np.linalg.norm(normal)
+    if not (np.isfinite(nn) and nn > 0.5):
+        raise StackReadError(path, f"degenerate ImageOrientationPatient {iop}")
+    normal = normal / nn
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001
+        ts = getattr(getattr(ds, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID")
+        if ts is not None and ts.is_compressed:
+            hint = _DECODER_HINT.get(str(ts), "pip install python-gdcm")
+            raise StackReadError(path, f"compressed transfer syntax {ts.name} ({ts}) and no working "
+                                       f"decoder: {hint} ({type(e).__name__}: {e})") from None
+        raise StackReadError(path, f"unreadable pixel data, truncated or corrupt? "
+                                   f"({type(e).__name__}: {e})") from None
+    shape = (int(ds.Rows), int(ds.Columns))
+    if arr.shape != shape:
+        raise StackReadError(path, f"pixel data shape {arr.shape} != Rows x Columns {shape}")
+    slope = ds.get("RescaleSlope", 1)
+    intercept = ds.get("RescaleIntercept", 0)
+    slope = 1.0 if slope in (None, "") else float(slope)
+    intercept = 0.0 if intercept in (None, "") else float(intercept)
+    image = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    trig = ds.get("TriggerTime")
+    inst = ds.get("InstanceNumber")
+    thick = ds.get("SliceThickness")
+    subject = str(ds.get("PatientID", "") or "").strip() or str(ds.get("StudyInstanceUID", "") or "")
+    return DicomSlice(
+        path=path,
+        subject=subject or "unknown",
+        study=str(ds.get("StudyInstanceUID", "") or ""),
+        series=str(ds.get("SeriesInstanceUID", "") or ""),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        shape=shape,
+        ipp=np.array(ipp),
+        normal=normal,
+        pixel_spacing=(ps[0], ps[1]),
+        thickness=None if thick in (None, "") else float(thick),
+        trigger=None if trig in (None, "") else float(trig),
+        instance=None if inst in (None, "") else int(inst),
+        sop=str(ds.get("SOPInstanceUID", "") or ""),
+        image=image,
+    )
+
+
+def find_files(folder: Path) -> list[str]:
+    """Every regular file under `folder` (recursive), sorted; hidden files and folders skipped."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def _groups(slices: list[DicomSlice]) -> list[list[DicomSlice]]:
+    """Split by (subject, series, image size), then by slice orientation (normals within ~1 deg)."""
+    by_key = defaultdict(list)
+    for s in slices:
+        by_key[(s.subject, s.study, s.series, s.shape)].append(s)
+    out = []
+    for key in sorted(by_key, key=str):
+        clusters: list[tuple[np.ndarray, list]] = []
+        for s in by_key[key]:
+            for ref, members in clusters:
+                if abs(float(np.dot(ref, s.normal))) > ORIENT_COS_TOL:
+                    members.append(s)
+                    break
+            else:
+                clusters.append((s.normal, [s]))
+        out.extend(m for _, m in clusters)
+    return out
+
+
+def _phase_order(items: list[DicomSlice], use_trigger: bool):
+    """Sort the images at one position in time; returns (kept in time order, duplicates as
+    (slice, kept_slice))."""
+    key = (lambda s: (s.trigger, s.instance or 0, s.path)) if use_trigger else \
+          (lambda s: (s.instance if s.instance is not None else 0, s.path))
+    items = sorted(items, key=key)
+    kept, dups = [], []
+    for s in items:
+        if kept:
+            prev = kept[-1]
+            same = (s.sop and s.sop == prev.sop) or (
+                abs(s.trigger - prev.trigger) < TRIGGER_TOL_MS if use_trigger
+                else s.instance == prev.instance)
+            if same:
+                dups.append((s, prev))
+                continue
+        kept.append(s)
+    return kept, dups
+
+
+def _resolve_phases(phases, n_phases: int, es: int) -> list[tuple[int, str]]:
+    """Requested phases -> [(temporal index, phase name)]; unknown indices are ignored later."""
+    def name(t):
+        return "ED" if t == 0 else "ES" if t == es else str(t)
+    if isinstance(phases, str) and phases == "all":
+        return [(t, name(t)) for t in range(n_phases)]
+    if isinstance(phases, (str, int)):
+        phases = (phases,)
+    out = []
+    for p in phases:
+        if p == "ED":
+            t = 0
+        elif p == "ES":
+            t = es
+        else:
+            try:
+                t = int(p)
+            except (TypeError, ValueError):
+                raise ValueError(f"unknown phase {p!r}: use 'ED', 'ES', an index or 'all'") from None
+        if 0 <= t < n_phases and t not in [o[0] for o in out]:
+            out.append((t, name(t)))
+    return out
+
+
+def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
+    """Group readable slices into stacks. Returns (stacks, skipped [(path, reason)], warnings)."""
+    stacks, skipped, warns = [], [], []
+    for group in _groups(slices):
+        g0 = group[0]
+        normal = g0.normal
+        where = f"series {g0.series or '?'} of {g0.subject}"
+        d = np.array([float(s.ipp @ normal) for s in group])
+        # cluster positions along the normal
+        order = np.argsort(d, kind="stable")
+        pos_id = np.empty(len(group), dtype=int)
+        centers, k = [], -1
+        for i in order:
+            if k < 0 or d[i] - centers[k][-1] > POSITION_TOL_MM:
+                k += 1
+                centers.append([d[i]])
+            else:
+                centers[k].append(d[i])
+            pos_id[i] = k
+        centers = np.array([np.mean(c) for c in centers])
+        if len(centers) < 2:
+            for s in group:
+                skipped.append((s.path, f"single-slice series: {where} has {len(group)} image(s), all "
+                                        f"at one position ({centers[0]:.2f} mm along the normal); a "
+                                        "stack needs at least 2 slice positions"))
+            continue
+        use_trigger = all(s.trigger is not None for s in group)
+        at_pos = defaultdict(list)
+        for s, p in zip(group, pos_id):
+            at_pos[int(p)].append(s)
+        timeline = {}
+        for p, items in at_pos.items():
+            kept, dups = _phase_order(items, use_trigger)
+            for s, prev in dups:
+                why = (f"trigger time {s.trigger:g} ms" if use_trigger
+                       else f"InstanceNumber {s.instance}")
+                skipped.append((s.path, f"duplicate: same position ({centers[p]:.2f} mm) and {why} "
+                                        f"as {prev.path} in {where}; kept that one"))
+            timeline[p] = kept
+        n_phases = max(len(v) for v in timeline.values())
+        meta_warn = []
+        if not use_trigger and n_phases > 1:
+            msg = (f"{where}: TriggerTime missing, cine phases ordered by InstanceNumber")
+            meta_warn.append(msg)
+            warns.append(msg)
+        counts = {len(v) for v in timeline.values()}
+        if len(counts) > 1:
+            msg = (f"{where}: positions have different phase counts {sorted(counts)}; phases are "
+                   "matched by their rank in time, some slices are missing from some phases")
+            meta_warn.append(msg)
+            warns.append(msg)
+        ab_order, ab_pos, known, note = apex_to_base(normal, centers)
+        rank = np.empty(len(centers), dtype=int)
+        rank[ab_order] = np.arange(len(centers))  # position cluster -> apex-to-base rank
+        # cine array (T, S, H, W) for ES estimation; missing slices are NaN-free zeros
+        H, W = g0.shape
+        subject_es = es.get(g0.subject) if isinstance(es, dict) else es
+        if subject_es is not None:
+            es_t = int(subject_es)
+            es_how = "given by the caller" if not isinstance(es, dict) else "given by the labels CSV"
+            if not 0 <= es_t < n_phases:
+                msg = f"{where}: ES frame {es_t} is outside the {n_phases} phases; ES not loaded"
+                warns.append(msg)
+                es_t = -1
+        else:
+            want = phases == "all" or "ES" in ((phases,) if isinstance(phases, str) else phases)
+            if want and n_phases > 2:
+                cine = np.zeros((n_phases, len(centers), H, W), np.float32)
+                for p, items in timeline.items():
+                    for t, s in enumerate(items):
+                        cine[t, rank[p]] = s.image
+                es_t, es_how = estimate_es(cine)
+            else:
+                es_t, es_how = estimate_es(np.zeros((n_phases, 1, 1, 1), np.float32))
+        if n_phases == 1:
+            es_t = -1
+            es_how = "single-phase series: no ES"
+        for t, name in _resolve_phases(phases, n_phases, es_t):
+            sl = sorted(((rank[p], items[t]) for p, items in timeline.items() if t < len(items)),
+                        key=lambda x: x[0])
+            if len(sl) < 2:
+                for _, s in sl:
+                    skipped.append((s.path, f"{where}: phase {t} has a single slice"))
+                continue
+            ranks = [int(r) for r, _ in sl]
+            ss = [s for _, s in sl]
+            pos = np.array([ab_pos[r] for r in ranks])
+            gaps = np.diff(ab_pos)
+            spacing = (ss[0].pixel_spacing[0], ss[0].pixel_spacing[1],
+                       float(np.median(gaps)) if len(gaps) else (ss[0].thickness or float("nan")))
+            meta = dict(
+                format="dicom", series_uid=g0.series, study_uid=g0.study,
+                series_description=g0.series_description, normal=[float(x) for x in normal],
+                orientation=note, n_phases=n_phases, es_frame=es_t if es_t >= 0 else None,
+                es_source=es_how, phase_source="TriggerTime" if use_trigger else "InstanceNumber",
+                trigger_time=ss[0].trigger, thickness=ss[0].thickness, warnings=list(meta_warn),
+            )
+            if len(ranks) < len(centers):
+                meta["warnings"].append(f"phase {t}: {len(centers) - len(ranks)} slice(s) missing")
+            stacks.append(Stack(
+                images=np.stack([s.image for s in ss]), sources=[s.path for s in ss],
+                subject=g0.subject, phase=name, slice_ids=ranks, frame=t, positions=pos,
+                spacing=spacing, orientation_known=known, meta=meta,
+            ))
+    return stacks, skipped, warns
+
+
+def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True):
+    """Read DICOM files (any order) into stacks. Returns (stacks, skipped, warnings)."""
+    from tqdm import tqdm
+
+    files = [str(f) for f in files]
+    slices, skipped = [], []
+    it = tqdm(files, desc="reading DICOM", unit="file", leave=False,
+              disable=not progress or len(files) < 200)
+    for f in it:
+        try:
+            slices.append(read_slice(f))
+        except StackReadError as e:
+            skipped.append((e.path, e.reason))
+        except OSError as e:
+            skipped.append((f, f"cannot read file ({e.strerror or e})"))
+    stacks, skipped2, warns = stacks_from_slices(slices, phases=phases, es=es)
+    return stacks, skipped + skipped2, warns

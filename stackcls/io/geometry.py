@@ -1,0 +1,77 @@
+"""Shared geometry and cine helpers: which end of a stack is the apex, and which phase is ES.
+
+Patient coordinates are DICOM LPS (x to the patient's left, y posterior, z head). The LV apex
+points left, anterior and inferior, roughly APEX_DIRECTION. NIfTI affines are RAS: flip x and y.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+APEX_DIRECTION = np.array([1.0, -1.0, -1.0]) / np.sqrt(3.0)  # LPS
+# Below this |cos| between the slice normal and the apex direction the stack is not a short-axis
+# stack we can orient (e.g. a 4-chamber view): keep the file/position order, orientation unknown.
+MIN_APEX_COS = 0.2
+
+
+def apex_to_base(normal_lps: np.ndarray, along_normal: np.ndarray):
+    """Order slices apex -> base.
+
+    normal_lps: (3,) unit slice normal in LPS; along_normal: (S,) slice positions along it (mm).
+    Returns (order, positions, known, note): `order` indexes the input apex first, `positions` are
+    the ordered slice positions in mm increasing from apex to base, `known` tells whether the apex
+    end was decided from geometry.
+    """
+    d = np.asarray(along_normal, dtype=np.float64)
+    c = float(np.dot(normal_lps, APEX_DIRECTION))
+    if abs(c) < MIN_APEX_COS:
+        order = np.argsort(d, kind="stable")
+        note = (f"slice normal nearly perpendicular to the apex direction (cos {c:+.2f}): apex end "
+                "unknown, slices kept in increasing position along the normal")
+        return order, d[order], False, note
+    # The apex has the largest projection on APEX_DIRECTION = largest d*c, so t = -sign(c)*d grows
+    # from apex to base.
+    t = -np.sign(c) * d
+    order = np.argsort(t, kind="stable")
+    note = f"from patient geometry (slice normal . apex direction = {c:+.2f})"
+    return order, t[order], True, note
+
+
+def _otsu(values: np.ndarray, bins: int = 128) -> float:
+    hist, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m = np.cumsum(hist * centers)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = m / w0
+        mu1 = (m[-1] - m) / w1
+        between = w0 * w1 * (mu0 - mu1) ** 2
+    between = np.nan_to_num(between)
+    return float(centers[int(np.argmax(between))])
+
+
+def estimate_es(cine: np.ndarray) -> tuple[int, str]:
+    """Estimate the end-systolic phase of a cine (T, S, H, W) ordered in time, ED first.
+
+    ES is where the LV blood pool is smallest. Bright-blood (SSFP) cine: count the pixels brighter
+    than one Otsu threshold (computed over all phases, so it is the same for every phase) inside a
+    central disk (radius 30 % of the smaller image side) of the middle third of the slices, and take
+    the phase (other than ED) with the fewest. With two phases, ES is the second.
+    Returns (phase index, how it was chosen).
+    """
+    T, S = cine.shape[:2]
+    if T == 1:
+        return 0, "single phase: ES = ED"
+    if T == 2:
+        return 1, "two phases: ES = the second"
+    H, W = cine.shape[2:]
+    yy, xx = np.mgrid[:H, :W]
+    disk = (yy - (H - 1) / 2) ** 2 + (xx - (W - 1) / 2) ** 2 <= (0.3 * min(H, W)) ** 2
+    lo, hi = S // 3, max(S // 3 + 1, (2 * S + 2) // 3)
+    vals = cine[:, lo:hi][..., disk]  # (T, s, n)
+    thr = _otsu(vals.ravel())
+    area = (vals > thr).reshape(T, -1).sum(axis=1)
+    es = 1 + int(np.argmin(area[1:]))
+    return es, (f"estimated: smallest bright-pool area (Otsu threshold, central disk, slices "
+                f"{lo}..{hi - 1}) at phase {es} of {T}")

@@ -1,0 +1,201 @@
+"""NIfTI stacks: a 3-D file is one stack, a 4-D file is a cine; plus the ACDC folder layout.
+
+Array layout: nibabel's (i, j, k[, t]) = (rows, cols, slices[, time]) -> images (S, rows, cols).
+Orientation: from the affine (RAS, flipped to LPS) when it is a real one; an identity or missing
+affine carries no geometry, so the file order is kept and `orientation_known=False`, unless a
+dataset convention decides (ACDC: slice 0 is basal, so the slices are reversed).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from stackcls.io.errors import StackReadError
+from stackcls.io.geometry import apex_to_base, estimate_es
+from stackcls.stack import Stack
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ACDC_FRAME = re.compile(r"^(?P<subject>.+)_frame(?P<frame>\d+)\.nii(\.gz)?$")
+ACDC_ORIENTATION = "acdc convention: slice 0 basal"
+
+
+def is_nifti(path) -> bool:
+    name = str(path).lower()
+    return name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path) -> str:
+    name = Path(path).name
+    for suf in (".nii.gz", ".nii"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _load(path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for a bad file
+        raise StackReadError(path, f"unreadable NIfTI ({type(e).__name__}: {e})") from None
+    return img, data
+
+
+def _geometry(img, n_slices: int):
+    """(order, positions, known, note, spacing) from the affine, or order=None when it carries no
+    geometry (identity or no qform/sform)."""
+    hdr = img.header
+    codes = (int(hdr.get("sform_code", 0) or 0), int(hdr.get("qform_code", 0) or 0))
+    aff = np.asarray(img.affine, dtype=np.float64)
+    zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
+    if codes == (0, 0) or np.allclose(aff, np.eye(4)):
+        return None, None, False, "affine is the identity or missing: no geometry", None
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    col_k = ras_to_lps @ aff[:3, 2]  # one slice step in LPS mm
+    step = float(np.linalg.norm(col_k))
+    if step == 0:
+        return None, None, False, "degenerate affine (zero slice step): no geometry", None
+    normal = col_k / step
+    origin = ras_to_lps @ aff[:3, 3]
+    along = float(origin @ normal) + np.arange(n_slices) * step  # slice centres along the normal
+    order, pos, known, note = apex_to_base(normal, along)
+    return order, pos, known, "affine (RAS -> LPS): " + note, zooms
+
+
+def read_nifti(path, phases=("ED", "ES"), es=None, subject: str | None = None) -> list[Stack]:
+    """Read one NIfTI file. 3-D: one stack (phase 'ED' unless `phases` names one index). 4-D: a
+    cine, frame 0 = ED, ES estimated (see geometry.estimate_es) unless `es` is given."""
+    path = Path(path)
+    img, data = _load(path)
+    subject = subject or nifti_stem(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim not in (3, 4):
+        raise StackReadError(path, f"NIfTI of shape {data.shape}: expected 3-D (rows, cols, slices) "
+                                   "or 4-D (rows, cols, slices, time)")
+    if data.shape[2] < 2:
+        raise StackReadError(path, f"NIfTI of shape {data.shape} has a single slice: not a stack")
+    if not np.all(np.isfinite(data)):
+        raise StackReadError(path, "NIfTI holds NaN or infinite values")
+    cine = data[None] if data.ndim == 3 else np.moveaxis(data, 3, 0)  # (T, rows, cols, S)
+    cine = np.moveaxis(cine, 3, 1)  # (T, S, rows, cols)
+    T, S = cine.shape[:2]
+    order, pos, known, note, zooms = _geometry(img, S)
+    if order is None:
+        order = np.arange(S)
+    if T == 1:
+        es_t, es_how = -1, "single 3-D volume: one phase"
+    elif es is not None:
+        es_t, es_how = int(es), "given by the caller"
+        if not 0 <= es_t < T:
+            raise StackReadError(path, f"ES frame {es_t} is outside the {T} frames of the cine")
+    else:
+        es_t, es_how = estimate_es(cine[:, order])
+    from stackcls.io.dicom import _resolve_phases
+
+    sel = [(0, "ED")] if T == 1 else _resolve_phases(phases, T, es_t)
+    stacks = []
+    for t, name in sel:
+        stacks.append(Stack(
+            images=cine[t, order], sources=[str(int(i)) for i in order], subject=subject,
+            phase=name, slice_ids=[int(i) for i in order], frame=t if T > 1 else None,
+            positions=pos, spacing=None if zooms is None else (zooms[0], zooms[1], zooms[2]),
+            orientation_known=known,
+            meta=dict(format="nifti", file=str(path), orientation=note, n_phases=T,
+                      es_frame=es_t if es_t >= 0 else None, es_source=es_how),
+        ))
+    return stacks
+
+
+def read_info_cfg(path) -> dict:
+    """ACDC Info.cfg ("ED: 1", "ES: 12", ...) -> dict of strings."""
+    out = {}
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if ":" not in line:
+            raise StackReadError(path, f"line {i}: expected 'key: value', got {line!r}")
+        k, v = line.split(":", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def is_acdc_patient_dir(folder: Path) -> bool:
+    return (folder / "Info.cfg").is_file()
+
+
+def read_acdc_patient(folder: Path, phases=("ED", "ES")):
+    """One ACDC patient folder -> (stacks, skipped, ignored).
+
+    Frames come from `<subject>_frameYY.nii.gz` (YY = frame number, 1-based as in Info.cfg);
+    `_gt` masks and `_4d` cines are ignored. The dataset has no geometry and slice 0 is basal, so
+    the slices are reversed to run apex -> base; slice_ids keep the file's slice index.
+    """
+    folder = Path(folder)
+    stacks, skipped, ignored = [], [], []
+    try:
+        info = read_info_cfg(folder / "Info.cfg")
+        ed, es = int(info["ED"]), int(info["ES"])
+    except (KeyError, ValueError) as e:
+        reason = e.reason if isinstance(e, StackReadError) else f"needs integer ED and ES entries ({e})"
+        skipped.append((str(folder / "Info.cfg"), reason))
+        return stacks, skipped, ignored
+    frames = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or f.is_dir():
+            continue
+        if f.name == "Info.cfg":
+            continue
+        stem = nifti_stem(f)
+        if not is_nifti(f):
+            ignored.append((str(f), "not a NIfTI file"))
+        elif stem.endswith("_gt"):
+            ignored.append((str(f), "segmentation mask (_gt)"))
+        elif stem.endswith("_4d"):
+            ignored.append((str(f), "4-D cine (frames are read from the _frameYY files)"))
+        elif (m := ACDC_FRAME.match(f.name)) is None:
+            skipped.append((str(f), "NIfTI name does not follow <subject>_frameYY.nii.gz"))
+        else:
+            frames[int(m.group("frame"))] = (m.group("subject"), f)
+    if isinstance(phases, str) and phases == "all":
+        want = sorted(frames)
+    else:
+        want = []
+        for p in ((phases,) if isinstance(phases, (str, int)) else phases):
+            t = ed if p == "ED" else es if p == "ES" else int(p)
+            if t not in want:
+                want.append(t)
+    for t in want:
+        if t not in frames:
+            skipped.append((str(folder), f"frame {t} named by Info.cfg/phases has no "
+                                         f"<subject>_frame{t:02d}.nii.gz file"))
+            continue
+        subject, f = frames[t]
+        try:
+            img, data = _load(f)
+            if data.ndim == 4 and data.shape[3] == 1:
+                data = data[..., 0]
+            if data.ndim != 3:
+                raise StackReadError(f, f"ACDC frame of shape {data.shape}: expected 3-D "
+                                        "(rows, cols, slices)")
+            if data.shape[2] < 2:
+                raise StackReadError(f, f"NIfTI of shape {data.shape} has a single slice")
+            order, pos, known, note, zooms = _geometry(img, data.shape[2])
+            if order is None:  # the dataset's convention: slice 0 is basal
+                order, note = np.arange(data.shape[2])[::-1], ACDC_ORIENTATION
+            name = "ED" if t == ed else "ES" if t == es else str(t)
+            stacks.append(Stack(
+                images=np.moveaxis(data, 2, 0)[order], sources=[str(int(i)) for i in order],
+                subject=subject, phase=name, slice_ids=[int(i) for i in order], frame=t,
+                positions=pos, spacing=None if zooms is None else zooms, orientation_known=known,
+                meta=dict(format="nifti", layout="acdc", file=str(f), orientation=note,
+                          es_frame=es, es_source="Info.cfg", group=info.get("Group")),
+            ))
+        except StackReadError as e:
+            skipped.append((e.path, e.reason))
+    return stacks, skipped, ignored
