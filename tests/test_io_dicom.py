@@ -249,10 +249,10 @@ def test_single_slice_and_empty_and_missing(tmp_path):
     make_series(tmp_path / "one", n_slices=1)
     res = scan(tmp_path / "one")
     assert not res.stacks and "single-slice series" in res.skipped[0][1]
-    with pytest.raises(StackReadError, match="no stack found.*single-slice"):
+    with pytest.raises(StackReadError, match="no stack found.*single-slice"), pytest.warns(UserWarning):
         load_stacks(tmp_path / "one")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(StackReadError, match="empty folder"):
+    with pytest.raises(StackReadError, match="empty folder"), pytest.warns(UserWarning):
         load_stacks(tmp_path / "empty")
     assert "empty folder" in scan(tmp_path / "empty").skipped[0][1]
     with pytest.raises(StackReadError, match="no such file"):

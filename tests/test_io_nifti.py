@@ -1,0 +1,134 @@
+"""NIfTI reading: 3-D / 4-D files, affine geometry, the ACDC layout, and the real ACDC stacks."""
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from stackcls.io import StackReadError, load_stacks, scan
+from stackcls.io.geometry import APEX_DIRECTION
+
+
+def volume(n_slices=6, n_phases=None, h=24, w=20):
+    """(h, w, S[, T]) with truth in voxel [0, 0, k(, t)] = k (file slice index) and [0, 1] = t."""
+    shape = (h, w, n_slices) + (() if n_phases is None else (n_phases,))
+    v = np.full(shape, 50.0, np.float32)
+    yy, xx = np.mgrid[:h, :w]
+    for t in range(n_phases or 1):
+        r = 5 + 2.5 * np.cos(2 * np.pi * t / (n_phases or 1))
+        disk = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= r * r
+        for k in range(n_slices):
+            sl = (slice(None), slice(None), k) + (() if n_phases is None else (t,))
+            img = v[sl]
+            img[disk] = 900
+            img[0, 0], img[0, 1] = k, t
+    return v
+
+
+def save(path, data, affine=np.eye(4)):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def test_3d_identity_affine_keeps_file_order(tmp_path):
+    p = save(tmp_path / "subj.nii.gz", volume(5))
+    (st,) = load_stacks(p)
+    assert st.subject == "subj" and st.images.shape == (5, 24, 20)
+    assert st.images[:, 0, 0].tolist() == [0, 1, 2, 3, 4] and st.slice_ids == [0, 1, 2, 3, 4]
+    assert st.sources == ["0", "1", "2", "3", "4"]
+    assert not st.orientation_known and "identity" in st.meta["orientation"]
+
+
+@pytest.mark.parametrize("towards_apex", [False, True])
+def test_real_affine_orders_apex_to_base(tmp_path, towards_apex):
+    # slice axis along the LV long axis; file order base->apex when towards_apex
+    u_lps = -APEX_DIRECTION  # apex -> base
+    step = (-u_lps if towards_apex else u_lps) * 8.0
+    a = np.cross(u_lps, [0, 0, 1.0])
+    a /= np.linalg.norm(a)
+    b = np.cross(u_lps, a)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    aff = np.eye(4)
+    aff[:3, 0], aff[:3, 1], aff[:3, 2] = lps_to_ras @ (1.25 * a), lps_to_ras @ (1.25 * b), lps_to_ras @ step
+    aff[:3, 3] = [10, -20, 30]
+    (st,) = load_stacks(save(tmp_path / "s.nii", volume(6), aff))
+    expect = [5, 4, 3, 2, 1, 0] if towards_apex else [0, 1, 2, 3, 4, 5]
+    assert st.images[:, 0, 0].astype(int).tolist() == expect and st.slice_ids == expect
+    assert st.orientation_known
+    np.testing.assert_allclose(np.diff(st.positions), 8.0, atol=1e-4)
+    assert st.spacing == pytest.approx((1.25, 1.25, 8.0), abs=1e-4)
+
+
+def test_4d_cine(tmp_path):
+    p = save(tmp_path / "cine.nii.gz", volume(5, n_phases=10))
+    ed, es = load_stacks(p)
+    assert (ed.phase, ed.frame, es.phase, es.frame) == ("ED", 0, "ES", 5)
+    assert es.images[:, 0, 1].tolist() == [5] * 5
+    assert len(load_stacks(p, phases="all")) == 10
+    assert load_stacks(p, es=2)[1].frame == 2
+
+
+@pytest.mark.parametrize("shape", [(24, 20), (2, 3, 4, 5, 6), (24, 20, 1)])
+def test_wrong_dimensionality(tmp_path, shape):
+    p = save(tmp_path / "bad.nii.gz", np.zeros(shape, np.float32))
+    res = scan(p)
+    assert not res.stacks and res.skipped[0][0] == str(p)
+    assert "expected 3-D" in res.skipped[0][1] or "single slice" in res.skipped[0][1]
+    with pytest.raises(StackReadError, match="bad.nii.gz"), pytest.warns(UserWarning, match="skipped"):
+        load_stacks(p)
+
+
+def test_corrupt_nifti(tmp_path):
+    p = tmp_path / "broken.nii.gz"
+    p.write_bytes(b"\x1f\x8b not really gzip")
+    (path, reason), = scan(p).skipped
+    assert path == str(p) and "unreadable NIfTI" in reason
+
+
+def test_acdc_layout_small(tmp_path):
+    d = tmp_path / "patient007"
+    d.mkdir()
+    (d / "Info.cfg").write_text("ED: 1\nES: 3\nGroup: NOR\nNbSlices: 4\n")
+    save(d / "patient007_frame01.nii.gz", volume(4))
+    save(d / "patient007_frame03.nii.gz", volume(4) + 1)
+    save(d / "patient007_frame02.nii.gz", volume(4) + 2)
+    save(d / "patient007_frame01_gt.nii.gz", np.zeros((24, 20, 4), np.uint8))
+    save(d / "patient007_4d.nii.gz", volume(4, n_phases=3))
+    res = scan(tmp_path)
+    ed, es = res.stacks
+    assert (ed.subject, ed.phase, ed.frame, es.phase, es.frame) == ("patient007", "ED", 1, "ES", 3)
+    # slice 0 is basal in ACDC: reversed so images run apex -> base; ids keep the file index
+    assert ed.slice_ids == [3, 2, 1, 0] and ed.images[:, 0, 0].tolist() == [3, 2, 1, 0]
+    assert es.images[0, 0, 0] == 3 + 1
+    assert ed.meta["orientation"] == "acdc convention: slice 0 basal" and not ed.orientation_known
+    assert not res.skipped and {w for _, w in res.ignored} == {
+        "segmentation mask (_gt)", "4-D cine (frames are read from the _frameYY files)"}
+    allp = load_stacks(d, phases="all")
+    assert [(s.phase, s.frame) for s in allp] == [("ED", 1), ("2", 2), ("ES", 3)]
+    # Info.cfg naming a frame that is not there
+    (d / "patient007_frame03.nii.gz").unlink()
+    res = scan(d)
+    assert [s.phase for s in res.stacks] == ["ED"] and "frame 3" in res.skipped[0][1]
+
+
+def test_acdc_real_all_stacks_with_labels(acdc_root):
+    stacks = load_stacks(acdc_root, labels=acdc_root / "labels.csv")
+    assert len(stacks) == 160 and len({s.subject for s in stacks}) == 80
+    with open(acdc_root / "labels.csv", newline="") as f:
+        rows = {(r["subject"], r["phase"], int(r["slice"])): (int(r["frame"]), r["label"])
+                for r in csv.DictReader(f)}
+    n = 0
+    for st in stacks:
+        assert st.labels is not None and not st.orientation_known
+        assert st.slice_ids == list(range(st.n_slices))[::-1]
+        for sid, lab in zip(st.slice_ids, st.labels):
+            assert rows[(st.subject, st.phase, sid)] == (st.frame, lab)
+            n += 1
+    assert n == len(rows) == 1516
+    # images: the file's slices in reverse order, intensities in [0, 1] (scl_slope 1/255 applied)
+    st = stacks[0]
+    raw = nib.load(st.meta["file"]).get_fdata()
+    np.testing.assert_allclose(st.images, np.moveaxis(raw, 2, 0)[::-1], atol=1e-6)
+    assert 0.0 <= st.images.min() and st.images.max() <= 1.0 + 1e-6
