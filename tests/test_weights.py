@@ -1,0 +1,177 @@
+"""Reading Keras weight files with h5py and strict loading into a port."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import h5py
+import numpy as np
+import pytest
+
+from stackcls import backbones as B
+from stackcls.backbones import layers as L
+from stackcls.backbones.weights import WeightsError, load_keras_weights, read_keras_weights
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+def write_legacy(path, file_layers, keras2_names=True):
+    """The Keras 2 weights-only layout, written by hand (independent of Keras's writer)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([l.name.encode() for l in file_layers])
+        f.attrs["keras_version"] = b"2.0.4"
+        for l in file_layers:
+            g = f.create_group(l.name)
+            names = [f"{l.name}/{w}:0" if keras2_names else f"{l.name}/{w}" for w, _ in l.weights]
+            g.attrs["weight_names"] = np.array([n.encode() for n in names])
+            for n, (_, a) in zip(names, l.weights):
+                g.create_dataset(n, data=a)
+    return path
+
+
+def _values(model):
+    return {n: [np.asarray(v[...]) for v in l.keras_weights()]
+            for n, l in L.keras_layers(model).items()}
+
+
+def _assert_same(model, keras_model):
+    ours = _values(model)
+    for kl in keras_model.layers:
+        if kl.weights:
+            for a, b in zip(ours[kl.name], kl.weights):
+                np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def keras_mobilenet():
+    keras = pytest.importorskip("keras")
+    km = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
+                                      input_shape=(64, 64, 3))
+    rng = np.random.default_rng(0)
+    for v in km.weights:
+        v.assign(rng.normal(0, 1, v.shape).astype("float32") ** 2)  # all != init, var > 0
+    return km
+
+
+def test_keras3_layouts_load(keras_mobilenet, tmp_path):
+    from keras.src.legacy.saving import legacy_h5_format
+    km = keras_mobilenet
+    legacy = tmp_path / "legacy.h5"
+    with h5py.File(legacy, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, km)
+    full = tmp_path / "full.h5"
+    km.save(full)
+    wh5 = tmp_path / "m.weights.h5"
+    km.save_weights(wh5)
+    for path in (legacy, full, wh5):
+        m = B.create("mobilenet", weights=path, input_size=64)
+        _assert_same(m, km)
+
+
+def test_weights_h5_matches_by_class_when_names_differ(keras_mobilenet, tmp_path):
+    """.weights.h5 of a model whose layers have other names: matched per class, in order."""
+    wh5 = tmp_path / "m.weights.h5"
+    keras_mobilenet.save_weights(wh5)
+    with h5py.File(wh5, "r+") as f:
+        for key, g in f["layers"].items():
+            if "vars" in g and len(g["vars"]):
+                g["vars"].attrs["name"] = key  # auto-names such as batch_normalization_3
+    m = B.create("mobilenet", weights=wh5, input_size=64)
+    _assert_same(m, keras_mobilenet)
+
+
+def test_real_file_contents(mobilenet_weights):
+    layers = read_keras_weights(mobilenet_weights)
+    arrays = [a for l in layers for _, a in l.weights]
+    assert len(arrays) == 135
+    assert sum(a.size for a in arrays) == 218_544
+    assert layers[0].name == "conv1" and layers[0].weights[0][0] == "kernel"
+    bn = layers[1]
+    assert [w for w, _ in bn.weights] == ["gamma", "beta", "moving_mean", "moving_variance"]
+    assert layers[2].weights[0][0] == "depthwise_kernel"  # Keras 2 name
+    m = B.create("mobilenet", weights=mobilenet_weights)
+    vals = _values(m)
+    for l in layers:
+        for (_, a), b in zip(l.weights, vals[l.name]):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture()
+def real_layers(mobilenet_weights):
+    return read_keras_weights(mobilenet_weights)
+
+
+def _load_error(tmp_path, layers, match):
+    p = write_legacy(tmp_path / "bad.h5", layers)
+    m = B.create("mobilenet", weights=None)
+    before = _values(m)
+    with pytest.raises(WeightsError, match=match):
+        load_keras_weights(m, p)
+    after = _values(m)  # nothing assigned on failure
+    assert all(np.array_equal(a, b) for k in before for a, b in zip(before[k], after[k]))
+
+
+def test_order_matching_with_auto_names(real_layers, tmp_path):
+    """Session-dependent names (conv2d_7, ...) are matched by position, like Keras's load_weights."""
+    kinds = {"kernel": "conv2d", "depthwise_kernel": "depthwise_conv2d", "gamma": "batch_normalization"}
+    renamed = [type(l)(f"{kinds[l.weights[0][0]]}_{i + 40}", l.weights) for i, l in enumerate(real_layers)]
+    p = write_legacy(tmp_path / "auto.h5", renamed, keras2_names=False)
+    m = B.create("mobilenet", weights=p)
+    assert np.array_equal(np.asarray(m.conv1.kernel[...]), real_layers[0].weights[0][1])
+
+
+def test_missing_weight_is_an_error(real_layers, tmp_path):
+    real_layers[1].weights = real_layers[1].weights[:3]
+    _load_error(tmp_path, real_layers, r"conv1_bn.*3 weights")
+
+
+def test_wrong_shape_is_an_error(real_layers, tmp_path):
+    n, a = real_layers[4].weights[0]
+    real_layers[4].weights[0] = (n, a[:, :, :4])
+    _load_error(tmp_path, real_layers, r"conv_pw_1.*kernel.*shape \(1, 1, 4, 16\)")
+
+
+def test_extra_layer_is_an_error(real_layers, tmp_path):
+    real_layers.append(type(real_layers[0])("dense_extra", [("kernel", np.zeros((256, 3), "f4"))]))
+    _load_error(tmp_path, real_layers, r"55 layers with weights in the file, 54 in the model.*dense_extra")
+
+
+def test_swapped_layers_are_an_error(real_layers, tmp_path):
+    """Stable names that disagree with the position are refused, even with equal shapes."""
+    real_layers[1].name, real_layers[3].name = "x_bn", "y_bn"
+    _load_error(tmp_path, real_layers, r"names differ")
+
+
+def test_wrong_weight_name_is_an_error(real_layers, tmp_path):
+    real_layers[1].weights[0] = ("scale", real_layers[1].weights[0][1])
+    _load_error(tmp_path, real_layers, r"weight 'scale' where the model expects 'gamma'")
+
+
+def test_nan_is_an_error(real_layers, tmp_path):
+    a = real_layers[0].weights[0][1].copy()
+    a[0, 0, 0, 0] = np.nan
+    real_layers[0].weights[0] = ("kernel", a)
+    _load_error(tmp_path, real_layers, r"NaN")
+
+
+def test_undeclared_dataset_is_an_error(real_layers, tmp_path):
+    p = write_legacy(tmp_path / "extra.h5", real_layers)
+    with h5py.File(p, "r+") as f:
+        f["conv1"].create_dataset("conv1/stray:0", data=np.zeros(3))
+    with pytest.raises(WeightsError, match="conv1.*stray"):
+        read_keras_weights(p)
+
+
+def test_not_hdf5_and_missing(tmp_path):
+    p = tmp_path / "x.h5"
+    p.write_bytes(b"not hdf5")
+    with pytest.raises(WeightsError, match="not a readable HDF5"):
+        read_keras_weights(p)
+    with pytest.raises(FileNotFoundError):
+        read_keras_weights(tmp_path / "nope.h5")
+    with h5py.File(tmp_path / "empty.h5", "w"):
+        pass
+    with pytest.raises(WeightsError, match="not a Keras weight file"):
+        read_keras_weights(tmp_path / "empty.h5")
