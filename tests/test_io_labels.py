@@ -1,7 +1,6 @@
 """Labels CSV (load / atomic save / attach) and `stackcls inspect`."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

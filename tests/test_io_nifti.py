@@ -1,7 +1,6 @@
 """NIfTI reading: 3-D / 4-D files, affine geometry, the ACDC layout, and the real ACDC stacks."""
 
 import csv
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

@@ -127,7 +127,7 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = Tru
         warnings.warn(w, stacklevel=3)
     stacks.sort(key=lambda s: (s.subject, str(s.meta.get("series_uid", s.meta.get("file", ""))),
                                s.frame if s.frame is not None else -1))
-    if rows is not None:
+    if rows is not None and stacks:
         attach_labels(stacks, rows if labels is not None and not isinstance(labels, (str, os.PathLike))
                       else labels)
     return ScanResult(stacks, skipped, ignored)

@@ -11,9 +11,7 @@ InstanceNumber, file names or SliceLocation (whose sign differs between scanners
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
@@ -176,15 +174,6 @@ def _slice_from_dataset(path: str, ds) -> DicomSlice:
         sop=str(ds.get("SOPInstanceUID", "") or ""),
         image=image,
     )
-
-
-def find_files(folder: Path) -> list[str]:
-    """Every regular file under `folder` (recursive), sorted; hidden files and folders skipped."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
-    return out
 
 
 def _groups(slices: list[DicomSlice]) -> list[list[DicomSlice]]:
