@@ -56,9 +56,4 @@ KERAS: dict[str, KerasRef] = {
     "inception_resnet_v2": KerasRef(_app("inception_resnet_v2.InceptionResNetV2"), 75, {},
                                     _pre("inception_resnet_v2")),
     "nasnet_mobile": KerasRef(_app("nasnet.NASNetMobile"), 72, {}, _pre("nasnet")),
-    # bb-3
-    "inception_v3": KerasRef(_app("inception_v3.InceptionV3"), 75, {}, _pre("inception_v3")),
-    "inception_resnet_v2": KerasRef(_app("inception_resnet_v2.InceptionResNetV2"), 75, {},
-                                    _pre("inception_resnet_v2")),
-    "nasnet_mobile": KerasRef(_app("nasnet.NASNetMobile"), 72, {}, _pre("nasnet")),
 }
