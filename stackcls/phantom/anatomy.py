@@ -37,6 +37,7 @@ class Anatomy:
     p: dict                 # scalar shape parameters (see sample_anatomy)
     signal: np.ndarray      # (n_tissues,) per-subject signal table
     fat_waves: np.ndarray   # (3, 4): wave vectors (mm^-1) and phases of the fat-patch field
+    vessel_waves: np.ndarray  # (6, 4): pairs of plane waves whose crests cross in thin tubes
 
 
 def _rot(axis, angle):
@@ -92,7 +93,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     base_c = np.array([u(0, 30), u(-12, 12), 0.0])
     apex = base_c + zb0 * udir
     ax_b, ay_b = u(140, 185), u(95, 125)
-    p.update(ax=ax_b, subcut=u(6, 25), wall_mm=u(8, 15))
+    p.update(ax=ax_b, subcut=u(5, 18), wall_mm=u(8, 15))
     # Make sure the heart (RV anterior extent included) fits inside the chest wall.
     front = min(apex[1], base_c[1] - 1.4 * a_o - 10 * abs(e2[1]))
     ay_b = max(ay_b, -front + p["subcut"] + p["wall_mm"] + u(5, 20))
@@ -112,7 +113,26 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     global_shift = rng.uniform(-40, 40, size=3)
     return Anatomy(group=str(group), apex=apex + global_shift, frame=frame,
                    body_center=np.array([0.0, 0.0, 0.0]) + global_shift, p=p, signal=sig,
-                   fat_waves=waves)
+                   fat_waves=waves, vessel_waves=_waves(rng, 6, 40, 75))
+
+
+def _waves(rng, n, lo, hi):
+    k = rng.normal(size=(n, 3))
+    k *= (2 * np.pi / rng.uniform(lo, hi, size=(n, 1))) / np.linalg.norm(k, axis=1, keepdims=True)
+    return np.concatenate([k, rng.uniform(0, 2 * np.pi, size=(n, 1))], axis=1).astype(np.float32)
+
+
+def _tubes(q: np.ndarray, waves: np.ndarray, thr: float = 0.985) -> np.ndarray:
+    """A network of thin straight tubes (pulmonary / hepatic vessels) at points q (N, 3): where the
+    crests of two plane-wave families cross."""
+    out = np.zeros(len(q), bool)
+    x, y, z = q[:, 0], q[:, 1], q[:, 2]
+    for j in range(0, len(waves), 2):
+        w, v = waves[j], waves[j + 1]
+        a = np.abs(np.cos(x * w[0] + y * w[1] + z * w[2] + w[3])) > thr
+        a &= np.abs(np.cos(x * v[0] + y * v[1] + z * v[2] + v[3])) > thr
+        out |= a
+    return out
 
 
 def phase_shape(anat: Anatomy, c: float) -> dict:
@@ -138,7 +158,11 @@ def phase_shape(anat: Anatomy, c: float) -> dict:
 def to_heart(anat: Anatomy, pts: np.ndarray) -> np.ndarray:
     """(N, 3) patient coords -> (N, 3) heart-frame coords (float32)."""
     q = pts - anat.apex.astype(np.float32)
-    return q @ anat.frame.T.astype(np.float32)
+    f = anat.frame.astype(np.float32)
+    out = np.empty_like(q)
+    for k in range(3):  # explicit: numpy's (N, 3) @ (3, 3) is surprisingly slow
+        out[:, k] = q[:, 0] * f[k, 0] + q[:, 1] * f[k, 1] + q[:, 2] * f[k, 2]
+    return out
 
 
 def _tube(x, y, z, origin, direction, radius, length):
@@ -167,48 +191,44 @@ def heart_static(anat: Anatomy, h: np.ndarray) -> dict:
 
 def heart_labels(anat: Anatomy, h: np.ndarray, c: float, base: np.ndarray,
                  static: dict | None = None) -> np.ndarray:
-    """Tissue ids at heart-frame points h (N, 3) for phase c, drawn over `base` (body labels)."""
+    """Tissue ids at heart-frame points h (N, 3) for phase c, drawn over `base` (body labels).
+    Atria and vessels are evaluated only near and above the base, ventricles only inside their
+    bounding box: most points of a stack need neither."""
     p, s = anat.p, phase_shape(anat, c)
     st = heart_static(anat, h) if static is None else static
-    x, y = h[:, 0], h[:, 1]
-    z = h[:, 2] * np.float32(1.0 / s["s_long"])             # normalised long-axis coordinate
-    zb0, zc = p["zb0"], p["c_o"]
     lab = base.copy()
-    zb = zb0 - p["tilt"] / p["a_o"] * x                      # tilted base plane (mitral annulus)
-    below = z < zb
-    dz2 = ((z - zc) / zc) ** 2
-    ex = 1.0 / p["ecc"] ** 2
-    r2 = x * x * ex + y * y                                   # squared (eccentric) radius
-    rho_o = r2 / s["a_o"] ** 2 + dz2
-    inner_c = zc - s["t_apex"] / s["s_long"]
-    rho_i = r2 / s["a_i"] ** 2 + ((z - zc) / inner_c) ** 2
-    # RV ellipsoid, widest at the base; the free wall moves in, the septum stays.
-    rz_rv = zb0 - p["z_rv_apex"]
-    rx, ry = p["rx_rv"] * s["s_rv"], p["ry_rv"] * s["s_rv"]
-    xr = x - (p["x_rv"] + (1 - s["s_rv"]) * p["rx_rv"] * 0.5)
-    yr = y - p["y_rv"]
-    zr2 = ((z - zb0) / rz_rv) ** 2
-    rho_rv = (xr / rx) ** 2 + (yr / ry) ** 2 + zr2
-    rv_top = z < zb0 + p["dz_rv"]
-    t = p["t_rv"]
-    rho_rv_wall = (xr / (rx + t)) ** 2 + (yr / (ry + t)) ** 2 + ((z - zb0) / (rz_rv + t)) ** 2
-    # Atria above the base; they fill while the ventricles empty.
+    z = h[:, 2] * np.float32(1.0 / s["s_long"])             # normalised long-axis coordinate
+    x, y = h[:, 0], h[:, 1]
+    zb0, m = p["zb0"], p["fat_margin"]
+    up = np.flatnonzero(z > zb0 - p["tilt"] - 12)
+    if up.size:
+        lab[up] = _upper(anat, s, h[up], z[up], lab[up], {k: v[up] for k, v in st.items()})
+    reach = m + 14
+    rv_x = p["x_rv"] + p["rx_rv"] + p["t_rv"] + reach
+    rv_y = max(s["a_o"], p["ry_rv"] + abs(p["y_rv"])) + p["t_rv"] + reach
+    lo = np.flatnonzero((z < zb0 + p["tilt"] + p["dz_rv"] + reach) & (x > -s["a_o"] * p["ecc"] - reach)
+                        & (x < rv_x) & (np.abs(y) < rv_y))
+    if lo.size:
+        lab[lo] = _lower(anat, s, c, h[lo], z[lo], lab[lo], st["fat"][lo])
+    return lab
+
+
+def _upper(anat, s, h, z, lab, st):
+    """Atria (filling while the ventricles empty) and great vessels above the base."""
+    p = anat.p
+    x, y = h[:, 0], h[:, 1]
+    zb0 = p["zb0"]
+    zb = zb0 - p["tilt"] / p["a_o"] * x
     la, ra = p["la"] * s["s_atria"], p["ra"] * s["s_atria"]
     rho_la = ((x - p["la_c"][0]) / la[0]) ** 2 + ((y - p["la_c"][1]) / la[1]) ** 2 + \
         ((z - zb0 - 0.75 * la[2]) / la[2]) ** 2
     rho_ra = ((x - p["x_rv"] - p["ra_dx"]) / ra[0]) ** 2 + ((y - p["ra_dy"]) / ra[1]) ** 2 + \
         ((z - zb0 - 0.7 * ra[2]) / ra[2]) ** 2
     q_ao, q_pa = st["q_ao"], st["q_pa"]
-
-    # Epicardial / pericardial fat: a patchy band around the whole heart.
     m = p["fat_margin"]
-    near = ((rho_o < (1 + m / s["a_o"]) ** 2) & (z < zb + m)) | \
-        ((rho_rv_wall < (1 + m / ry) ** 2) & rv_top) | (rho_la < 1.25) | (rho_ra < 1.25) | \
-        (q_ao < (1 + m / p["ao_r"]) ** 2) | (q_pa < (1 + m / p["pa_r"]) ** 2)
+    near = (rho_la < 1.25) | (rho_ra < 1.25) | (q_ao < (1 + m / p["ao_r"]) ** 2) | \
+        (q_pa < (1 + m / p["pa_r"]) ** 2)
     lab[near] = np.where(st["fat"][near], FAT, SOFT)
-    # AV-groove fat ring at the base.
-    lab[(np.abs(z - zb) < 6) & (rho_o < (1 + 12 / s["a_o"]) ** 2)] = FAT
-
     lab[(rho_la < 1.12) & (z > zb)] = VESSEL_WALL
     lab[(rho_la < 1) & (z > zb + 1)] = ATRIAL_BLOOD
     ra_top = z > zb0 + p["dz_rv"]
@@ -217,6 +237,42 @@ def heart_labels(anat: Anatomy, h: np.ndarray, c: float, base: np.ndarray,
     for q, r in ((q_ao, p["ao_r"]), (q_pa, p["pa_r"])):
         lab[q < (1 + 2.0 / r) ** 2] = VESSEL_WALL
         lab[q < 1] = VESSEL_BLOOD
+    return lab
+
+
+_ATRIA_VESSELS = np.zeros(256, bool)
+_ATRIA_VESSELS[[ATRIAL_BLOOD, VESSEL_BLOOD, VESSEL_WALL]] = True
+
+
+def _lower(anat, s, c, h, z, lab, fat):
+    """LV and RV (with their epicardial fat), drawn over the atria/vessels near the base."""
+    p = anat.p
+    x, y = h[:, 0], h[:, 1]
+    zb0, zc = p["zb0"], p["c_o"]
+    zb = zb0 - p["tilt"] / p["a_o"] * x                      # tilted base plane (mitral annulus)
+    below = z < zb
+    ex = 1.0 / p["ecc"] ** 2
+    r2 = x * x * ex + y * y                                   # squared (eccentric) radius
+    rho_o = r2 / s["a_o"] ** 2 + ((z - zc) / zc) ** 2
+    inner_c = zc - s["t_apex"] / s["s_long"]
+    rho_i = r2 / s["a_i"] ** 2 + ((z - zc) / inner_c) ** 2
+    # RV ellipsoid, widest at the base; the free wall moves in, the septum stays.
+    rz_rv = zb0 - p["z_rv_apex"]
+    rx, ry = p["rx_rv"] * s["s_rv"], p["ry_rv"] * s["s_rv"]
+    xr = x - (p["x_rv"] + (1 - s["s_rv"]) * p["rx_rv"] * 0.5)
+    yr = y - p["y_rv"]
+    rv_top = z < zb0 + p["dz_rv"]
+    t = p["t_rv"]
+    zr = z - zb0
+    rho_rv = (xr / rx) ** 2 + (yr / ry) ** 2 + (zr / rz_rv) ** 2
+    rho_rv_wall = (xr / (rx + t)) ** 2 + (yr / (ry + t)) ** 2 + (zr / (rz_rv + t)) ** 2
+    # Epicardial / pericardial fat: a patchy band (not over the atria and vessels above the base).
+    m = p["fat_margin"]
+    free = ~_ATRIA_VESSELS[lab]
+    near = free & (((rho_o < (1 + m / s["a_o"]) ** 2) & (z < zb + m)) |
+                   ((rho_rv_wall < (1 + m / ry) ** 2) & rv_top))
+    lab[near] = np.where(fat[near], FAT, SOFT)
+    lab[free & (np.abs(z - zb) < 6) & (rho_o < (1 + 12 / s["a_o"]) ** 2)] = FAT   # AV groove
     lab[(rho_rv_wall < 1) & rv_top] = RV_MYO
     lab[(rho_rv < 1) & rv_top] = RV_BLOOD
     lab[(rho_o < 1) & below] = LV_MYO
@@ -254,25 +310,37 @@ def body_labels(anat: Anatomy, pts: np.ndarray) -> np.ndarray:
     abdo = cavity & ~thorax
     lab[thorax] = LUNG
     lab[abdo] = ABDOMEN
+    # Bowel and mesenteric fat: patchy.
+    w = anat.fat_waves
+    idx = np.flatnonzero(abdo)
+    xa, ya, za = x[idx], y[idx], z[idx]
+    patch = sum(np.cos(xa * w[i, 0] + ya * w[i, 1] + za * w[i, 2] + w[i, 3]) for i in range(3)) > 0.8
+    lab[idx[patch]] = FAT
     zl = p["dome_hl"]
     stomach = ((x - 70) / 45) ** 2 + ((y + 5) / 35) ** 2 + ((z - zl + 60) / 40) ** 2 < 1
     spleen = ((x - 95) / 30) ** 2 + ((y - 45) / 30) ** 2 + ((z - zl + 50) / 50) ** 2 < 1
     liver = x < p["liver_x"] - 0.4 * y
     lab[abdo & liver] = LIVER
+    # Vessels: bright tubes through the lungs and the liver.
+    idx = np.flatnonzero(thorax | (abdo & liver))
+    lab[idx[_tubes(q[idx].astype(np.float32), anat.vessel_waves)]] = VESSEL_BLOOD
     lab[abdo & spleen] = SPLEEN
     lab[abdo & stomach] = STOMACH
-    # Mediastinum (anterior fat strip and the posterior structures around the spine).
-    lab[thorax & (np.abs(x + 5) < 22) & (y < -ay + p["subcut"] + p["wall_mm"] + 20)] = FAT
-    lab[thorax & (np.abs(x) < 30) & (y > ay - 80)] = SOFT
+    # Mediastinum (anterior fat strip and the posterior structures around the spine); these are
+    # small, so only the points in their box are tested.
     spine_y = ay - 50
-    r2 = x ** 2 + (y - spine_y) ** 2
-    lab[inside & (np.abs(x) < 48) & (y > spine_y - 5)] = MUSCLE
-    lab[r2 < 18 ** 2] = CORTEX
-    lab[r2 < 16 ** 2] = MARROW
-    r2c = x ** 2 + (y - spine_y - 27) ** 2
-    lab[r2c < 9 ** 2] = CORTEX
-    lab[r2c < 7 ** 2] = CSF
-    r2a = (x - 28) ** 2 + (y - spine_y + 20) ** 2
-    lab[r2a < 13 ** 2] = VESSEL_WALL
-    lab[r2a < 11 ** 2] = VESSEL_BLOOD
+    post = np.flatnonzero(inside & (y > spine_y - 45) & (np.abs(x) < 50))
+    px, py, sub = x[post], y[post] - spine_y, lab[post]
+    sub[(sub == LUNG) & (np.abs(px) < 30) & (py > -30)] = SOFT
+    sub[(np.abs(px) < 48) & (py > -5)] = MUSCLE
+    r2 = px ** 2 + py ** 2
+    sub[r2 < 18 ** 2] = CORTEX
+    sub[r2 < 16 ** 2] = MARROW
+    r2c = px ** 2 + (py - 27) ** 2
+    sub[r2c < 9 ** 2] = CORTEX
+    sub[r2c < 7 ** 2] = CSF
+    r2a = (px - 28) ** 2 + (py + 20) ** 2
+    sub[r2a < 13 ** 2] = VESSEL_WALL
+    sub[r2a < 11 ** 2] = VESSEL_BLOOD
+    lab[post] = sub
     return lab

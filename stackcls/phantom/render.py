@@ -86,7 +86,7 @@ def plan(anat: A.Anatomy, rng: np.random.Generator, matrix_scale: float = 1.0) -
     # FOV / matrix.
     rows = int(rng.choice([112, 128, 128, 144, 144, 160, 176]) * matrix_scale) // 8 * 8
     cols = rows if rng.random() < 0.5 else int(rows * u(0.75, 0.95)) // 8 * 8
-    ps = round(u(1.8, 2.6) / matrix_scale, 3)
+    ps = round(u(1.6, 2.3) / matrix_scale, 3)
     off = u(-0.07, 0.07, size=2) * ps * np.array([cols, rows])
     centers = anat.apex + heights[:, None] * n + off[0] * r + off[1] * c
     ipp = centers - (cols - 1) / 2 * ps * r - (rows - 1) / 2 * ps * c
@@ -169,7 +169,8 @@ def render_subject(seed: int, index: int, matrix_scale: float = 1.0) -> SubjectD
         lv = np.sum((lab == A.LV_BLOOD) * w, axis=1)
         pool[k] = np.sum(lv >= 0.5, axis=(1, 2)) * acq["ps"] ** 2
         kspace = np.fft.fft2(obj * bias * texture)
-        kspace += sigma_k * (rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape))
+        noise = rng.standard_normal((2,) + kspace.shape, dtype=np.float32) * np.float32(sigma_k)
+        kspace += noise[0] + 1j * noise[1]
         imgs[k] = np.abs(np.fft.ifft2(kspace * filt))
     # Scanner scaling to uint16, sometimes with a non-trivial rescale.
     scale = rng.uniform(400, 2500)
