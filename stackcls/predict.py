@@ -52,6 +52,7 @@ ORIENTATIONS = ("apex_to_base", "base_to_apex", "unknown")
 # orientation before we warn: e^3 ~ 20x more likely under the model. Below it, geometry is trusted.
 ORIENTATION_MARGIN = 3.0
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+FIGURE_ROWS = 16           # stacks per figure page
 
 
 class OrientationWarning(UserWarning):
@@ -319,6 +320,10 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
 
 # ----------------------------------------------------------------------------- CLI
 
+def _short(source: str) -> str:
+    return Path(source).name if os.sep in source else source
+
+
 def _summary(pred: Prediction) -> str:
     head = f"{pred.subject or '?'}/{pred.phase or '?'}: {len(pred.labels)} slices, mode {pred.mode}, "
     head += f"orientation {pred.orientation} ({pred.orientation_source})"
@@ -334,7 +339,7 @@ def _summary(pred: Prediction) -> str:
     for r, c in enumerate(pred.apex_to_base):
         p = pred.probabilities[c]
         lines.append(f"  {r:>4} {pred.slice_ids[c] if pred.slice_ids else c:>5}  {pred.labels[c]:<4} "
-                     f"{p[0]:5.2f} {p[1]:5.2f} {p[2]:5.2f}  {pred.sources[c]}")
+                     f"{p[0]:5.2f} {p[1]:5.2f} {p[2]:5.2f}  {_short(pred.sources[c])}")
     return "\n".join(lines)
 
 
@@ -345,8 +350,8 @@ def figure(preds: Sequence[Prediction], images: Sequence[np.ndarray], path) -> P
     import matplotlib.pyplot as plt
 
     ncol = max(len(p.labels) for p in preds)
-    fig = plt.figure(figsize=(1.3 * ncol, 2.2 * len(preds)), dpi=80)
-    gs = fig.add_gridspec(2 * len(preds), ncol, height_ratios=[3, 1] * len(preds), hspace=0.45, wspace=0.08)
+    fig = plt.figure(figsize=(1.3 * ncol, 2.7 * len(preds)), dpi=80)
+    gs = fig.add_gridspec(2 * len(preds), ncol, height_ratios=[3, 1.2] * len(preds), hspace=0.7, wspace=0.08)
     colors = ("tab:orange", "tab:green", "tab:blue")
     for row, (pred, imgs) in enumerate(zip(preds, images)):
         for r, c in enumerate(pred.apex_to_base):
@@ -357,7 +362,9 @@ def figure(preds: Sequence[Prediction], images: Sequence[np.ndarray], path) -> P
             ax.set_xticks([]); ax.set_yticks([])
             ax.set_title(f"{pred.labels[c]}", fontsize=8, color=colors[CLASSES.index(pred.labels[c])])
             if r == 0:
-                ax.set_ylabel(f"{pred.subject}/{pred.phase}\napex", fontsize=7)
+                rng = pred.in_range_apex_to_base
+                ax.set_ylabel(f"{pred.subject}/{pred.phase}\nIN {'none' if rng is None else f'{rng[0]}..{rng[1]}'}"
+                              f"\napex", fontsize=7)
             bx = fig.add_subplot(gs[2 * row + 1, r])
             bx.bar(range(3), pred.probabilities[c], color=colors)
             bx.set_ylim(0, 1); bx.set_xticks(range(3)); bx.set_xticklabels(CLASSES, fontsize=5)
@@ -408,5 +415,10 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
         tmp.replace(json_out)
         print(f"wrote {json_out}")
     if figure_out is not None and preds:
-        print(f"wrote {figure(preds, imgs, figure_out)}")
+        # one row per stack; large trees are split into pages OUT.png, OUT-2.png, ...
+        figure_out = Path(figure_out)
+        for k in range(0, len(preds), FIGURE_ROWS):
+            page = figure_out if k == 0 else figure_out.with_name(
+                f"{figure_out.stem}-{k // FIGURE_ROWS + 1}{figure_out.suffix or '.png'}")
+            print(f"wrote {figure(preds[k:k + FIGURE_ROWS], imgs[k:k + FIGURE_ROWS], page)}")
     return 0 if preds else 1

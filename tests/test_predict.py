@@ -2,6 +2,7 @@
 modes, one compiled call, clear errors; DICOM / NIfTI inputs and the CLI once io lands."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,92 @@ def test_clear_errors(model):
         predict_stack("/nonexistent/stack.nii.gz", model)
     with pytest.raises(TypeError, match="slice_outputs"):
         predict_stack(np.zeros((4, 8, 8)), object(), orientation="unknown")
+
+
+# ----------------------------------------------------------------------------- files (io + phantom)
+
+# the toy model knows nothing of real images: the geometry check may (rightly) warn on phantom stacks
+files_test = pytest.mark.filterwarnings("ignore::stackcls.predict.OrientationWarning")
+
+
+@pytest.fixture(scope="module")
+def cohort2():
+    io = pytest.importorskip("stackcls.io")
+    if not hasattr(io, "load_stacks"):
+        pytest.skip("stackcls.io.load_stacks not available yet")
+    from stackcls.phantom import cohort
+    root = cohort(2, seed=0)
+    return root, io.load_stacks(root / "dicom", labels=root / "labels.csv")
+
+
+@files_test
+def test_shuffled_dicom_list_follows_caller_order(model, cohort2):
+    _, stacks = cohort2
+    st = stacks[0]
+    files = list(st.sources)
+    perm = np.random.default_rng(0).permutation(len(files))
+    shuffled = [files[i] for i in perm]
+    ref = predict_stack(st, model, mode="slice_ordered")
+    p = predict_stack(shuffled, model, mode="slice_ordered")
+    assert p.sources == shuffled
+    assert [shuffled[i] for i in p.apex_to_base] == [files[i] for i in ref.apex_to_base]
+    for i, f in enumerate(shuffled):
+        j = files.index(f)
+        assert p.labels[i] == ref.labels[j]
+        np.testing.assert_allclose(p.probabilities[i], ref.probabilities[j], atol=1e-5)
+    assert p.slice_ids == [st.slice_ids[files.index(f)] for f in shuffled]
+
+
+@files_test
+def test_folder_errors_and_phase(model, cohort2, tmp_path):
+    import shutil
+    root, stacks = cohort2
+    ed = [s for s in stacks if s.phase == "ED"]
+    mixed = tmp_path / "two_series"
+    mixed.mkdir()
+    for k, s in enumerate(ed[:2]):
+        for f in s.sources:
+            shutil.copy(f, mixed / f"{k}_{Path(f).name}")
+    with pytest.raises(ValueError, match="holds 2 stacks"):
+        predict_stack(mixed, model, mode="slice", phase="ED")
+    subject_dir = root / "dicom" / ed[0].subject            # a cine: ED and ES
+    with pytest.raises(ValueError, match="phase="):
+        predict_stack(subject_dir, model, mode="slice")
+    p = predict_stack(subject_dir, model, mode="slice", phase="ES")
+    assert p.phase == "ES" and len(p.labels) == ed[0].n_slices
+
+
+@files_test
+def test_nifti_outputs_follow_file_slice_index(model, cohort2, tmp_path):
+    import nibabel as nib
+    rng = np.random.default_rng(7)
+    img, y = toy_stack(rng, S=10, a=2, c=2, noise=0.1)
+    data = np.ascontiguousarray(np.transpose(img, (1, 2, 0)))     # (rows, cols, S), file order
+    aff = np.diag([1.5, 1.5, 8.0, 1.0]); aff[:3, 2] = [-4.0, 4.0, 5.6]   # slice axis along (-1,1,.7) RAS
+    path = tmp_path / "stack.nii.gz"
+    nib.save(nib.Nifti1Image(data, aff), str(path))
+    from stackcls.io import load_stacks
+    st = load_stacks(path)[0]
+    p = predict_stack(path, model, mode="slice")
+    assert p.slice_ids == list(range(10)) and p.sources == [str(i) for i in range(10)]
+    assert p.apex_to_base == st.slice_ids
+    direction = "apex_to_base" if st.slice_ids[0] == 0 else "base_to_apex"
+    ref = predict_stack(img, model, mode="slice", orientation=direction)
+    assert p.labels == ref.labels
+    np.testing.assert_allclose(p.probabilities, ref.probabilities, atol=1e-5)
+
+
+@files_test
+def test_predict_command(model, cohort2, tmp_path, capsys):
+    root, stacks = cohort2
+    out_json, out_png = tmp_path / "pred.json", tmp_path / "pred.png"
+    rc = predict_command(root / "dicom", model, json_out=out_json, figure_out=out_png, mode="slice_ordered")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert text.count("IN range") == len(stacks) and "syn0000/ED" in text
+    blob = json.loads(out_json.read_text())
+    assert len(blob["stacks"]) == len(stacks)
+    first = blob["stacks"][0]
+    assert len(first["labels"]) == len(first["probabilities"]) == len(first["sources"])
+    assert out_png.stat().st_size > 10_000
+    assert predict_command(tmp_path / "missing", model) == 2
