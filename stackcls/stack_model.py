@@ -178,7 +178,7 @@ def _make_trainer(graphdef, epochs: int, p: dict):
     """A jitted function training len(lrs) runs at once (vmap over runs), returning curves and params."""
     rev_p, noise, wd = float(p["reverse_prob"]), float(p["feature_noise"]), float(p["weight_decay"])
 
-    def one_run(params, stats, x, y, n, w_train, w_val, lr, key):
+    def one_run(params, stats, x, y, n, w_train, w_val, lr, key, stop):
         opt = optax.adamw(lr, weight_decay=wd)
         valid = jnp.arange(x.shape[1])[None, :] < n[:, None]
 
@@ -188,14 +188,18 @@ def _make_trainer(graphdef, epochs: int, p: dict):
             m = valid * w[:, None]
             return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-        def step(carry, key):
+        def step(carry, inp):
             params, opt_state = carry
+            key, t = inp
             k_rev, k_fwd = jax.random.split(key)
             flip = jax.random.bernoulli(k_rev, rev_p, (x.shape[0],))
             xr = jnp.where(flip[:, None, None], reverse_within_length(x, n), x)
             yr = jnp.where(flip[:, None], reverse_within_length(y, n), y)
             loss, g = jax.value_and_grad(loss_fn)(params, xr, yr, w_train, k_fwd)
             upd, opt_state = opt.update(g, opt_state, params)
+            # steps after `stop` leave the parameters alone: one compiled trainer serves every
+            # epoch count (the CV runs and the final run share it)
+            upd = jax.tree.map(lambda u: u * (t < stop), upd)
             params = optax.apply_updates(params, upd)
             # validation (stated direction, no dropout): loss and ordered-decoding accuracy
             logits = nnx.merge(graphdef, params, stats)(x, n)
@@ -208,10 +212,10 @@ def _make_trainer(graphdef, epochs: int, p: dict):
             return (params, opt_state), (loss, jnp.sum(ce * m) / denom, acc)
 
         keys = jax.random.split(key, epochs)
-        (params, _), curves = jax.lax.scan(step, (params, opt.init(params)), keys)
+        (params, _), curves = jax.lax.scan(step, (params, opt.init(params)), (keys, jnp.arange(epochs)))
         return params, curves
 
-    runs = jax.vmap(one_run, in_axes=(None, None, None, None, None, 0, 0, 0, 0))
+    runs = jax.vmap(one_run, in_axes=(None, None, None, None, None, 0, 0, 0, 0, 0))
     return jax.jit(runs)
 
 
@@ -266,8 +270,10 @@ def train_stack_model(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
                 b = np.zeros(B, np.float32); b[va] = 1; w_va.append(b)
                 lr_r.append(lr)
         keys = jax.random.split(jax.random.fold_in(key, 1), len(lr_r))
+        R = len(lr_r)
         _, (tl, vl, va_acc) = train(params, stats, x, y, n, jnp.asarray(np.stack(w_tr)),
-                                    jnp.asarray(np.stack(w_va)), jnp.asarray(lr_r, jnp.float32), keys)
+                                    jnp.asarray(np.stack(w_va)), jnp.asarray(lr_r, jnp.float32), keys,
+                                    jnp.full((R,), epochs, jnp.int32))
         vl = np.asarray(vl).reshape(len(lrs), k, epochs).mean(1)
         va_acc = np.asarray(va_acc).reshape(len(lrs), k, epochs).mean(1)
         tl = np.asarray(tl).reshape(len(lrs), k, epochs).mean(1)
@@ -280,16 +286,18 @@ def train_stack_model(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
                           best_val_accuracy=float(va_acc[li, ei]))
     else:
         sel_lr, sel_epochs = lrs[0], epochs
+        R = 1
         info["cv"] = None
     info["selected"] = dict(learning_rate=sel_lr, epochs=sel_epochs)
     t1 = time.perf_counter()
-    final = _make_trainer(graphdef, sel_epochs, p)
-    ones = jnp.ones((1, len(feats)), jnp.float32)
-    fparams, (ftl, _, _) = final(params, stats, x, y, n, ones, ones, jnp.asarray([sel_lr], jnp.float32),
-                                 jax.random.split(jax.random.fold_in(key, 2), 1))
+    # the final run reuses the compiled CV trainer (same number of runs, steps past sel_epochs idle);
+    # only run 0 matters, the others are the same run (identical inputs)
+    ones = jnp.ones((R, len(feats)), jnp.float32)
+    fparams, (ftl, _, _) = train(params, stats, x, y, n, ones, ones, jnp.full((R,), sel_lr, jnp.float32),
+                                 jnp.stack([jax.random.fold_in(key, 2)] * R), jnp.full((R,), sel_epochs, jnp.int32))
     fparams = jax.tree.map(lambda a: a[0], fparams)
     nnx.update(head, fparams)
-    info["final_train_loss"] = float(np.asarray(ftl)[0, -1])
+    info["final_train_loss"] = float(np.asarray(ftl)[0, sel_epochs - 1])
     info["timing"] = dict(cv_seconds=round(t1 - t0, 3), final_seconds=round(time.perf_counter() - t1, 3))
     if verbose:
         print(f"stack head: {len(feats)} stacks, {k}-fold CV -> lr {sel_lr:g}, {sel_epochs} epochs "
