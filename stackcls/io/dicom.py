@@ -20,7 +20,7 @@ from stackcls.io.geometry import apex_to_base, estimate_es
 from stackcls.stack import Stack
 
 GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-POSITION_TOL_MM = 0.01   # two slices closer than this along the normal are at the same position
+POSITION_TOL_MM = 0.1    # two images closer than this along the normal are at the same position
 TRIGGER_TOL_MS = 0.5     # two images at one position closer than this in time are duplicates
 ORIENT_COS_TOL = 0.9998  # ~1.1 degrees: normals closer than this belong to one stack
 
@@ -107,6 +107,8 @@ def read_slice(path) -> DicomSlice:
 
 def _slice_from_dataset(path: str, ds) -> DicomSlice:
     sop_class = ds.get("SOPClassUID")
+    if not sop_class and getattr(ds, "file_meta", None) is not None:  # e.g. DICOMDIR
+        sop_class = ds.file_meta.get("MediaStorageSOPClassUID")
     kind = getattr(sop_class, "name", None) or (str(sop_class) if sop_class else "unknown SOP class")
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
