@@ -297,3 +297,23 @@ def test_pydicom_bundled_files_load_or_fail_clearly():
         assert isinstance(r, str) and len(r) > 10
     for st in res.stacks:  # whatever loads is a proper stack
         assert st.n_slices >= 2 and np.all(np.isfinite(st.images))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fast_pixel_path_matches_pydicom():
+    # includes 12-bit-stored unsigned, signed 16-bit, 8-bit and padded files
+    from stackcls.io.dicom import _native_pixels
+    used = 0
+    for f in PYDICOM_FILES:
+        try:
+            ds = pydicom.dcmread(f)
+            ref = ds.pixel_array
+        except Exception:
+            continue
+        if ref.ndim != 2:
+            continue
+        fast = _native_pixels(ds)
+        if fast is not None:
+            used += 1
+            np.testing.assert_array_equal(fast, ref, err_msg=f)
+    assert used >= 3

@@ -79,6 +79,30 @@ def _float_list(ds, tag, n):
         return None
 
 
+def _native_pixels(ds) -> np.ndarray | None:
+    """Fast path for the common case (uncompressed little-endian 8/16-bit grey): numpy straight
+    from the bytes, skipping pydicom's generic pixel pipeline (~1 ms per file). Returns None for
+    anything else (pydicom then decodes it, or explains why it cannot)."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None or ts.is_compressed or not ts.is_little_endian or "PixelData" not in ds:
+        return None
+    bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0) or 0)
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if bits not in (8, 16) or not 0 < stored <= bits or (signed and stored != bits):
+        return None  # signed data with unused high bits needs sign extension: leave to pydicom
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    raw = ds.PixelData
+    n = rows * cols * bits // 8
+    if not isinstance(raw, bytes) or len(raw) < n:
+        return None  # pydicom reports the truncation
+    dtype = {(8, False): "u1", (8, True): "i1", (16, False): "<u2", (16, True): "<i2"}[bits, signed]
+    arr = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    if stored < bits:  # unused high bits (e.g. old overlays) are not part of the value
+        arr = arr & ((1 << stored) - 1)
+    return arr
+
+
 def read_slice(path) -> DicomSlice:
     """Read one DICOM file into a DicomSlice; raises StackReadError(path, reason) if unusable."""
     import pydicom
@@ -139,7 +163,9 @@ def _slice_from_dataset(path: str, ds) -> DicomSlice:
         raise StackReadError(path, f"degenerate ImageOrientationPatient {iop}")
     normal = normal / nn
     try:
-        arr = ds.pixel_array
+        arr = _native_pixels(ds)
+        if arr is None:
+            arr = ds.pixel_array
     except Exception as e:  # noqa: BLE001
         ts = getattr(getattr(ds, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID")
         if ts is not None and ts.is_compressed:
