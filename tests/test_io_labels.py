@@ -90,6 +90,9 @@ def test_attach_errors(tmp_path):
     p.write_text(HEADER + "".join(f"s1,7,ED,{i},IN\n" for i in range(4)))
     with pytest.raises(StackReadError, match=r"frame \[7\] but the loaded stack is frame 1"):
         attach_labels([stack(frame=1)], p)
+    with pytest.raises(StackReadError, match=r"match two loaded stacks"):
+        p.write_text(HEADER + "".join(f"s1,1,ED,{i},IN\n" for i in range(4)))
+        attach_labels([stack(frame=1), stack(frame=1)], p)
     # rows of a phase that was not loaded are fine; the stack without rows stays unlabelled
     p.write_text(HEADER + "".join(f"s1,9,ES,{i},IN\n" for i in range(4)))
     st = stack(frame=1)

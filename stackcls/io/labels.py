@@ -149,10 +149,16 @@ def attach_labels(stacks: list[Stack], path_or_rows) -> list[Stack]:
         if subject not in subjects:
             raise StackReadError(where, f"{at(grp[0])}: subject {subject!r} matches no loaded stack "
                                         f"(loaded: {', '.join(sorted(subjects)) or 'none'})")
+    taken = {}
     for st in stacks:
         grp = groups.get((st.subject, st.phase))
         if not grp:
             continue
+        other = taken.setdefault((st.subject, st.phase, st.frame), st)
+        if other is not st:  # e.g. two short-axis series of one patient: rows cannot tell them apart
+            raise StackReadError(where, f"{at(grp[0])}: rows for {st.subject}/{st.phase} match two "
+                                        f"loaded stacks ({other.meta.get('series_uid', '?')} and "
+                                        f"{st.meta.get('series_uid', '?')}); load one series at a time")
         frames = {r.frame for r in grp if r.frame is not None}
         if st.frame is not None and frames:
             if st.frame not in frames:
