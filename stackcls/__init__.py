@@ -13,6 +13,8 @@ _LAZY = {
     "load_stacks": "stackcls.io",
     "save_labels": "stackcls.io",
     "load_labels": "stackcls.io",
+    "attach_labels": "stackcls.io",
+    "scan": "stackcls.io",
     "predict_stack": "stackcls.predict",
     "load_model": "stackcls.checkpoint",
 }
