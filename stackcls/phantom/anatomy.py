@@ -113,7 +113,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     global_shift = rng.uniform(-40, 40, size=3)
     return Anatomy(group=str(group), apex=apex + global_shift, frame=frame,
                    body_center=np.array([0.0, 0.0, 0.0]) + global_shift, p=p, signal=sig,
-                   fat_waves=waves, vessel_waves=_waves(rng, 6, 40, 75))
+                   fat_waves=waves, vessel_waves=_waves(rng, 8, 40, 75))
 
 
 def _waves(rng, n, lo, hi):
@@ -131,6 +131,10 @@ def _tubes(q: np.ndarray, waves: np.ndarray, thr: float = 0.985) -> np.ndarray:
         w, v = waves[j], waves[j + 1]
         a = np.abs(np.cos(x * w[0] + y * w[1] + z * w[2] + w[3])) > thr
         a &= np.abs(np.cos(x * v[0] + y * v[1] + z * v[2] + v[3])) > thr
+        # Cut the straight tubes into segments (~25-45 mm period along the tube).
+        t = np.cross(w[:3], v[:3])
+        t *= 2 * np.pi / (35.0 * np.linalg.norm(t))
+        a &= np.cos(x * t[0] + y * t[1] + z * t[2] + w[3] + v[3]) > 0.2
         out |= a
     return out
 

@@ -63,8 +63,10 @@ def montage(out: Path, acdc: Path | None = None, subjects=(0, 1, 2, 3), seed: in
     fig.subplots_adjust(left=0.03, right=0.995, top=0.9, bottom=0.01, wspace=0.04, hspace=0.3)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=72)
+    fig.savefig(out, dpi=60)
     plt.close(fig)
+    from PIL import Image  # a 64-colour palette keeps the committed PNG small
+    Image.open(out).convert("RGB").quantize(64).save(out, optimize=True)
     return out
 
 
