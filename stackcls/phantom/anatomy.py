@@ -37,7 +37,8 @@ class Anatomy:
     p: dict                 # scalar shape parameters (see sample_anatomy)
     signal: np.ndarray      # (n_tissues,) per-subject signal table
     fat_waves: np.ndarray   # (3, 4): wave vectors (mm^-1) and phases of the fat-patch field
-    vessel_waves: np.ndarray  # (6, 4): pairs of plane waves whose crests cross in thin tubes
+    vessel_waves: np.ndarray  # (8, 4): pairs of plane waves whose crests cross in thin tubes
+    trab_waves: np.ndarray  # (3, 4): fine field (6-10 mm) for apical trabeculae
 
 
 def _rot(axis, angle):
@@ -113,7 +114,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     global_shift = rng.uniform(-40, 40, size=3)
     return Anatomy(group=str(group), apex=apex + global_shift, frame=frame,
                    body_center=np.array([0.0, 0.0, 0.0]) + global_shift, p=p, signal=sig,
-                   fat_waves=waves, vessel_waves=_waves(rng, 8, 40, 75))
+                   fat_waves=waves, vessel_waves=_waves(rng, 8, 40, 75), trab_waves=_waves(rng, 3, 6, 10))
 
 
 def _waves(rng, n, lo, hi):
@@ -190,7 +191,9 @@ def heart_static(anat: Anatomy, h: np.ndarray) -> dict:
     zb0 = p["zb0"]
     q_ao = _tube(x, y, z, p["ao_p"] + np.array([0.0, 0.0, zb0]), p["ao_d"], p["ao_r"], 110.0)
     q_pa = _tube(x, y, z, p["pa_p"] + np.array([0.0, 0.0, zb0]), p["pa_d"], p["pa_r"], 70.0)
-    return dict(fat=field > p["fat_level"], q_ao=q_ao, q_pa=q_pa)
+    t = anat.trab_waves
+    trab = sum(np.cos(x * t[i, 0] + y * t[i, 1] + z * t[i, 2] + t[i, 3]) for i in range(3)) > 1.0
+    return dict(fat=field > p["fat_level"], q_ao=q_ao, q_pa=q_pa, trab=trab)
 
 
 def heart_labels(anat: Anatomy, h: np.ndarray, c: float, base: np.ndarray,
@@ -213,7 +216,7 @@ def heart_labels(anat: Anatomy, h: np.ndarray, c: float, base: np.ndarray,
     lo = np.flatnonzero((z < zb0 + p["tilt"] + p["dz_rv"] + reach) & (x > -s["a_o"] * p["ecc"] - reach)
                         & (x < rv_x) & (np.abs(y) < rv_y))
     if lo.size:
-        lab[lo] = _lower(anat, s, c, h[lo], z[lo], lab[lo], st["fat"][lo])
+        lab[lo] = _lower(anat, s, c, h[lo], z[lo], lab[lo], st["fat"][lo], st["trab"][lo])
     return lab
 
 
@@ -248,7 +251,7 @@ _ATRIA_VESSELS = np.zeros(256, bool)
 _ATRIA_VESSELS[[ATRIAL_BLOOD, VESSEL_BLOOD, VESSEL_WALL]] = True
 
 
-def _lower(anat, s, c, h, z, lab, fat):
+def _lower(anat, s, c, h, z, lab, fat, trab):
     """LV and RV (with their epicardial fat), drawn over the atria/vessels near the base."""
     p = anat.p
     x, y = h[:, 0], h[:, 1]
@@ -282,6 +285,8 @@ def _lower(anat, s, c, h, z, lab, fat):
     lab[(rho_o < 1) & below] = LV_MYO
     cavity = (rho_i < 1) & below
     lab[cavity] = LV_BLOOD
+    # Apical trabeculae: fine dark strands along the endocardium of the apical half.
+    lab[cavity & trab & (rho_i > 0.7) & (z < 0.55 * zb0)] = PAPILLARY
     # Papillary muscles: two columns in the mid cavity, thicker at end-systole.
     zc_ok = cavity & (z > 0.3 * zb0) & (z < 0.68 * zb0)
     r = p["pap_r"] * (1 + 0.3 * c)

@@ -33,6 +33,7 @@ class SubjectData:
     frames: dict                # {"ED": 0, "ES": k}
     labels: dict                # {"ED": [...], "ES": [...]} apex -> base
     pool_mm2: np.ndarray        # (P, S) visible LV blood pool area per slice
+    shift: np.ndarray           # (S, 3) breath-hold displacement of the anatomy per slice (mm)
     dicom: dict                 # header variations: slice-location sign, instance order, ...
     anatomy: A.Anatomy
 
@@ -90,8 +91,12 @@ def plan(anat: A.Anatomy, rng: np.random.Generator, matrix_scale: float = 1.0) -
     off = u(-0.07, 0.07, size=2) * ps * np.array([cols, rows])
     centers = anat.apex + heights[:, None] * n + off[0] * r + off[1] * c
     ipp = centers - (cols - 1) / 2 * ps * r - (rows - 1) / 2 * ps * c
+    # Breath-hold mismatch: each slice is acquired in its own breath-hold, so the anatomy shifts
+    # a few mm between slices (mostly head-foot) while the DICOM geometry stays nominal.
+    sd = u(0.5, 2.5)
+    shift = np.clip(rng.normal(size=(S, 3)) * sd * np.array([0.4, 0.4, 1.0]), -2 * sd, 2 * sd)
     return dict(thick=thick, gap=gap, sp=sp, n=n, r=r, c=c, mirrored=mirrored, S=S, rows=rows,
-                cols=cols, ps=ps, ipp=ipp, heights=heights, below=below, above=above)
+                cols=cols, ps=ps, ipp=ipp, heights=heights, below=below, above=above, shift=shift)
 
 
 def _points(acq: dict) -> np.ndarray:
@@ -101,6 +106,8 @@ def _points(acq: dict) -> np.ndarray:
     j = np.arange(W, dtype=np.float32) * ps
     i = np.arange(H, dtype=np.float32) * ps
     base = (acq["ipp"][:, None, :] + d[None, :, None] * acq["n"])            # (S, N_SUB, 3)
+    if "shift" in acq:  # the body moved by `shift` during this slice's breath-hold
+        base = base - acq["shift"][:, None, :]
     plane = i[:, None, None] * acq["c"] + j[None, :, None] * acq["r"]          # (H, W, 3)
     return (base[:, :, None, None, :] + plane[None, None]).astype(np.float32)
 
@@ -184,7 +191,7 @@ def render_subject(seed: int, index: int, matrix_scale: float = 1.0) -> SubjectD
     return SubjectData(subject=f"syn{index:04d}", pixels=pixels, slope=slope, intercept=intercept,
                        ipp=acq["ipp"], iop=iop, pixel_spacing=(acq["ps"], acq["ps"]),
                        thickness=acq["thick"], spacing=acq["sp"], trigger_times=times,
-                       frames={"ED": 0, "ES": k_es}, labels=labels, pool_mm2=pool, dicom=dic,
+                       frames={"ED": 0, "ES": k_es}, labels=labels, pool_mm2=pool, shift=acq["shift"], dicom=dic,
                        anatomy=anat)
 
 
