@@ -176,8 +176,9 @@ def test_synth_command(tmp_path, capsys, monkeypatch):
     import stackcls.phantom.render as R
     orig = R.render_subject
     monkeypatch.setattr(phantom, "render_subject", lambda s, i, m=1.0: orig(s, i, 0.25))
+    from stackcls.cli import main
     out = tmp_path / "cohort"
-    assert phantom.synth_command(subjects=2, out=out, seed=5) == 0
+    assert main(["synth", "--subjects", "2", "--out", str(out), "--seed", "5"]) == 0
     msg = capsys.readouterr().out
     assert "2 subjects" in msg and "OAP" in msg and "IN" in msg
     assert (out / "labels.csv").is_file() and len(list((out / "dicom").iterdir())) == 2
@@ -200,3 +201,5 @@ def test_roundtrip_through_io_reader(small_cohort):
         assert st.orientation_known
         np.testing.assert_allclose(st.images, d.images()[f], rtol=1e-5, atol=1e-3)
         assert st.labels == d.labels[st.phase]
+        np.testing.assert_allclose(np.diff(st.positions), d.spacing, atol=1e-3)   # apex -> base
+        assert st.slice_ids == list(range(st.n_slices))
