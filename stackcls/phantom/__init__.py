@@ -24,7 +24,7 @@ from pathlib import Path
 from stackcls.phantom.render import SubjectData, render_subject
 
 # Bump when the generator's output changes: old caches are then ignored, never reused.
-VERSION = "2"
+VERSION = "3"
 LABEL_COLUMNS = ("subject", "frame", "phase", "slice", "label")
 
 __all__ = ["cohort", "synth_command", "generate", "render_subject", "SubjectData", "VERSION",

@@ -67,7 +67,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
              pap_angles=np.deg2rad([u(120, 160), u(215, 250)]),
              pap_r=u(3.0, 5.0), pap_rho=u(0.45, 0.65))
     # RV wrapped around the septum (ratios keep it a crescent that hugs the LV).
-    p.update(x_rv=a_o * u(0.5, 0.75), rx_rv=a_o * u(1.2, 1.5), ry_rv=a_o * u(0.95, 1.2),
+    p.update(x_rv=a_o * u(0.5, 0.75), rx_rv=a_o * u(1.3, 1.65), ry_rv=a_o * u(1.0, 1.25),
              y_rv=a_o * u(-0.12, 0.1), z_rv_apex=zb0 * u(0.18, 0.35), dz_rv=u(0, 6),
              t_rv=u(2.5, 4.0), s_rv=u(0.7, 0.88) if group != "DCM" else u(0.85, 0.95))
     # Atria and great vessels above the base (heart frame, scaled by the LV size).
@@ -94,7 +94,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     base_c = np.array([u(0, 30), u(-12, 12), 0.0])
     apex = base_c + zb0 * udir
     ax_b, ay_b = u(140, 185), u(95, 125)
-    p.update(ax=ax_b, subcut=u(5, 18), wall_mm=u(8, 15))
+    p.update(ax=ax_b, subcut=u(4, 15), wall_mm=u(8, 15))
     # Make sure the heart (RV anterior extent included) fits inside the chest wall.
     front = min(apex[1], base_c[1] - 1.4 * a_o - 10 * abs(e2[1]))
     ay_b = max(ay_b, -front + p["subcut"] + p["wall_mm"] + u(5, 20))
@@ -192,7 +192,7 @@ def heart_static(anat: Anatomy, h: np.ndarray) -> dict:
     q_ao = _tube(x, y, z, p["ao_p"] + np.array([0.0, 0.0, zb0]), p["ao_d"], p["ao_r"], 110.0)
     q_pa = _tube(x, y, z, p["pa_p"] + np.array([0.0, 0.0, zb0]), p["pa_d"], p["pa_r"], 70.0)
     t = anat.trab_waves
-    trab = sum(np.cos(x * t[i, 0] + y * t[i, 1] + z * t[i, 2] + t[i, 3]) for i in range(3)) > 1.0
+    trab = sum(np.cos(x * t[i, 0] + y * t[i, 1] + z * t[i, 2] + t[i, 3]) for i in range(3)) > 1.3
     return dict(fat=field > p["fat_level"], q_ao=q_ao, q_pa=q_pa, trab=trab)
 
 
@@ -286,7 +286,7 @@ def _lower(anat, s, c, h, z, lab, fat, trab):
     cavity = (rho_i < 1) & below
     lab[cavity] = LV_BLOOD
     # Apical trabeculae: fine dark strands along the endocardium of the apical half.
-    lab[cavity & trab & (rho_i > 0.7) & (z < 0.55 * zb0)] = PAPILLARY
+    lab[cavity & trab & (rho_i > 0.8) & (z < 0.45 * zb0)] = PAPILLARY
     # Papillary muscles: two columns in the mid cavity, thicker at end-systole.
     zc_ok = cavity & (z > 0.3 * zb0) & (z < 0.68 * zb0)
     r = p["pap_r"] * (1 + 0.3 * c)

@@ -87,7 +87,7 @@ def plan(anat: A.Anatomy, rng: np.random.Generator, matrix_scale: float = 1.0) -
     # FOV / matrix.
     rows = int(rng.choice([112, 128, 128, 144, 144, 160, 176]) * matrix_scale) // 8 * 8
     cols = rows if rng.random() < 0.5 else int(rows * u(0.75, 0.95)) // 8 * 8
-    ps = round(u(1.6, 2.3) / matrix_scale, 3)
+    ps = round(u(1.4, 2.1) / matrix_scale, 3)
     off = u(-0.07, 0.07, size=2) * ps * np.array([cols, rows])
     centers = anat.apex + heights[:, None] * n + off[0] * r + off[1] * c
     ipp = centers - (cols - 1) / 2 * ps * r - (rows - 1) / 2 * ps * c
