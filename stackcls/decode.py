@@ -106,3 +106,16 @@ def brute_force_decode(log_probs: np.ndarray) -> tuple[np.ndarray, float]:
             if tot > best:
                 best, arg = tot, lab
     return arg, float(best)
+
+
+def decode_many(log_probs_list) -> list[np.ndarray]:
+    """Ordered labels (S_i,) int32 for a list of per-stack log-score tables (S_i, 3): one padded call."""
+    if not len(log_probs_list):
+        return []
+    lengths = np.array([len(t) for t in log_probs_list], np.int32)
+    S = max(16, -(-int(lengths.max()) // 16) * 16)             # bucketed: few compiles
+    batch = np.zeros((len(lengths), S, 3), np.float32)
+    for b, t in enumerate(log_probs_list):
+        batch[b, :lengths[b]] = t
+    labels = np.asarray(_decode_batch(jnp.asarray(batch), jnp.asarray(lengths))[0])
+    return [labels[b, :lengths[b]] for b in range(len(lengths))]

@@ -7,6 +7,9 @@ API (what `experiments.run` calls; features come from the trained single-slice c
                               subjects: list[str], *, seed=0, protocol=None) -> StackModel
     model.scores(features (S, D)) -> log-probs (S, 3) np.float32       (apex -> base as given)
     model.scores_many(list of (S_i, D)) -> list of (S_i, 3)            (one padded jitted call)
+    probs, labels = model.predict_many(list of (S_i, D))                # per stack: (S_i, 3) probs and
+                                                                        # ordered labels (S_i,) int
+    # slice_ordered rows: stackcls.decode.decode_many([np.log(p) for p in per_stack_probs])
     model.info  # dict: selected lr/epochs, CV curves, timing (JSON-able)
     save_stack_model(path, model); load_stack_model(path) -> StackModel  (orbax + config.json)
 
@@ -49,13 +52,15 @@ PROB_FLOOR = 1e-6          # probabilities are clipped here before the log (slic
 DEFAULT_PROTOCOL = dict(
     hidden=64,              # GRU width per direction
     dropout=0.2,
-    epochs=300,             # maximum; the CV picks the count
-    learning_rates=(3e-3, 1e-3),
+    epochs=200,             # maximum; the CV picks the count
+    learning_rates=(1e-2, 3e-3),
     weight_decay=1e-4,
     folds=5,
     reverse_prob=0.5,       # random reversals during training
     feature_noise=0.1,      # Gaussian noise on standardised features while training (regulariser)
 )
+# For protocol=quick runs on a CPU: the same pipeline at a reduced scale.
+QUICK_PROTOCOL = dict(hidden=32, epochs=100, folds=3, learning_rates=(1e-2,))
 
 
 class Stat(nnx.Variable):
@@ -159,6 +164,12 @@ class StackModel:
         x, n = pad(feats, bucket(max(len(f) for f in feats)))
         lp = np.asarray(self.log_probs_padded(x, n))
         return [lp[b, :n[b]] for b in range(len(n))]
+
+    def predict_many(self, features: Sequence[np.ndarray]):
+        """(probabilities list of (S_i, 3), ordered labels list of (S_i,) int32), apex -> base as given."""
+        from stackcls.decode import decode_many
+        lps = self.scores_many(features)
+        return [np.exp(lp) for lp in lps], decode_many(lps)
 
 
 def _patient_folds(subjects, k, seed):
@@ -290,8 +301,11 @@ def train_stack_model(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
         info["cv"] = None
     info["selected"] = dict(learning_rate=sel_lr, epochs=sel_epochs)
     t1 = time.perf_counter()
-    # the final run reuses the compiled CV trainer (same number of runs, steps past sel_epochs idle);
-    # only run 0 matters, the others are the same run (identical inputs)
+    # the final run reuses the compiled CV trainer when that is cheap (same number of runs, steps past
+    # sel_epochs idle; only run 0 matters, the others repeat it); with many runs a one-run trainer
+    # (one more compile) costs less than repeating the run R times
+    if R > 3:
+        R, train = 1, _make_trainer(graphdef, sel_epochs, p)
     ones = jnp.ones((R, len(feats)), jnp.float32)
     fparams, (ftl, _, _) = train(params, stats, x, y, n, ones, ones, jnp.full((R,), sel_lr, jnp.float32),
                                  jnp.stack([jax.random.fold_in(key, 2)] * R), jnp.full((R,), sel_epochs, jnp.int32))

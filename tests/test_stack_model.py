@@ -35,19 +35,26 @@ def test_padding_never_reaches_valid_slices():
 
 def test_stack_head_beats_single_slice_and_records_cv(trained):
     from sklearn.linear_model import LogisticRegression
+    from stackcls.decode import decode_many
+    from stackcls.metrics import boundary_mae, exact_range_rate, soft_accuracy
     f, y, _ = synthetic_feature_stacks(60, seed=0)
     ft, yt, _ = synthetic_feature_stacks(60, seed=1)
     base = LogisticRegression(max_iter=500).fit(np.concatenate(f), np.concatenate(y))
-    exact = np.zeros(3)
-    for fi, yi in zip(ft, yt):
-        lp = base.predict_log_proba(fi)
-        preds = (lp.argmax(1), np.asarray(ordered_decode(lp)["labels"]),
-                 np.asarray(ordered_decode(trained.scores(fi))["labels"]))
-        exact += [in_range(p) == in_range(yi) for p in preds]
-    exact /= len(ft)
-    # slice argmax < slice_ordered <= stack (measured: about 0.6 / 0.75 / 0.8)
-    assert exact[2] > exact[0] + 0.1, exact
-    assert exact[2] >= exact[1] - 0.05, exact
+    lp = [base.predict_log_proba(fi) for fi in ft]
+    y_true = np.concatenate(yt)
+    stack_index = np.concatenate([[i] * len(v) for i, v in enumerate(yt)])
+    preds = dict(slice=np.concatenate([p.argmax(1) for p in lp]),
+                 slice_ordered=np.concatenate(decode_many(lp)),
+                 stack=np.concatenate(trained.predict_many(ft)[1]))
+    # decode_many agrees with the single-stack decoder
+    np.testing.assert_array_equal(decode_many(lp)[3], np.asarray(ordered_decode(lp[3])["labels"]))
+    m = {k: (exact_range_rate(y_true, v, stack_index), boundary_mae(y_true, v, stack_index),
+             soft_accuracy(y_true, v, stack_index)) for k, v in preds.items()}
+    # measured: exact range 0.63 / 0.77 / 0.82, boundary MAE 0.29 / 0.13 / 0.10 (slice / ordered / stack)
+    assert m["stack"][0] > m["slice"][0] + 0.1, m
+    assert m["stack"][0] >= m["slice_ordered"][0] - 0.05, m
+    assert m["stack"][1] < m["slice"][1], m
+    assert m["stack"][2] >= m["slice"][2] - 0.01, m
     info = trained.info
     assert info["cv"]["folds"] == 2 and 1 <= info["selected"]["epochs"] <= PROTO["epochs"]
     assert len(info["cv"]["val_accuracy"][0]) == PROTO["epochs"]
