@@ -237,25 +237,37 @@ _CACHE: dict = {}
 
 
 def _compiled(model, mode: str):
+    """The per-model, per-mode runner: x -> outputs of `_core`, one compiled call per input shape.
+
+    The function is traced once per shape with `make_jaxpr`, and the arrays it closes over (the
+    model's weights) become arguments of the jitted evaluation instead of constants baked into the
+    program (a closed-over VGG16 would otherwise be copied into the HLO and slow compilation)."""
     key = (id(model), mode)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
     fn = _core(model, mode)
-    jitted = jax.jit(fn)
-    traceable = [True]
+    per_shape: dict = {}
 
     def run(x):
-        # one compiled call when slice_outputs is traceable; else its own (jitted) call plus ours
-        if traceable[0]:
+        x = jnp.asarray(x)
+        k = (x.shape, str(x.dtype))
+        if k not in per_shape:
             try:
-                return jitted(x)
+                closed, shapes = jax.make_jaxpr(fn, return_shape=True)(x)
             except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                     jax.errors.TracerBoolConversionError):
-                traceable[0] = False
-        return fn(x)
+                per_shape[k] = None             # slice_outputs is not traceable: run it eagerly
+            else:
+                jaxpr, tree = closed.jaxpr, jax.tree.structure(shapes)
+                jitted = jax.jit(lambda consts, x: jax.tree.unflatten(tree, jax.core.eval_jaxpr(jaxpr, consts, x)))
+                per_shape[k] = (jitted, closed.consts)
+        entry = per_shape[k]
+        if entry is None:
+            return fn(x)
+        return entry[0](entry[1], x)
 
-    run.jitted = jitted
+    run.per_shape = per_shape
     _CACHE[key] = (model, run)
     return run
 

@@ -120,7 +120,9 @@ def test_sixteen_slices_one_compiled_call(model):
     for _ in range(3):
         predict_stack(toy_stack(rng, S=16)[0], m, orientation="unknown")
     assert m.traces == n                                  # no re-tracing: the whole stack ran compiled
-    assert _compiled(m, "stack").jitted._cache_size() == 1
+    (entry,) = _compiled(m, "stack").per_shape.values()
+    assert entry[0]._cache_size() == 1                   # one executable for the 16-slice shape
+    assert len(entry[1]) >= 1                             # the weights travel as arguments
 
 
 def test_clear_errors(model):
@@ -227,3 +229,4 @@ def test_predict_command(model, cohort2, tmp_path, capsys):
     assert len(first["labels"]) == len(first["probabilities"]) == len(first["sources"])
     assert out_png.stat().st_size > 10_000
     assert predict_command(tmp_path / "missing", model) == 2
+
