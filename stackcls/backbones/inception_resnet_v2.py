@@ -18,7 +18,7 @@ from flax import nnx
 
 from stackcls.backbones import layers as L
 from stackcls.backbones.base import Backbone, BackboneSpec, Block
-from stackcls.backbones.inception_v3 import _Names, avg_pool_3x3_same, concat, max_pool_3x3_s2, relu
+from stackcls.backbones.inception_v3 import _Names, concat, max_pool_3x3_s2, parallel_1x1, relu
 from stackcls.backbones.keras_graph import Sym, apply, call, keras_order
 
 INPUT_SIZE = 299
@@ -59,9 +59,20 @@ class Branch(nnx.Module):
         self.out_ch = in_ch
 
     def __call__(self, x, train=False):
-        for c in self.convs:
+        return self.tail(self.convs[0](x, train), train)
+
+    def tail(self, x, train=False):
+        """All convs but the first (which parallel_1x1 may have run)."""
+        for c in self.convs[1:]:
             x = c(x, train)
         return x
+
+
+def run_branches(x, branches, pool_branch=None, train=False):
+    """Branches on the same input whose first convs are 1x1: those run as one convolution
+    (parallel_1x1; `pool_branch` is the avgpool-1x1 branch)."""
+    heads = parallel_1x1(x, [b.convs[0] for b in branches], pool_branch, train)
+    return [b.tail(h, train) for b, h in zip(branches, heads)] + heads[len(branches):]
 
 
 class Mixed5b(nnx.Module):
@@ -75,8 +86,8 @@ class Mixed5b(nnx.Module):
         self.out_ch = 96 + 64 + 96 + 64
 
     def __call__(self, x, train=False):
-        return concat([self.branch_0(x, train), self.branch_1(x, train), self.branch_2(x, train),
-                       self.branch_pool(avg_pool_3x3_same(x), train)])
+        return concat(run_branches(x, [self.branch_0, self.branch_1, self.branch_2],
+                                   self.branch_pool.convs[0], train))
 
 
 class Reduction(nnx.Module):
@@ -85,9 +96,14 @@ class Reduction(nnx.Module):
     def __init__(self, names, in_ch, branches, *, rngs):
         self.branches = nnx.List([Branch(names, in_ch, b, rngs=rngs) for b in branches])
         self.out_ch = sum(b.out_ch for b in self.branches) + in_ch
+        self.lead_1x1 = all(b[0][1] == 1 for b in branches)  # mixed_7a, not mixed_6a
 
     def __call__(self, x, train=False):
-        return concat([b(x, train) for b in self.branches] + [max_pool_3x3_s2(x)])
+        if self.lead_1x1:
+            outs = run_branches(x, list(self.branches), train=train)
+        else:
+            outs = [b(x, train) for b in self.branches]
+        return concat(outs + [max_pool_3x3_s2(x)])
 
 
 _BRANCHES = {
@@ -111,7 +127,7 @@ class InceptionResNetBlock(nnx.Module):
         self.activation = activation
 
     def __call__(self, x, train=False):
-        mixed = concat([b(x, train) for b in self.branches])
+        mixed = concat(run_branches(x, list(self.branches), train=train))
         x = scale_add(x, call(self.conv, mixed), self.scale)
         return relu(x) if self.activation else x
 

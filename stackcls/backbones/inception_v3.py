@@ -67,6 +67,34 @@ class ConvBN(nnx.Module):
         return relu(x)
 
 
+FUSE_1X1 = True  # False: run every branch literally (for benchmarks and debugging)
+
+
+def parallel_1x1(x, convbns, pool_branch=None, train=False):
+    """[c(x) for c in convbns] (+ pool_branch(avg_pool_3x3_same(x))) for 1x1 stride-1 ConvBNs.
+
+    Computed as ONE 1x1 convolution with the kernels concatenated: the same dot products, one
+    pass over x and one larger matrix product instead of several small ones. The pool branch
+    joins it because a 3x3 average pool and a 1x1 convolution are both linear and commute
+    (BatchNorm comes after both), so only the branch's own channels are pooled.
+    """
+    if isinstance(x, Sym) or not FUSE_1X1:
+        out = [c(x, train) for c in convbns]
+        return out + ([pool_branch(avg_pool_3x3_same(x), train)] if pool_branch else [])
+    allc = list(convbns) + ([pool_branch] if pool_branch else [])
+    kernels = [c.conv.kernel[...] for c in allc]
+    assert all(k.shape[:2] == (1, 1) for k in kernels) and all(c.conv.strides == (1, 1) for c in allc)
+    k = jnp.concatenate(kernels, axis=-1)[0, 0]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), k).reshape(*x.shape[:-1], k.shape[-1])
+    ys, start = [], 0
+    for kk in kernels:
+        ys.append(y[..., start:start + kk.shape[-1]])
+        start += kk.shape[-1]
+    if pool_branch:
+        ys[-1] = L.avg_pool(ys[-1], 3, 1, "same")
+    return [jax.nn.relu(c.bn(yi, train)) for c, yi in zip(allc, ys)]
+
+
 class InceptionA(nnx.Module):
     """mixed0..mixed2: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
 
@@ -81,11 +109,10 @@ class InceptionA(nnx.Module):
         self.out_ch = 64 + 64 + 96 + pool_filters
 
     def __call__(self, x, train=False):
-        b1 = self.branch1x1(x, train)
-        b5 = self.branch5x5_2(self.branch5x5_1(x, train), train)
-        b3 = self.branch3x3dbl_1(x, train)
+        b1, b5, b3, bp = parallel_1x1(x, [self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1],
+                                      self.branch_pool, train)
+        b5 = self.branch5x5_2(b5, train)
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(b3, train), train)
-        bp = self.branch_pool(avg_pool_3x3_same(x), train)
         return concat([b1, b5, b3, bp])
 
 
@@ -123,13 +150,11 @@ class InceptionC(nnx.Module):
         self.out_ch = 4 * 192
 
     def __call__(self, x, train=False):
-        b1 = self.branch1x1(x, train)
-        b7 = self.branch7x7_1(x, train)
+        b1, b7, bd, bp = parallel_1x1(x, [self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1],
+                                      self.branch_pool, train)
         b7 = self.branch7x7_3(self.branch7x7_2(b7, train), train)
-        bd = self.branch7x7dbl_1(x, train)
         bd = self.branch7x7dbl_3(self.branch7x7dbl_2(bd, train), train)
         bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd, train), train)
-        bp = self.branch_pool(avg_pool_3x3_same(x), train)
         return concat([b1, b7, bd, bp])
 
 
@@ -146,9 +171,9 @@ class ReductionB(nnx.Module):
         self.out_ch = 320 + 192 + in_ch
 
     def __call__(self, x, train=False):
-        b3 = self.branch3x3_2(self.branch3x3_1(x, train), train)
-        b7 = self.branch7x7x3_2(self.branch7x7x3_1(x, train), train)
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(b7, train), train)
+        b3, b7 = parallel_1x1(x, [self.branch3x3_1, self.branch7x7x3_1], train=train)
+        b3 = self.branch3x3_2(b3, train)
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(b7, train), train), train)
         return concat([b3, b7, max_pool_3x3_s2(x)])
 
 
@@ -168,12 +193,11 @@ class InceptionE(nnx.Module):
         self.out_ch = 320 + 768 + 768 + 192
 
     def __call__(self, x, train=False):
-        b1 = self.branch1x1(x, train)
-        b3 = self.branch3x3(x, train)
+        b1, b3, bd, bp = parallel_1x1(x, [self.branch1x1, self.branch3x3, self.branch3x3dbl],
+                                      self.branch_pool, train)
         b3 = concat([self.branch3x3_1(b3, train), self.branch3x3_2(b3, train)])  # mixed9_i
-        bd = self.branch3x3dbl_0(self.branch3x3dbl(x, train), train)
+        bd = self.branch3x3dbl_0(bd, train)
         bd = concat([self.branch3x3dbl_1(bd, train), self.branch3x3dbl_2(bd, train)])
-        bp = self.branch_pool(avg_pool_3x3_same(x), train)
         return concat([b1, b3, bd, bp])
 
 
