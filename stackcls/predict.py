@@ -268,6 +268,8 @@ def _compiled(model, mode: str):
         return entry[0](entry[1], x)
 
     run.per_shape = per_shape
+    while len(_CACHE) >= 8:                     # keep a few models' executables, not all ever seen
+        _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = (model, run)
     return run
 
@@ -399,6 +401,13 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
         m = _as_model(model)
     except Exception as e:  # noqa: BLE001 - report any loading failure as a message, not a trace
         print(f"error: cannot load model {model}: {e}", file=sys.stderr)
+        return 2
+    if mode not in MODES:
+        print(f"error: mode must be one of {MODES}, got {mode!r}", file=sys.stderr)
+        return 2
+    if mode == "stack" and getattr(m, "stack_head", None) is None:
+        print(f"error: model {model} has no stack head (trained without one); use --mode slice_ordered",
+              file=sys.stderr)
         return 2
     res = scan(path)
     for p, why in res.skipped:

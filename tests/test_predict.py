@@ -229,4 +229,7 @@ def test_predict_command(model, cohort2, tmp_path, capsys):
     assert len(first["labels"]) == len(first["probabilities"]) == len(first["sources"])
     assert out_png.stat().st_size > 10_000
     assert predict_command(tmp_path / "missing", model) == 2
+    assert predict_command(root / "dicom", ToyModel(), mode="stack") == 2       # no stack head
+    assert "no stack head" in capsys.readouterr().err
+
 
