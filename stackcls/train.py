@@ -425,3 +425,123 @@ def select(curves: dict[float, np.ndarray], losses: dict[float, np.ndarray] | No
             if best is None or cand < best[0]:
                 best = (cand, float(lr), e + 1)
     return best[1], best[2]
+
+
+# ----------------------------------------------------------------------------- one setting, resumable
+
+def _job_file(out_dir, job: Job):
+    from pathlib import Path
+
+    return Path(out_dir) / "cv" / (job.name.replace("/", "_") + ".npz")
+
+
+def _save_job(path, job: Job, r: JobResult, seconds: float) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, train_loss=r.train_loss, val_loss=r.val_loss, val_acc=r.val_acc,
+             val_probs=r.val_probs, val_pen=r.val_pen, val=job.val, lr=job.lr, seconds=seconds)
+    os.replace(tmp, path)
+
+
+def _load_job(path) -> tuple[JobResult, float]:
+    z = np.load(path)
+    return (JobResult(z["train_loss"], z["val_loss"], z["val_acc"], z["val_probs"], z["val_pen"]),
+            float(z["seconds"]))
+
+
+def run_setting(name: str, model: Classifier, pool: Pool, subjects: np.ndarray, *, lrs, epochs: int,
+                folds: int = 5, oversample_factor: int = 6, seed: int = 0, out_dir=None,
+                vmapped: bool = True, batch_size: int = 32, decay: float = 1e-6,
+                fold_init: Callable[[int], nnx.State] | None = None, final_init=None,
+                save_config: dict | None = None, fail_after_jobs: int | None = None) -> dict:
+    """Cross-validate (folds x lrs), select (lr, epochs), train the final model; resumable.
+
+    pool/subjects: every training-set slice (subjects (N,) gives the patient of each). Each CV job
+    is saved to out_dir/cv as soon as its group finishes; the final model to out_dir/final. A rerun
+    with the same arguments loads what is done and trains the rest. fold_init(f) / final_init:
+    initial trainable states (depth 1 starts from depth-0 models). fail_after_jobs: raise after that
+    many newly trained jobs (tests simulate an interrupted run with it).
+
+    Returns dict(selected=dict(learning_rate, epochs), curves={lr: dict(train_loss, val_loss,
+    val_acc) each (folds, E)}, model (final Classifier), oof_probs (N, 3), oof_pen (N, 256),
+    folds, timing=dict(cv_seconds, final_seconds), trainer).
+    """
+    import time
+    from pathlib import Path
+
+    from stackcls.checkpoint import is_saved, restore_model, save_model
+    from stackcls.preprocess import patient_folds
+
+    out_dir = Path(out_dir)
+    y = np.asarray(pool.y)
+    fold_idx = patient_folds(subjects, k=folds, seed=seed)
+    jobs = fold_jobs(name, lrs, fold_idx, y, oversample_factor, seed)
+    fold_of = {j.name: i % folds for i, j in enumerate(jobs)}
+    trainer = Trainer(model, pool, batch_size=batch_size, decay=decay)
+    shape = (max(len(j.items) for j in jobs), max(len(j.val) for j in jobs))
+    done: dict[str, tuple[JobResult, float]] = {}
+    for j in jobs:
+        f = _job_file(out_dir, j)
+        if f.is_file():
+            done[j.name] = _load_job(f)
+    todo = [j for j in jobs if j.name not in done]
+    # groups: one learning rate's folds together when vmapping, else one job at a time
+    groups = ([[j for j in todo if j.lr == lr] for lr in lrs] if vmapped else [[j] for j in todo])
+    trained = 0
+    for g in [g for g in groups if g]:
+        t0 = time.perf_counter()
+        init = [fold_init(fold_of[j.name]) for j in g] if fold_init is not None else None
+        res = trainer.run(g, epochs, seed, init=init, vmapped=vmapped,
+                          desc=f"{name} lr={g[0].lr:g} ({len(g)} job{'s' if len(g) > 1 else ''})",
+                          _shape=shape)
+        dt = (time.perf_counter() - t0) / len(g)
+        for j, r in zip(g, res):
+            _save_job(_job_file(out_dir, j), j, r, dt)
+            done[j.name] = (r, dt)
+            trained += 1
+            if fail_after_jobs is not None and trained >= fail_after_jobs:
+                raise KeyboardInterrupt(f"{name}: stopped after {trained} job(s) (simulated)")
+    curves = {}
+    for lr in lrs:
+        rs = [done[j.name][0] for j in jobs if j.lr == lr]
+        curves[float(lr)] = {k: np.stack([getattr(r, k) for r in rs])
+                             for k in ("train_loss", "val_loss", "val_acc")}
+    sel_lr, sel_epochs = select({lr: c["val_acc"] for lr, c in curves.items()},
+                                {lr: c["val_loss"] for lr, c in curves.items()})
+    cv_seconds = float(sum(s for _, s in done.values()))
+    # out-of-fold outputs of the selected (lr, epochs): every training slice predicted by the model
+    # of the fold that did not see it (inputs for the stack head)
+    N = len(y)
+    oof_probs = np.full((N, 3), np.nan, np.float32)
+    oof_pen = None
+    for j in jobs:
+        if j.lr != sel_lr:
+            continue
+        r = done[j.name][0]
+        oof_probs[j.val] = r.val_probs[sel_epochs - 1]
+        pen = r.val_pen[sel_epochs - 1].astype(np.float32)
+        if oof_pen is None:
+            oof_pen = np.full((N, pen.shape[-1]), np.nan, np.float32)
+        oof_pen[j.val] = pen
+    final_dir = out_dir / "final"
+    if is_saved(final_dir):
+        final_model, cfg = restore_model(final_dir)
+        final_seconds = float(cfg.get("train_seconds", 0.0))
+    else:
+        t0 = time.perf_counter()
+        fj = final_job(name, sel_lr, y, oversample_factor, seed)
+        r = trainer.run([fj], sel_epochs, seed, init=None if final_init is None else [final_init],
+                        desc=f"{name} final (lr={sel_lr:g}, {sel_epochs} epochs)", keep_state=True)[0]
+        final_model = trainer.apply(model, r)
+        final_seconds = time.perf_counter() - t0
+        save_model(final_dir, final_model, {**(save_config or {}), "setting": name,
+                                            "learning_rate": sel_lr, "epochs": sel_epochs,
+                                            "train_seconds": final_seconds,
+                                            "final_train_loss": r.train_loss.tolist()})
+    return dict(selected=dict(learning_rate=sel_lr, epochs=sel_epochs), curves=curves,
+                model=final_model, oof_probs=oof_probs, oof_pen=oof_pen, folds=fold_idx,
+                jobs=jobs, results={k: v[0] for k, v in done.items()},
+                timing=dict(cv_seconds=cv_seconds, final_seconds=float(final_seconds)),
+                trainer=trainer)
