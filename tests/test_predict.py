@@ -193,6 +193,8 @@ def test_folder_errors_and_phase(model, cohort2, tmp_path):
         predict_stack(subject_dir, model, mode="slice")
     p = predict_stack(subject_dir, model, mode="slice", phase="ES")
     assert p.phase == "ES" and len(p.labels) == ed[0].n_slices
+    with pytest.raises(ValueError, match="single-slice"):                  # one DICOM file
+        predict_stack([ed[0].sources[3]], model, mode="slice")
 
 
 @files_test
@@ -233,3 +235,43 @@ def test_predict_command(model, cohort2, tmp_path, capsys):
     assert "no stack head" in capsys.readouterr().err
 
 
+
+# ----------------------------------------------------------------------------- checkpoint round trip
+
+@files_test
+def test_round_trip_from_run_checkpoint(cohort2, tmp_path, BB="mobilenet", SIZE=32):
+    """A run directory as experiments.run writes it (depth0/final + depth0/stack), loaded by path."""
+    ckpt = pytest.importorskip("stackcls.checkpoint")
+    from flax import nnx
+
+    import stackcls
+    from stackcls import backbones
+    from stackcls.cli import main
+    from stackcls.models import build_classifier
+    from stackcls.stack_model import StackHead, StackModel, save_stack_model
+
+    root, stacks = cohort2
+    clf = build_classifier(backbones.create(BB, weights=None, input_size=SIZE), SIZE)
+    run = tmp_path / "run"
+    ckpt.save_model(run / "depth0" / "final", clf, dict(backbone=BB, input_size=SIZE))
+    head = StackModel(StackHead(259, 8, rngs=nnx.Rngs(1)), dict(in_features=259, hidden=8, dropout=0.2))
+    save_stack_model(run / "depth0" / "stack", head)
+    in_memory = ckpt.TrainedModel(clf, dict(backbone=BB, input_size=SIZE), head)
+
+    loaded = stackcls.load_model(run)
+    assert loaded.stack_head is not None
+    st = stacks[0]
+    a = stackcls.predict_stack(st, str(run), mode="stack")          # the run directory, by path
+    for mode in ("stack", "slice_ordered"):
+        b = stackcls.predict_stack(st, in_memory, mode=mode)
+        c = stackcls.predict_stack(st, loaded, mode=mode)
+        assert b.labels == c.labels and len(b.labels) == st.n_slices
+        np.testing.assert_allclose(b.probabilities, c.probabilities, atol=1e-5)
+        if mode == "stack":
+            assert a.labels == c.labels
+            np.testing.assert_allclose(a.probabilities, c.probabilities, atol=1e-5)
+            assert not np.allclose(c.probabilities, 1 / 3, atol=1e-3)   # the head really ran
+    out = tmp_path / "p.json"
+    assert main(["predict", str(root / "dicom" / st.subject), "--model", str(run), "--json", str(out)]) == 0
+    blob = json.loads(out.read_text())
+    assert {s["phase"] for s in blob["stacks"]} == {"ED", "ES"} and blob["mode"] == "stack"
