@@ -121,9 +121,15 @@ class Conv2D(KerasLayer):
         self.bias = nnx.Param(_zeros((filters,))) if use_bias else None
 
     def __call__(self, x):
-        y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), self.strides,
-                                         self.padding, rhs_dilation=self.dilation,
-                                         dimension_numbers=_DN)
+        k = self.kernel[...].astype(x.dtype)
+        if k.shape[:2] == (1, 1):
+            # 1x1 conv (any padding: none needed) as a matmul over a strided subsample: same sum,
+            # ~10-20% less CPU time than XLA:CPU's convolution (ResNet50V2 ratio 1.05 -> 1.12).
+            sh, sw = self.strides
+            y = jnp.einsum("nhwc,cf->nhwf", x[:, ::sh, ::sw], k[0, 0])
+        else:
+            y = jax.lax.conv_general_dilated(x, k, self.strides, self.padding,
+                                             rhs_dilation=self.dilation, dimension_numbers=_DN)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
