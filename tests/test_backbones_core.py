@@ -98,14 +98,19 @@ def test_keras_order_survives_split_merge():
     assert g2 == g  # one compiled features() serves every instance of a configuration
 
 
-def test_features_checks_size_and_chunks():
-    m = B.create("mobilenet", weights=None, input_size=64)
+def test_features_checks_size_and_chunks(mobilenet_weights):
+    m = B.create("mobilenet", weights=mobilenet_weights, input_size=64)  # real, non-trivial values
     x = np.random.default_rng(0).uniform(0, 255, (5, 64, 64, 3)).astype("float32")
     full = np.asarray(B.features(m, x))
     assert full.shape == (5, 256) == (5, B.feature_dim(m))
+    assert full.std() > 0.1
     np.testing.assert_allclose(B.features(m, x, batch_size=2), full, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="input_size 64"):
         B.features(m, x[:, :32, :32])
+    # the model's structure is cached per model, its values are read on every call
+    bn = m.block_last.block.pw_bn
+    bn.beta[...] = bn.beta[...] + 100.0  # relu6 saturates: every feature becomes 6
+    np.testing.assert_allclose(B.features(m, x), 6.0, rtol=1e-6)
 
 
 def _cbr_params(kernel, filters):
