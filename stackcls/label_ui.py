@@ -189,10 +189,30 @@ def review_stack(stack: Stack, model, with_cam: bool = True) -> Review:
         rng = (ins[0], ins[-1]) if ins else None
     cams = None
     if with_cam:
-        from stackcls.explain import stack_gradcam
-
         cams = stack_gradcam(model, stack, [CLASS_INDEX[l] for l in labels])
     return Review(probs, labels, rng, cams)
+
+
+def stack_gradcam(model, stack: Stack, classes) -> np.ndarray:
+    """Grad-CAM maps (S, H, W) on the stack's own image grid.
+
+    The model sees the centre crop resized to its input size; the map is resized back onto the
+    crop and left at zero outside it, so it overlays the slice the user looks at.
+    """
+    from PIL import Image
+
+    from stackcls.explain import gradcam
+
+    cams = gradcam(model.model, model.preprocess(stack.images), classes=np.asarray(classes))
+    keep = float(model.config.get("keep", 0.6))
+    S, H, W = stack.images.shape
+    ch, cw = max(1, round(keep * H)), max(1, round(keep * W))
+    top, left = (H - ch) // 2, (W - cw) // 2
+    out = np.zeros((S, H, W), np.float32)
+    for k, cam in enumerate(cams):
+        out[k, top:top + ch, left:left + cw] = np.asarray(
+            Image.fromarray(np.asarray(cam, np.float32)).resize((cw, ch), Image.BILINEAR))
+    return np.clip(out, 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,19 +254,19 @@ class StackView:
         nrows = math.ceil(n / ncols)
         rev = self.review()
         labels = sess.labels_of()
-        # Each slice gets an image row and, in review mode, a thin probability-bar row below it.
-        hr = [1.0, 0.18] * nrows if rev is not None else [1.0] * nrows
-        gs = self.fig.add_gridspec(len(hr), ncols, height_ratios=hr, hspace=0.35, wspace=0.05,
-                                   top=0.88, bottom=0.04, left=0.02, right=0.98)
+        gs = self.fig.add_gridspec(nrows, ncols, hspace=0.45 if rev is not None else 0.25,
+                                   wspace=0.08, top=0.88, bottom=0.06, left=0.03, right=0.98)
         self.axes = []
         for k in range(n):
             r, c = divmod(k, ncols)
-            ax = self.fig.add_subplot(gs[r * (2 if rev else 1), c])
+            ax = self.fig.add_subplot(gs[r, c])
             img = s.images[k]
             lo, hi = np.percentile(img, [2, 98])
             ax.imshow(img, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
             if rev is not None and self.show_cam and rev.cams is not None:
-                ax.imshow(rev.cams[k], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+                # Weak activations stay transparent so the anatomy under them remains readable.
+                cam = np.ma.masked_less(rev.cams[k], 0.15)
+                ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             lab = labels[k]
@@ -263,7 +283,8 @@ class StackView:
                 sp.set_linewidth(width)
             self.axes.append(ax)
             if rev is not None:
-                bx = self.fig.add_subplot(gs[r * 2 + 1, c])
+                # Probability bars just below the slice, as wide as the image.
+                bx = ax.inset_axes([0.0, -0.30, 1.0, 0.26])
                 bx.barh(range(3), rev.probabilities[k], color=[COLORS[c_] for c_ in CLASSES])
                 bx.set_xlim(0, 1)
                 bx.set_yticks(range(3), CLASSES, fontsize=6)

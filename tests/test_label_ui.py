@@ -118,3 +118,52 @@ def test_unreadable_csv_is_reported_and_left_untouched(tmp_path):
     with pytest.raises(ValueError, match="labels.csv"):
         LabelSession(make_stacks(), path)
     assert path.read_text() == garbage
+
+
+# ----------------------------------------------------------------------------- review mode
+
+def tiny_run(tmp_path, size=32):
+    """A run directory as experiments.run writes it, with an untrained mobilenet classifier."""
+    from stackcls import backbones
+    from stackcls.checkpoint import save_model
+    from stackcls.models import build_classifier
+
+    clf = build_classifier(backbones.create("mobilenet", weights=None, input_size=size), size)
+    run = tmp_path / "run"
+    save_model(run / "depth0" / "final", clf, dict(backbone="mobilenet", input_size=size))
+    return run
+
+
+def test_review_figures_render_headless_with_gradcam(tmp_path):
+    import nibabel as nib
+
+    from stackcls.checkpoint import load_model
+    from stackcls.io import load_stacks
+    from stackcls.label_ui import review_command, stack_gradcam
+
+    rng = np.random.default_rng(1)
+    vol = (rng.random((40, 36, 6)) * 200).astype(np.float32)
+    vol[12:28, 10:26, :] += 300.0            # something for the CAM to look at
+    nii = tmp_path / "case01.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), nii)
+    run = tiny_run(tmp_path)
+
+    model = load_model(run)
+    stack = load_stacks(nii)[0]
+    cams = stack_gradcam(model, stack, np.ones(stack.n_slices, int))
+    assert cams.shape == stack.images.shape and 0.0 <= cams.min() and cams.max() <= 1.0
+    # Outside the centre crop the model saw nothing, so the map is zero there.
+    assert cams[:, :3, :].max() == 0.0 and cams[:, :, :3].max() == 0.0
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("subject,frame,phase,slice,label\n"
+                      + "".join(f"{stack.subject},,ED,{k},OBS\n" for k in range(6)))
+    before = labels.read_text()
+    out = tmp_path / "review"
+    assert review_command(nii, model=run, labels=labels, save=out) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [f"{stack.subject}_ED.png", f"{stack.subject}_ED_gradcam.png"]
+    plain = plt.imread(out / pngs[0])
+    cam = plt.imread(out / pngs[1])
+    assert plain.shape == cam.shape and np.abs(plain - cam).max() > 0.1
+    assert labels.read_text() == before      # reviewing never rewrites the user's labels
