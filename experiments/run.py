@@ -266,7 +266,8 @@ def run(cfg) -> dict:
         stack_probs, stack_info = (stack_head(d, tr, te, res["oof_pen"], res["oof_probs"], test_pen,
                                               test_probs, cfg) if oof_ok else (None, None))
         test = evaluate_rows(te, test_probs, stack_probs)
-        np.savez(d / "test_outputs.npz", probs=test_probs, pen=test_pen,
+        np.savez(d / "test_outputs.npz", probs=test_probs, pen=test_pen, y=te["y"],
+                 stack_index=te["stack_index"], slice_index=te["slice_index"],
                  stack_probs=stack_probs if stack_probs is not None else np.zeros((0, 3)))
         rows[setting] = dict(selected=res["selected"], test=test, timing=res["timing"],
                              checkpoint=str((d / "final").relative_to(run_dir)),

@@ -49,6 +49,10 @@ from stackcls.models import Classifier, gap
 STAGES = ("features", "carry", "image")
 
 
+class SimulatedInterrupt(RuntimeError):
+    """Raised by run_setting(fail_after_jobs=n): tests use it to interrupt a run and resume it."""
+
+
 # ----------------------------------------------------------------------------- model splitting
 
 def trainable_filter(stage: str):
@@ -502,7 +506,7 @@ def run_setting(name: str, model: Classifier, pool: Pool, subjects: np.ndarray, 
             done[j.name] = (r, dt)
             trained += 1
             if fail_after_jobs is not None and trained >= fail_after_jobs:
-                raise KeyboardInterrupt(f"{name}: stopped after {trained} job(s) (simulated)")
+                raise SimulatedInterrupt(f"{name}: stopped after {trained} job(s) (simulated)")
     curves = {}
     for lr in lrs:
         rs = [done[j.name][0] for j in jobs if j.lr == lr]
