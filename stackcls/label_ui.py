@@ -255,7 +255,8 @@ class StackView:
         rev = self.review()
         labels = sess.labels_of()
         gs = self.fig.add_gridspec(nrows, ncols, hspace=0.45 if rev is not None else 0.25,
-                                   wspace=0.08, top=0.88, bottom=0.06, left=0.03, right=0.98)
+                                   wspace=0.08, top=0.88, bottom=0.10 if rev is not None else 0.04,
+                                   left=0.03, right=0.98)
         self.axes = []
         for k in range(n):
             r, c = divmod(k, ncols)
@@ -299,7 +300,8 @@ class StackView:
         self.fig.suptitle(head, fontsize=11)
         self.fig.text(0.02, 0.93, self.message or "h: help", fontsize=9, color="#444444")
         if self.show_help:
-            self.fig.text(0.5, 0.5, HELP, ha="center", va="center", family="monospace", fontsize=10,
+            self.fig.text(0.5, 0.5, HELP, ha="center", va="center", multialignment="left",
+                          family="monospace", fontsize=10,
                           bbox=dict(facecolor="white", alpha=0.95, edgecolor="black"))
         self.fig.canvas.draw_idle()
 
