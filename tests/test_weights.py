@@ -17,14 +17,24 @@ from stackcls.backbones.weights import WeightsError, load_keras_weights, read_ke
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
-def write_legacy(path, file_layers, keras2_names=True):
-    """The Keras 2 weights-only layout, written by hand (independent of Keras's writer)."""
+_TO_KERAS1 = {"kernel": "W", "bias": "b", "moving_mean": "running_mean",
+              "moving_variance": "running_std"}
+
+
+def _wname(layer, w, style):
+    if style == "keras1":  # e.g. VGG16's real file: block1_conv1_W_1:0, flat in the layer group
+        return f"{layer}_{_TO_KERAS1.get(w, w)}_1:0"
+    return f"{layer}/{w}:0" if style == "keras2" else f"{layer}/{w}"
+
+
+def write_legacy(path, file_layers, style="keras2"):
+    """The legacy weights-only layout, written by hand (independent of Keras's writer)."""
     with h5py.File(path, "w") as f:
         f.attrs["layer_names"] = np.array([l.name.encode() for l in file_layers])
-        f.attrs["keras_version"] = b"2.0.4"
+        f.attrs["keras_version"] = b"1.2.2" if style == "keras1" else b"2.0.4"
         for l in file_layers:
             g = f.create_group(l.name)
-            names = [f"{l.name}/{w}:0" if keras2_names else f"{l.name}/{w}" for w, _ in l.weights]
+            names = [_wname(l.name, w, style) for w, _ in l.weights]
             g.attrs["weight_names"] = np.array([n.encode() for n in names])
             for n, (_, a) in zip(names, l.weights):
                 g.create_dataset(n, data=a)
@@ -117,9 +127,20 @@ def test_order_matching_with_auto_names(real_layers, tmp_path):
     """Session-dependent names (conv2d_7, ...) are matched by position, like Keras's load_weights."""
     kinds = {"kernel": "conv2d", "depthwise_kernel": "depthwise_conv2d", "gamma": "batch_normalization"}
     renamed = [type(l)(f"{kinds[l.weights[0][0]]}_{i + 40}", l.weights) for i, l in enumerate(real_layers)]
-    p = write_legacy(tmp_path / "auto.h5", renamed, keras2_names=False)
+    p = write_legacy(tmp_path / "auto.h5", renamed, style="keras3")
     m = B.create("mobilenet", weights=p)
     assert np.array_equal(np.asarray(m.conv1.kernel[...]), real_layers[0].weights[0][1])
+
+
+def test_keras1_weight_names(real_layers, tmp_path):
+    p = write_legacy(tmp_path / "k1.h5", real_layers, style="keras1")
+    with h5py.File(p) as f:
+        assert "conv1_bn_running_std_1:0" in f["conv1_bn"]
+    m = B.create("mobilenet", weights=p)
+    vals = _values(m)
+    for l in real_layers:
+        for (_, a), b in zip(l.weights, vals[l.name]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_missing_weight_is_an_error(real_layers, tmp_path):

@@ -3,7 +3,8 @@
 Layouts read:
 - legacy Keras 2 HDF5 (what keras.applications downloads): root attr `layer_names`, each layer
   group has `weight_names` (`conv1/kernel:0`) in storage order; iterate those, not the group keys
-  (HDF5 sorts keys, so `beta` would come before `gamma`).
+  (HDF5 sorts keys, so `beta` would come before `gamma`). Some of those files were written by
+  Keras 1 (VGG16: `block1_conv1_W_1:0`); their names are mapped to Keras 2's.
 - Keras 3 full-model `.h5`: the same under `/model_weights`, names without `:0`.
 - Keras 3 `.weights.h5`: `layers/<class_snake>[_k]/vars/<i>`, the layer's name in the attr
   `name` of `vars`; `k` counts layers of one class in `model.layers` order.
@@ -53,8 +54,20 @@ def _s(v) -> str:
     return v.decode("utf8") if isinstance(v, bytes) else str(v)
 
 
-def _short(weight_name: str) -> str:
-    return weight_name.split("/")[-1].split(":")[0]
+# Keras 1 weight names (still inside files Keras Applications ships, e.g. VGG16's
+# "block1_conv1_W_1:0"), as their Keras 2 equivalents. Keras 1's BatchNorm "running_std" held the
+# variance; Keras 2 and 3 load it as moving_variance unchanged, and so do we.
+_KERAS1 = {"W": "kernel", "b": "bias", "running_mean": "moving_mean",
+           "running_std": "moving_variance"}
+
+
+def _short(weight_name: str, layer_name: str = "") -> str:
+    """'conv1/kernel:0' -> 'kernel'; Keras 1 'block1_conv1_W_1:0' -> 'kernel'."""
+    n = weight_name.split("/")[-1].split(":")[0]
+    if layer_name and n.startswith(layer_name + "_"):
+        n = n[len(layer_name) + 1:]
+    n = re.sub(r"_\d+$", "", n)
+    return _KERAS1.get(n, n)
 
 
 def _read_legacy(group: h5py.Group, path: Path) -> list[FileLayer]:
@@ -66,7 +79,7 @@ def _read_legacy(group: h5py.Group, path: Path) -> list[FileLayer]:
         for wn in wnames:
             if wn not in g:
                 raise WeightsError(f"{path}: layer {lname!r} lists weight {wn!r} but has no such dataset")
-            ws.append((_short(wn), np.asarray(g[wn])))
+            ws.append((_short(wn, lname), np.asarray(g[wn])))
         n_datasets = []
         g.visititems(lambda k, o: n_datasets.append(k) if isinstance(o, h5py.Dataset) else None)
         if len(n_datasets) != len(wnames):
