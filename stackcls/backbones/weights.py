@@ -43,8 +43,10 @@ class FileLayer:
     index: int = 0  # position among layers of that class (.weights.h5)
 
 
+# Names Keras gives unnamed layers (Keras 2/3, and Keras 1 in older files): session-dependent.
 _AUTO_NAME = re.compile(
-    r"^(conv2d|batch_normalization|dense|depthwise_conv2d|separable_conv2d)(_\d+)?$")
+    r"^(conv2d|batch_normalization|dense|depthwise_conv2d|separable_conv2d|convolution2d|"
+    r"batchnormalization|separableconvolution2d)(_\d+)?$")
 
 _KIND = {L.Conv2D: "conv2d", L.BatchNorm: "batch_normalization", L.Dense: "dense",
          L.DepthwiseConv2D: "depthwise_conv2d", L.SeparableConv2D: "separable_conv2d"}
