@@ -67,7 +67,10 @@ class ConvBN(nnx.Module):
         return relu(x)
 
 
-FUSE_1X1 = True  # False: run every branch literally (for benchmarks and debugging)
+# True / False: always / never fuse parallel 1x1 convs; "auto": fuse where the activations
+# outweigh the kernels (the kernels are concatenated on every call, a copy that costs more
+# than it saves on small maps, e.g. mixed9/10 at 8x8 or tiny test inputs).
+FUSE_1X1 = "auto"
 
 
 def parallel_1x1(x, convbns, pool_branch=None, train=False):
@@ -78,7 +81,11 @@ def parallel_1x1(x, convbns, pool_branch=None, train=False):
     joins it because a 3x3 average pool and a 1x1 convolution are both linear and commute
     (BatchNorm comes after both), so only the branch's own channels are pooled.
     """
-    if isinstance(x, Sym) or not FUSE_1X1:
+    n_out = sum(c.conv.kernel.shape[-1] for c in convbns) + (
+        pool_branch.conv.kernel.shape[-1] if pool_branch else 0)
+    fuse = FUSE_1X1 if FUSE_1X1 != "auto" else (
+        not isinstance(x, Sym) and x.shape[0] * x.shape[1] * x.shape[2] >= 4 * n_out)
+    if isinstance(x, Sym) or not fuse:
         out = [c(x, train) for c in convbns]
         return out + ([pool_branch(avg_pool_3x3_same(x), train)] if pool_branch else [])
     allc = list(convbns) + ([pool_branch] if pool_branch else [])
