@@ -7,11 +7,14 @@ import http.server
 import os
 import threading
 
+import numpy as np
+
 import pytest
 
 from stackcls.backbones import download as D
 
-BODY = os.urandom(300_000)
+# Deterministic bytes: pytest-xdist workers must collect the same parametrised ids.
+BODY = np.random.default_rng(0).bytes(300_000)
 MD5 = hashlib.md5(BODY).hexdigest()
 SHA = hashlib.sha256(BODY).hexdigest()
 
