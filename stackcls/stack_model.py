@@ -58,7 +58,12 @@ DEFAULT_PROTOCOL = dict(
     folds=5,
     reverse_prob=0.5,       # random reversals during training
     feature_noise=0.1,      # Gaussian noise on standardised features while training (regulariser)
+    residual=True,          # features end with the classifier's log-probs (slice_features): learn a correction
+    class_weight="none",    # loss weight per class: "balanced" (1/frequency), "sqrt" (its root), "none"
+    select="accuracy",      # CV criterion: "accuracy" (of the ordered decoding), "exact" (stacks labelled
+                            # exactly), "balanced_accuracy", "loss"; ties -> lower validation loss
 )
+SELECT = ("exact", "balanced_accuracy", "accuracy", "loss")
 # For protocol=quick runs on a CPU: the same pipeline at a reduced scale.
 QUICK_PROTOCOL = dict(hidden=32, epochs=100, folds=3, learning_rates=(1e-2,))
 
@@ -77,14 +82,19 @@ def slice_features(penultimate, probs) -> np.ndarray:
 
 
 class StackHead(nnx.Module):
-    def __init__(self, in_features: int, hidden: int = 64, dropout: float = 0.2, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, hidden: int = 64, dropout: float = 0.2, residual: bool = False,
+                 *, rngs: nnx.Rngs):
         self.in_features, self.hidden, self.dropout = in_features, hidden, float(dropout)
+        self.residual = bool(residual)
         self.mean = Stat(jnp.zeros((in_features,), jnp.float32))
         self.std = Stat(jnp.ones((in_features,), jnp.float32))
         self.proj = nnx.Linear(in_features, hidden, rngs=rngs)
         self.gru_fwd = nnx.GRUCell(hidden, hidden, rngs=rngs)
         self.gru_bwd = nnx.GRUCell(hidden, hidden, rngs=rngs)
-        self.out = nnx.Linear(2 * hidden, 3, rngs=rngs)
+        # residual: logits = the classifier's log-probs (last 3 input columns) + a learned correction
+        # that starts at zero, so the untrained head is exactly the single-slice classifier
+        self.out = nnx.Linear(2 * hidden, 3, rngs=rngs,
+                              kernel_init=nnx.initializers.zeros if residual else nnx.initializers.lecun_normal())
 
     def _drop(self, x, key):
         if key is None or self.dropout <= 0:
@@ -111,7 +121,8 @@ class StackHead(nnx.Module):
         rev = reverse_within_length(h, lengths)                # so the backward pass starts at L-1
         bwd = reverse_within_length(self._run(self.gru_bwd, rev), lengths)
         both = self._drop(jnp.concatenate([fwd, bwd], axis=-1), k2)
-        return self.out(both)
+        out = self.out(both)
+        return out + x[..., -3:] if self.residual else out
 
 
 def reverse_within_length(x, lengths):
@@ -189,14 +200,14 @@ def _make_trainer(graphdef, epochs: int, p: dict):
     """A jitted function training len(lrs) runs at once (vmap over runs), returning curves and params."""
     rev_p, noise, wd = float(p["reverse_prob"]), float(p["feature_noise"]), float(p["weight_decay"])
 
-    def one_run(params, stats, x, y, n, w_train, w_val, lr, key, stop):
+    def one_run(params, stats, x, y, n, cw, w_train, w_val, lr, key, stop):
         opt = optax.adamw(lr, weight_decay=wd)
         valid = jnp.arange(x.shape[1])[None, :] < n[:, None]
 
         def loss_fn(params, x, y, w, key):
             logits = nnx.merge(graphdef, params, stats)(x, n, key=key, noise=noise)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
-            m = valid * w[:, None]
+            m = valid * w[:, None] * cw[jnp.maximum(y, 0)]
             return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
 
         def step(carry, inp):
@@ -212,22 +223,46 @@ def _make_trainer(graphdef, epochs: int, p: dict):
             # epoch count (the CV runs and the final run share it)
             upd = jax.tree.map(lambda u: u * (t < stop), upd)
             params = optax.apply_updates(params, upd)
-            # validation (stated direction, no dropout): loss and ordered-decoding accuracy
+            # validation (stated direction, no dropout) of the ordered decoding
             logits = nnx.merge(graphdef, params, stats)(x, n)
             lp = jax.nn.log_softmax(logits, -1)
             ce = -jnp.take_along_axis(lp, jnp.maximum(y, 0)[..., None], -1)[..., 0]
             m = valid * w_val[:, None]
             denom = jnp.maximum(jnp.sum(m), 1.0)
             dec = _decode_batch(lp, n)[0]
-            acc = jnp.sum((dec == y) * m) / denom
-            return (params, opt_state), (loss, jnp.sum(ce * m) / denom, acc)
+            hit = (dec == y) * m
+            n_c = jnp.stack([jnp.sum(m * (y == c)) for c in range(3)])
+            rec = jnp.stack([jnp.sum(hit * (y == c)) for c in range(3)]) / jnp.maximum(n_c, 1.0)
+            present = n_c > 0
+            stack_ok = jnp.all((dec == y) | ~valid, axis=1)
+            curves = dict(train_loss=loss, val_loss=jnp.sum(ce * m) / denom, accuracy=jnp.sum(hit) / denom,
+                          balanced_accuracy=jnp.sum(rec * present) / jnp.maximum(jnp.sum(present), 1),
+                          exact=jnp.sum(stack_ok * w_val) / jnp.maximum(jnp.sum(w_val), 1.0))
+            return (params, opt_state), curves
 
         keys = jax.random.split(key, epochs)
         (params, _), curves = jax.lax.scan(step, (params, opt.init(params)), (keys, jnp.arange(epochs)))
         return params, curves
 
-    runs = jax.vmap(one_run, in_axes=(None, None, None, None, None, 0, 0, 0, 0, 0))
+    runs = jax.vmap(one_run, in_axes=(None, None, None, None, None, None, 0, 0, 0, 0, 0))
     return jax.jit(runs)
+
+
+def class_weights(y: np.ndarray, how) -> jnp.ndarray:
+    """Per-class loss weights (3,) from training label counts, mean weight over slices = 1.
+
+    OAP and OBS are rare (ACDC: ~4 % and ~2 % of slices): unweighted, a head that calls every slice
+    IN is a strong local optimum. "balanced" = 1/frequency (capped at 20x), "sqrt" its square root."""
+    counts = np.bincount(y, minlength=3).astype(np.float64)
+    if how in (None, "none"):
+        w = np.ones(3)
+    else:
+        w = np.where(counts > 0, counts.sum() / (3 * np.maximum(counts, 1)), 1.0)
+        w = np.minimum(w / w.min(), 20.0)
+        if how == "sqrt":
+            w = np.sqrt(w)
+    w = w / (w[y].mean() if len(y) else 1.0)
+    return jnp.asarray(w, jnp.float32)
 
 
 def train_stack_model(features: Sequence[np.ndarray], labels: Sequence[np.ndarray],
@@ -244,6 +279,10 @@ def train_stack_model(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
     unknown = set(p) - set(DEFAULT_PROTOCOL)
     if unknown:
         raise ValueError(f"train_stack_model: unknown protocol keys {sorted(unknown)}; known: {sorted(DEFAULT_PROTOCOL)}")
+    if p["select"] not in SELECT:
+        raise ValueError(f"train_stack_model: select={p['select']!r}, want one of {SELECT}")
+    if p["class_weight"] not in ("balanced", "sqrt", "none", None):
+        raise ValueError(f"train_stack_model: class_weight={p['class_weight']!r}, want 'balanced', 'sqrt' or 'none'")
     if not (len(features) == len(labels) == len(subjects)) or not features:
         raise ValueError(f"train_stack_model: need as many feature arrays, label arrays and subjects "
                          f"(>0), got {len(features)}, {len(labels)}, {len(subjects)}")
@@ -260,7 +299,10 @@ def train_stack_model(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
     x, n = pad(feats)
     y, _ = pad(labs, fill=-1)
     allf = np.concatenate(feats)
-    head = StackHead(D, int(p["hidden"]), float(p["dropout"]), rngs=nnx.Rngs(seed))
+    cw = class_weights(np.concatenate(labs), p["class_weight"])
+    if p["residual"] and D < 3:
+        raise ValueError("train_stack_model: residual=True needs features ending with 3 log-probabilities")
+    head = StackHead(D, int(p["hidden"]), float(p["dropout"]), bool(p["residual"]), rngs=nnx.Rngs(seed))
     head.mean[...] = jnp.asarray(allf.mean(0))
     head.std[...] = jnp.asarray(allf.std(0) + 1e-3)
     graphdef, params, stats = nnx.split(head, nnx.Param, Stat)
@@ -282,19 +324,20 @@ def train_stack_model(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
                 lr_r.append(lr)
         keys = jax.random.split(jax.random.fold_in(key, 1), len(lr_r))
         R = len(lr_r)
-        _, (tl, vl, va_acc) = train(params, stats, x, y, n, jnp.asarray(np.stack(w_tr)),
-                                    jnp.asarray(np.stack(w_va)), jnp.asarray(lr_r, jnp.float32), keys,
-                                    jnp.full((R,), epochs, jnp.int32))
-        vl = np.asarray(vl).reshape(len(lrs), k, epochs).mean(1)
-        va_acc = np.asarray(va_acc).reshape(len(lrs), k, epochs).mean(1)
-        tl = np.asarray(tl).reshape(len(lrs), k, epochs).mean(1)
-        # best mean validation accuracy; among ties (within 1e-9) the lower validation loss
-        cand = np.argwhere(va_acc >= va_acc.max() - 1e-9)
+        _, curves = train(params, stats, x, y, n, cw, jnp.asarray(np.stack(w_tr)),
+                          jnp.asarray(np.stack(w_va)), jnp.asarray(lr_r, jnp.float32), keys,
+                          jnp.full((R,), epochs, jnp.int32))
+        # mean over folds: (n_lrs, epochs) per curve
+        curves = {c: np.asarray(v).reshape(len(lrs), k, epochs).mean(1) for c, v in curves.items()}
+        vl = curves["val_loss"]
+        score = -vl if p["select"] == "loss" else curves[p["select"]]
+        # best mean validation score; among ties (within 1e-9) the lower validation loss
+        cand = np.argwhere(score >= score.max() - 1e-9)
         li, ei = min(cand, key=lambda c: vl[c[0], c[1]])
         sel_lr, sel_epochs = lrs[int(li)], int(ei) + 1
-        info["cv"] = dict(folds=k, learning_rates=lrs, val_accuracy=va_acc.round(5).tolist(),
-                          val_loss=vl.round(5).tolist(), train_loss=tl.round(5).tolist(),
-                          best_val_accuracy=float(va_acc[li, ei]))
+        info["cv"] = dict(folds=k, learning_rates=lrs, select=p["select"],
+                          **{f"val_{c}" if c in SELECT else c: v.round(5).tolist() for c, v in curves.items()},
+                          best={c: float(v[li, ei]) for c, v in curves.items()})
     else:
         sel_lr, sel_epochs = lrs[0], epochs
         R = 1
@@ -307,16 +350,18 @@ def train_stack_model(features: Sequence[np.ndarray], labels: Sequence[np.ndarra
     if R > 3:
         R, train = 1, _make_trainer(graphdef, sel_epochs, p)
     ones = jnp.ones((R, len(feats)), jnp.float32)
-    fparams, (ftl, _, _) = train(params, stats, x, y, n, ones, ones, jnp.full((R,), sel_lr, jnp.float32),
-                                 jnp.stack([jax.random.fold_in(key, 2)] * R), jnp.full((R,), sel_epochs, jnp.int32))
+    fparams, fc = train(params, stats, x, y, n, cw, ones, ones, jnp.full((R,), sel_lr, jnp.float32),
+                        jnp.stack([jax.random.fold_in(key, 2)] * R), jnp.full((R,), sel_epochs, jnp.int32))
     fparams = jax.tree.map(lambda a: a[0], fparams)
     nnx.update(head, fparams)
-    info["final_train_loss"] = float(np.asarray(ftl)[0, sel_epochs - 1])
+    info["class_weights"] = np.asarray(cw).round(4).tolist()
+    info["final_train_loss"] = float(np.asarray(fc["train_loss"])[0, sel_epochs - 1])
     info["timing"] = dict(cv_seconds=round(t1 - t0, 3), final_seconds=round(time.perf_counter() - t1, 3))
     if verbose:
         print(f"stack head: {len(feats)} stacks, {k}-fold CV -> lr {sel_lr:g}, {sel_epochs} epochs "
               f"(cv {info['timing']['cv_seconds']:.1f}s, final {info['timing']['final_seconds']:.1f}s)")
-    config = dict(in_features=D, hidden=int(p["hidden"]), dropout=float(p["dropout"]), features=FEATURES_VERSION)
+    config = dict(in_features=D, hidden=int(p["hidden"]), dropout=float(p["dropout"]),
+                  residual=bool(p["residual"]), features=FEATURES_VERSION)
     return StackModel(head, config, info)
 
 
@@ -347,7 +392,8 @@ def load_stack_model(path) -> StackModel:
         raise FileNotFoundError(f"{path}: not a saved stack model (needs config.json and state/)")
     blob = json.loads(cfg_file.read_text())
     c = blob["config"]
-    abstract = nnx.eval_shape(lambda: StackHead(c["in_features"], c["hidden"], c["dropout"], rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: StackHead(c["in_features"], c["hidden"], c["dropout"],
+                                                c.get("residual", False), rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     state = ocp.StandardCheckpointer().restore(path / "state", abs_state)
     return StackModel(nnx.merge(graphdef, state), c, blob.get("info"))

@@ -8,7 +8,7 @@ from stackcls.decode import best_score, in_range, ordered_decode
 from stackcls.stack_model import (StackHead, StackModel, load_stack_model, pad, save_stack_model,
                                   slice_features, synthetic_feature_stacks, train_stack_model)
 
-PROTO = dict(hidden=16, epochs=120, folds=2, learning_rates=(1e-2,))
+PROTO = dict(hidden=16, epochs=120, folds=2, learning_rates=(1e-2,), residual=False)  # features: no log-probs
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,15 @@ def test_direction_recovered_from_data(trained):
     acc_rev = np.mean([(trained.scores(fi[::-1]).argmax(1)[::-1] == yi).mean() for fi, yi in zip(ft, yt)])
     assert right / len(ft) >= 0.95
     assert acc_rev > 0.85
+
+
+def test_residual_head_starts_as_the_slice_classifier():
+    from flax import nnx
+    rng = np.random.default_rng(3)
+    pen, probs = rng.normal(size=(9, 6)), rng.dirichlet(np.ones(3), size=9)
+    f = slice_features(pen, probs)
+    m = StackModel(StackHead(f.shape[1], 8, residual=True, rngs=nnx.Rngs(0)), dict(in_features=f.shape[1]))
+    np.testing.assert_allclose(np.exp(m.scores(f)), probs, atol=1e-5)   # zero correction at init
 
 
 def test_save_load_round_trip(trained, tmp_path):
