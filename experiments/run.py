@@ -42,8 +42,11 @@ def _plain(cfg) -> dict:
 
 def _identity(cfg: dict) -> dict:
     """The parts of a config that define a run's results (a resumed run must match them)."""
-    keys = ("backbone", "depth", "weights", "seed", "data", "protocol")
-    return {k: cfg.get(k) for k in keys}
+    keys = ("backbone", "depth", "weights", "seed", "data")
+    ident = {k: cfg.get(k) for k in keys}
+    # the stack head's settings are checked where it is saved (changing them retrains only it)
+    ident["protocol"] = {k: v for k, v in cfg["protocol"].items() if k != "stack"}
+    return ident
 
 
 def _check_run_dir(run_dir: Path, cfg: dict) -> None:
@@ -134,6 +137,8 @@ def input_size(cfg: dict) -> int:
 
     spec = backbones.spec(cfg["backbone"])
     want = cfg["protocol"].get("image_size")
+    if isinstance(want, dict):  # per-backbone sizes: {vgg16: 64, default: 96}
+        want = want.get(cfg["backbone"], want.get("default"))
     if want is None:
         return int(spec.input_size)
     want = int(want)
@@ -180,16 +185,21 @@ def evaluate_rows(arrays: dict, probs: np.ndarray, stack_probs: np.ndarray | Non
 
 def stack_head(setting_dir: Path, tr: dict, te: dict, train_pen, train_probs, test_pen, test_probs,
                cfg: dict):
-    """Train (or load) the stack-aware head on out-of-fold outputs of the training stacks; return
-    its per-slice probabilities on the test stacks (None when disabled)."""
+    """Train (or load, when its settings are unchanged) the stack-aware head on the given outputs
+    for the training stacks; return its per-slice probabilities on the test stacks and its info
+    ((None, None) when disabled)."""
     sc = cfg["protocol"].get("stack") or {}
     if not sc.get("enabled", True):
         return None, None
     from stackcls.stack_model import (load_stack_model, save_stack_model, slice_features,
                                       train_stack_model)
 
+    from stackcls.checkpoint import write_json
+
     d = setting_dir / "stack"
-    if (d / "config.json").is_file():
+    want = dict(sc, seed=int(cfg["seed"]))
+    stamp = d / "protocol.json"
+    if (d / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         model = load_stack_model(d)
     else:
         feats, labels, subjects = [], [], []
@@ -197,9 +207,11 @@ def stack_head(setting_dir: Path, tr: dict, te: dict, train_pen, train_probs, te
             feats.append(slice_features(train_pen[g], train_probs[g]))
             labels.append(tr["y"][g])
             subjects.append(str(tr["subject"][g[0]]))
-        proto = {k: (list(v) if k == "learning_rates" else v) for k, v in sc.items() if k != "enabled"}
+        proto = {k: (list(v) if k == "learning_rates" else v) for k, v in sc.items()
+                 if k not in ("enabled", "inputs")}
         model = train_stack_model(feats, labels, subjects, seed=int(cfg["seed"]), protocol=proto)
         save_stack_model(d, model)
+        write_json(stamp, want)
     groups = _groups(te["stack_index"])
     lps = model.scores_many([slice_features(test_pen[g], test_probs[g]) for g in groups])
     out = np.zeros((len(te["y"]), 3), np.float32)
@@ -222,6 +234,10 @@ def run(cfg) -> dict:
 
     cfg = _plain(cfg)
     t_start = time.perf_counter()
+    if not cfg.get("progress", True):
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it
     import logging
 
     for name in ("absl", "orbax", "jax"):  # Hydra's stdout logging would print their INFO lines
@@ -259,12 +275,24 @@ def run(cfg) -> dict:
     V = int(p["views"])
     rows, figs = {}, {}
 
-    def finish(setting, res, test_probs, test_pen):
+    def finish(setting, res, test_probs, test_pen, train_inputs, stage):
         d = run_dir / setting
         N = len(tr["y"])
-        oof_ok = res["oof_pen"] is not None and not np.isnan(res["oof_probs"]).any()
-        stack_probs, stack_info = (stack_head(d, tr, te, res["oof_pen"], res["oof_probs"], test_pen,
-                                              test_probs, cfg) if oof_ok else (None, None))
+        # Inputs of the stack head for the training stacks. "oof": each slice from the CV model
+        # that did not see it (honest probabilities, but five models' feature spaces); "final":
+        # the final model's own outputs (the feature space the head sees at test time, but
+        # in-sample, so more confident than on new data).
+        how = (p.get("stack") or {}).get("inputs", "oof")
+        if how == "final":
+            lo, tr_pen = predict_outputs(res["model"], train_inputs, stage)
+            tr_probs = np.asarray(jax.nn.softmax(lo))
+        elif how == "oof":
+            tr_pen, tr_probs = res["oof_pen"], res["oof_probs"]
+        else:
+            raise ValueError(f"protocol.stack.inputs must be oof or final, got {how!r}")
+        ok = tr_pen is not None and not np.isnan(tr_probs).any()
+        stack_probs, stack_info = (stack_head(d, tr, te, tr_pen, tr_probs, test_pen, test_probs, cfg)
+                                   if ok else (None, None))
         test = evaluate_rows(te, test_probs, stack_probs)
         np.savez(d / "test_outputs.npz", probs=test_probs, pen=test_pen, y=te["y"],
                  stack_index=te["stack_index"], slice_index=te["slice_index"],
@@ -284,7 +312,7 @@ def run(cfg) -> dict:
         res = run_setting("scratch", model, pool, tr["subject"], lrs=p["learning_rates"]["scratch"],
                           out_dir=run_dir / "scratch", vmapped=vmap_conv, **common)
         logits, pen = predict_outputs(res["model"], te["x"], "image")
-        finish("scratch", res, np.asarray(jax.nn.softmax(logits)), pen)
+        finish("scratch", res, np.asarray(jax.nn.softmax(logits)), pen, tr["x"], "image")
         del pool
     else:
         depth = int(cfg["depth"])
@@ -305,7 +333,7 @@ def run(cfg) -> dict:
         res0 = run_setting("depth0", model, pool0, tr["subject"], lrs=p["learning_rates"]["depth0"],
                            out_dir=run_dir / "depth0", vmapped=vmap_head, **common)
         logits, pen = predict_outputs(res0["model"], test_f, "features")
-        finish("depth0", res0, np.asarray(jax.nn.softmax(logits)), pen)
+        finish("depth0", res0, np.asarray(jax.nn.softmax(logits)), pen, clean_f, "features")
         if depth >= 1:
             sel0 = res0["selected"]
             m0 = res0["model"]
@@ -330,7 +358,7 @@ def run(cfg) -> dict:
                                out_dir=run_dir / "depth1", vmapped=vmap_conv, fold_init=fold_init,
                                final_init=split(m0, "carry")[1], **common)
             logits, pen = predict_outputs(res1["model"], test_c, "carry")
-            finish("depth1", res1, np.asarray(jax.nn.softmax(logits)), pen)
+            finish("depth1", res1, np.asarray(jax.nn.softmax(logits)), pen, clean_c, "carry")
 
     results = dict(schema=SCHEMA_VERSION, backbone=name, data=cfg["data"]["name"], weights=weights_desc,
                    protocol=p["name"], seed=seed, input_size=size,
