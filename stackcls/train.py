@@ -47,6 +47,9 @@ from stackcls.augment import random_rotation
 from stackcls.models import Classifier, gap
 
 STAGES = ("features", "carry", "image")
+import os as _os
+
+_USE_COND = _os.environ.get("STACKCLS_TRAIN_COND", "0") == "1"
 
 
 class SimulatedInterrupt(RuntimeError):
@@ -257,9 +260,17 @@ class Trainer:
                     return (trainable, opt, new_stats if per_job_stats else stats, step + 1), loss
 
                 # Steps past this job's epoch are skipped (under vmap, cond becomes a select).
-                (trainable, opt, stats, step), loss = jax.lax.cond(
-                    b < job_batches, do_step, lambda a: (a, jnp.zeros((), jnp.float32)),
-                    (trainable, opt, stats, step))
+                ok = b < job_batches
+                if _USE_COND:
+                    (trainable, opt, stats, step), loss = jax.lax.cond(
+                        ok, do_step, lambda a: (a, jnp.zeros((), jnp.float32)),
+                        (trainable, opt, stats, step))
+                else:
+                    old = (trainable, opt, stats, step)
+                    new, loss = do_step(old)
+                    (trainable, opt, stats, step) = jax.tree.map(
+                        lambda a, o: jnp.where(ok, a, o), new, old)
+                    loss = jnp.where(ok, loss, 0.0)
                 return (trainable, opt, stats, step, loss_sum + loss), None
 
             carry0 = (state["trainable"], state["opt"], state["stats"], state["step"],
@@ -285,6 +296,63 @@ class Trainer:
             new_state = dict(trainable=tr, opt=opt, stats=stats, step=step)
             return new_state, out
 
+        def step_host(carry, b, idx, v, shared, lr, kstep):
+            trainable, opt, stats, step = carry
+            inputs = jax.tree.map(lambda a: a[idx, v], shared["views"])
+            st = stats if per_job_stats else shared["stats"]
+            (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, shared["frozen"], st, shared["rest"], inputs, shared["y"][idx],
+                jax.random.fold_in(kstep, b))
+            updates, opt = tx.update(grads, opt, trainable)
+            lr_t = lr / (1.0 + decay * step.astype(jnp.float32))
+            trainable = jax.tree.map(lambda p, u: p - lr_t * u, trainable, updates)
+            return (trainable, opt, new_stats if per_job_stats else stats, step + 1), loss
+
+        def order_host(data, key, V):
+            kperm, kview, kstep = jax.random.split(key, 3)
+            items, n = data["items"], data["n_items"]
+            M = items.shape[0]
+            r = jax.random.uniform(kperm, (M,)) + (jnp.arange(M) >= n).astype(jnp.float32) * 2.0
+            order = items[jnp.argsort(r)]
+            seq = order[jnp.arange(n_batches * B) % n].reshape(n_batches, B)
+            return seq, jax.random.randint(kview, (n_batches, B), 0, V), kstep
+
+        def predict_host(trainable, stats, shared, ix):
+            st = stats if per_job_stats else shared["stats"]
+            return predict(trainable, shared["frozen"], st, shared["rest"],
+                           jax.tree.map(lambda a: a[ix], shared["clean"]))
+
+        step_j = jax.jit(step_host, donate_argnums=(0,))
+        order_j = jax.jit(order_host, static_argnums=2)
+        pred_j = jax.jit(predict_host)
+
+        def epoch_host(state, data, shared, key):
+            """Same as `epoch`, driven from Python: one jitted call per batch."""
+            V = jax.tree.leaves(shared["views"])[0].shape[1]
+            seq, vsel, kstep = order_j(data, key, V)
+            nb = int(-(-int(data["n_items"]) // B))
+            carry = (state["trainable"], state["opt"], state["stats"], state["step"])
+            losses = []
+            for b in range(nb):
+                carry, loss = step_j(carry, jnp.int32(b), seq[b], vsel[b], shared, data["lr"], kstep)
+                losses.append(loss)
+            tr, opt, stats, step = carry
+            out = dict(train_loss=jnp.mean(jnp.stack(losses)))
+            if has_val:
+                vidx = np.asarray(data["val"]).reshape(-1, C)
+                parts = [pred_j(tr, stats, shared, jnp.asarray(ix)) for ix in vidx]
+                logits = jnp.concatenate([a for a, _ in parts])
+                pen = jnp.concatenate([b_ for _, b_ in parts])
+                yv = shared["y"][data["val"]]
+                w = jnp.asarray(data["val_mask"]).astype(jnp.float32)
+                nv = jnp.maximum(w.sum(), 1.0)
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, yv)
+                out.update(val_loss=(ce * w).sum() / nv,
+                           val_acc=((jnp.argmax(logits, -1) == yv) * w).sum() / nv,
+                           val_probs=jax.nn.softmax(logits), val_pen=pen.astype(jnp.float16))
+            return dict(trainable=tr, opt=opt, stats=stats, step=step), out
+
+        epoch.host = epoch_host
         return epoch
 
     def _compile(self, n_batches, has_val, vmapped):
@@ -292,8 +360,13 @@ class Trainer:
         if k not in self._compiled:
             f = self._epoch_fn(n_batches, has_val)
             if vmapped:
-                f = jax.vmap(f, in_axes=(0, 0, None, 0))
-            self._compiled[k] = jax.jit(f, donate_argnums=(0,))
+                self._compiled[k] = jax.jit(jax.vmap(f, in_axes=(0, 0, None, 0)), donate_argnums=(0,))
+            elif self.stage != "features" and jax.default_backend() == "cpu":
+                # XLA:CPU runs convolutions inside scan/while bodies far slower (~50x measured on
+                # VGG16's block 5) than top-level ones: drive the batches from Python there
+                self._compiled[k] = f.host
+            else:
+                self._compiled[k] = jax.jit(f, donate_argnums=(0,))
         return self._compiled[k]
 
     # -- host driver ---------------------------------------------------------------------
