@@ -235,9 +235,9 @@ def run(cfg) -> dict:
     cfg = _plain(cfg)
     t_start = time.perf_counter()
     if not cfg.get("progress", True):
-        import os
+        from stackcls.progress import set_enabled
 
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it
+        set_enabled(False)
     import logging
 
     for name in ("absl", "orbax", "jax"):  # Hydra's stdout logging would print their INFO lines

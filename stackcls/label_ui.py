@@ -407,7 +407,7 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
         return 0
     save = Path(save)
     save.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
+    from stackcls.progress import bar as tqdm
 
     for i in tqdm(range(len(stacks)), desc="review figures"):
         session.go(i)

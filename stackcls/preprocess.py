@@ -163,7 +163,7 @@ def stack_arrays(stacks: Sequence[Stack], size, keep: float = 0.6, progress: boo
     """
     if len(stacks) == 0:
         raise ValueError("stack_arrays: no stacks given")
-    from tqdm.auto import tqdm
+    from stackcls.progress import bar as tqdm
 
     xs, ys, si, sl, subj = [], [], [], [], []
     it = tqdm(stacks, desc="preprocess", unit="stack", disable=not progress or len(stacks) < 20)

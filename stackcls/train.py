@@ -41,15 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
+from stackcls.progress import bar as tqdm
 
 from stackcls.augment import random_rotation
 from stackcls.models import Classifier, gap
 
 STAGES = ("features", "carry", "image")
-import os as _os
-
-_USE_COND = _os.environ.get("STACKCLS_TRAIN_COND", "0") == "1"
 
 
 class SimulatedInterrupt(RuntimeError):
@@ -261,16 +258,11 @@ class Trainer:
 
                 # Steps past this job's epoch are skipped (under vmap, cond becomes a select).
                 ok = b < job_batches
-                if _USE_COND:
-                    (trainable, opt, stats, step), loss = jax.lax.cond(
-                        ok, do_step, lambda a: (a, jnp.zeros((), jnp.float32)),
-                        (trainable, opt, stats, step))
-                else:
-                    old = (trainable, opt, stats, step)
-                    new, loss = do_step(old)
-                    (trainable, opt, stats, step) = jax.tree.map(
-                        lambda a, o: jnp.where(ok, a, o), new, old)
-                    loss = jnp.where(ok, loss, 0.0)
+                old = (trainable, opt, stats, step)
+                new, loss = do_step(old)
+                (trainable, opt, stats, step) = jax.tree.map(
+                    lambda a, o: jnp.where(ok, a, o), new, old)
+                loss = jnp.where(ok, loss, 0.0)
                 return (trainable, opt, stats, step, loss_sum + loss), None
 
             carry0 = (state["trainable"], state["opt"], state["stats"], state["step"],

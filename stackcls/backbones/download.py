@@ -155,7 +155,7 @@ def download(wf: WeightFile, cache: Path, *, timeout: float = 30.0, progress: bo
                 n = 0
                 bar = None
                 if progress:
-                    from tqdm import tqdm
+                    from stackcls.progress import bar as tqdm
                     bar = tqdm(total=total, unit="B", unit_scale=True, desc=wf.fname, leave=False)
                 while chunk := resp.read(1 << 20):
                     out.write(chunk)

@@ -376,7 +376,7 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
 
 def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True):
     """Read DICOM files (any order) into stacks. Returns (stacks, skipped, warnings)."""
-    from tqdm import tqdm
+    from stackcls.progress import bar as tqdm
 
     files = [str(f) for f in files]
     slices, skipped = [], []

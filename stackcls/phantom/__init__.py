@@ -66,7 +66,7 @@ def generate(out: Path, n_subjects: int, seed: int = 0, matrix_scale: float = 1.
     workers = max(1, min(workers, n_subjects // 3 or 1))
     jobs = [(seed, i, str(out / "dicom"), matrix_scale) for i in range(n_subjects)]
     t0 = time.perf_counter()
-    from tqdm import tqdm
+    from stackcls.progress import bar as tqdm
     bar = dict(total=n_subjects, desc="phantom subjects", unit="subj", disable=not progress,
                file=sys.stderr)
     if workers == 1:
