@@ -228,15 +228,9 @@ class Trainer:
             return m.head.logits(pen), pen
 
         def epoch(state, data, shared, key):
-            kperm, kview, kstep = jax.random.split(key, 3)
-            items, n = data["items"], data["n_items"]
-            M = items.shape[0]
-            # A fresh order of this job's samples (padding sorted last), wrapped to full batches.
-            r = jax.random.uniform(kperm, (M,)) + (jnp.arange(M) >= n).astype(jnp.float32) * 2.0
-            order = items[jnp.argsort(r)]
-            seq = order[jnp.arange(n_batches * B) % n].reshape(n_batches, B)
             V = jax.tree.leaves(shared["views"])[0].shape[1]
-            vsel = jax.random.randint(kview, (n_batches, B), 0, V)
+            seq, vsel, kstep = order_host(data, key, V)
+            n = data["n_items"]
             job_batches = (n + B - 1) // B
             frozen, rest = shared["frozen"], shared["rest"]
 
@@ -256,7 +250,7 @@ class Trainer:
                     trainable = jax.tree.map(lambda p, u: p - lr * u, trainable, updates)
                     return (trainable, opt, new_stats if per_job_stats else stats, step + 1), loss
 
-                # Steps past this job's epoch are skipped (under vmap, cond becomes a select).
+                # Steps past this job's epoch are skipped with a select (it vmaps; a cond would not).
                 ok = b < job_batches
                 old = (trainable, opt, stats, step)
                 new, loss = do_step(old)
@@ -301,6 +295,8 @@ class Trainer:
             return (trainable, opt, new_stats if per_job_stats else stats, step + 1), loss
 
         def order_host(data, key, V):
+            """A fresh order of this job's samples (padding sorted last), wrapped to full batches,
+            and a random cached view per sample."""
             kperm, kview, kstep = jax.random.split(key, 3)
             items, n = data["items"], data["n_items"]
             M = items.shape[0]
