@@ -250,7 +250,7 @@ class Trainer:
                     trainable = jax.tree.map(lambda p, u: p - lr * u, trainable, updates)
                     return (trainable, opt, new_stats if per_job_stats else stats, step + 1), loss
 
-                # Steps past this job's epoch are skipped with a select (it vmaps; a cond would not).
+                # Steps past this job's epoch are skipped with a select, so jobs of different lengths batch under vmap.
                 ok = b < job_batches
                 old = (trainable, opt, stats, step)
                 new, loss = do_step(old)
