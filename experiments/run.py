@@ -157,15 +157,12 @@ def _groups(stack_index):
 
 def ordered(log_probs: np.ndarray, stack_index: np.ndarray) -> np.ndarray:
     """Ordered decoding (stackcls.decode) of per-slice log-scores, stack by stack."""
-    from stackcls.decode import ordered_decode
-    from stackcls.stack_model import pad
+    from stackcls.decode import decode_many
 
     groups = _groups(stack_index)
-    lp, n = pad([log_probs[g] for g in groups])
-    labels = np.asarray(ordered_decode(lp, n)["labels"])
     out = np.empty(len(log_probs), np.int32)
-    for b, g in enumerate(groups):
-        out[g] = labels[b, :len(g)]
+    for g, labels in zip(groups, decode_many([log_probs[g] for g in groups])):
+        out[g] = labels
     return out
 
 

@@ -152,14 +152,9 @@ class LabelSession:
 
         rows = [
             {"subject": sub, "frame": frame, "phase": ph, "slice": sl, "label": lab}
-            for (sub, ph, sl), (frame, lab) in sorted(self.rows.items(), key=_row_order)
+            for (sub, ph, sl), (frame, lab) in sorted(self.rows.items())
         ]
         save_labels(rows, self.labels_path)
-
-
-def _row_order(item):
-    (sub, ph, sl), _ = item
-    return (sub, ph, sl)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,10 +178,8 @@ def review_stack(stack: Stack, model, with_cam: bool = True) -> Review:
     order = list(pred.apex_to_base)
     probs = np.asarray(pred.probabilities)[order]
     labels = [pred.labels[i] for i in order]
-    rng = None
-    if pred.in_range is not None:
-        ins = [k for k, l in enumerate(labels) if l == "IN"]
-        rng = (ins[0], ins[-1]) if ins else None
+    ins = [k for k, l in enumerate(labels) if l == "IN"]
+    rng = (ins[0], ins[-1]) if ins else None
     cams = None
     if with_cam:
         cams = stack_gradcam(model, stack, [CLASS_INDEX[l] for l in labels])
@@ -357,7 +350,7 @@ class StackView:
 # Commands
 # --------------------------------------------------------------------------------------------
 
-def _load(data: Path, labels: Path | None) -> list[Stack]:
+def _load(data: Path) -> list[Stack]:
     from stackcls.io import load_stacks
 
     stacks = load_stacks(data)
@@ -370,7 +363,7 @@ def label_command(data: Path, labels: Path) -> int:
     import matplotlib.pyplot as plt
 
     try:
-        session = LabelSession(_load(data, labels), labels)
+        session = LabelSession(_load(data), labels)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -392,7 +385,7 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
     from stackcls.checkpoint import load_model
 
     m = load_model(model)
-    stacks = _load(data, labels)
+    stacks = _load(data)
     # Review never writes labels unless the user edits them; without a CSV, edits go to a scratch
     # file next to the figures (or the run dir), never over anything that exists.
     lab_path = labels if labels is not None else (save or Path(model)) / "review_labels.csv"
