@@ -40,19 +40,58 @@ def test_3d_identity_affine_keeps_file_order(tmp_path):
     assert not st.orientation_known and "identity" in st.meta["orientation"]
 
 
-@pytest.mark.parametrize("towards_apex", [False, True])
-def test_real_affine_orders_apex_to_base(tmp_path, towards_apex):
-    # slice axis along the LV long axis; file order base->apex when towards_apex
+def oblique_affine(step_mm=8.0, pixel_mm=1.25, towards_apex=False):
+    """An RAS affine whose slice axis runs along the LV long axis (base -> apex if towards_apex)."""
     u_lps = -APEX_DIRECTION  # apex -> base
-    step = (-u_lps if towards_apex else u_lps) * 8.0
+    step = (-u_lps if towards_apex else u_lps) * step_mm
     a = np.cross(u_lps, [0, 0, 1.0])
     a /= np.linalg.norm(a)
     b = np.cross(u_lps, a)
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     aff = np.eye(4)
-    aff[:3, 0], aff[:3, 1], aff[:3, 2] = lps_to_ras @ (1.25 * a), lps_to_ras @ (1.25 * b), lps_to_ras @ step
+    aff[:3, 0], aff[:3, 1], aff[:3, 2] = (lps_to_ras @ (pixel_mm * a), lps_to_ras @ (pixel_mm * b),
+                                          lps_to_ras @ step)
     aff[:3, 3] = [10, -20, 30]
-    (st,) = load_stacks(save(tmp_path / "s.nii", volume(6), aff))
+    return aff
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("acdc", "disagree with pixdim"),          # the ACDC release: flipped identity, unit scale
+    ("aligned", "axis-aligned"),               # right scale, but no obliquity at all
+    ("singular", "singular"),
+    ("nan", "NaN"),
+    ("no_codes", "no qform or sform"),
+])
+def test_placeholder_affines_give_unknown_orientation(tmp_path, kind, reason):
+    zooms = (1.5625, 1.5625, 10.0)
+    aff = oblique_affine(step_mm=10.0, pixel_mm=1.5625, towards_apex=True)  # a real one, then spoiled
+    if kind == "acdc":
+        aff = np.diag([-1.0, -1.0, 1.0, 1.0])
+    elif kind == "aligned":
+        aff = np.diag([-1.5625, -1.5625, 10.0, 1.0])
+    elif kind == "singular":
+        aff[:3, 2] = aff[:3, 0] * 10.0 / 1.5625
+    elif kind == "nan":
+        aff[0, 3] = np.nan
+    img = nib.Nifti1Image(volume(6), aff)
+    img.header.set_zooms(zooms)
+    if kind == "no_codes":
+        img.set_sform(None, code=0)
+        img.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "s.nii.gz"))
+    (st,) = load_stacks(tmp_path / "s.nii.gz")
+    # the file order is kept (even where the spoiled affine would have reversed it), and says why
+    assert st.images[:, 0, 0].astype(int).tolist() == [0, 1, 2, 3, 4, 5]
+    assert not st.orientation_known
+    assert st.meta["orientation"].startswith("orientation unknown") and reason in st.meta["orientation"]
+    assert st.spacing == pytest.approx(zooms)                       # pixdim, not the affine
+    np.testing.assert_allclose(st.positions, np.arange(6) * 10.0)
+
+
+@pytest.mark.parametrize("towards_apex", [False, True])
+def test_real_affine_orders_apex_to_base(tmp_path, towards_apex):
+    # slice axis along the LV long axis; file order base->apex when towards_apex
+    (st,) = load_stacks(save(tmp_path / "s.nii", volume(6), oblique_affine(towards_apex=towards_apex)))
     expect = [5, 4, 3, 2, 1, 0] if towards_apex else [0, 1, 2, 3, 4, 5]
     assert st.images[:, 0, 0].astype(int).tolist() == expect and st.slice_ids == expect
     assert st.orientation_known
@@ -101,7 +140,7 @@ def test_acdc_layout_small(tmp_path):
     # slice 0 is basal in ACDC: reversed so images run apex -> base; ids keep the file index
     assert ed.slice_ids == [3, 2, 1, 0] and ed.images[:, 0, 0].tolist() == [3, 2, 1, 0]
     assert es.images[0, 0, 0] == 3 + 1
-    assert ed.meta["orientation"] == "acdc convention: slice 0 basal" and not ed.orientation_known
+    assert ed.meta["orientation"].startswith("acdc convention: slice 0 basal") and not ed.orientation_known
     assert not res.skipped and {w for _, w in res.ignored} == {
         "segmentation mask (_gt)", "4-D cine (frames are read from the _frameYY files)"}
     allp = load_stacks(d, phases="all")
@@ -120,14 +159,19 @@ def test_acdc_real_all_stacks_with_labels(acdc_root):
                 for r in csv.DictReader(f)}
     n = 0
     for st in stacks:
+        # the release's sform is a placeholder (unit scale, pixdim says ~1.5 x 1.5 x 10 mm): the
+        # orientation is unknown, the ACDC convention gives the starting order, spacing is pixdim
         assert st.labels is not None and not st.orientation_known
+        assert "acdc convention" in st.meta["orientation"] and "pixdim" in st.meta["orientation"]
         assert st.slice_ids == list(range(st.n_slices))[::-1]
+        assert st.spacing[2] >= 5.0 and st.spacing[0] == st.spacing[1] < 2.5
+        np.testing.assert_allclose(np.diff(st.positions), st.spacing[2])
         for sid, lab in zip(st.slice_ids, st.labels):
             assert rows[(st.subject, st.phase, sid)] == (st.frame, lab)
             n += 1
     assert n == len(rows) == 1516
-    # images: the file's slices in reverse order, intensities in [0, 1] (scl_slope 1/255 applied)
+    # images: the file's slices in reverse order, intensities as released (int16 or float32)
     st = stacks[0]
     raw = nib.load(st.meta["file"]).get_fdata()
     np.testing.assert_allclose(st.images, np.moveaxis(raw, 2, 0)[::-1], atol=1e-6)
-    assert 0.0 <= st.images.min() and st.images.max() <= 1.0 + 1e-6
+    assert st.images.dtype == np.float32 and st.images.max() > 1.0

@@ -1,9 +1,13 @@
 """NIfTI stacks: a 3-D file is one stack, a 4-D file is a cine; plus the ACDC folder layout.
 
 Array layout: nibabel's (i, j, k[, t]) = (rows, cols, slices[, time]) -> images (S, rows, cols).
-Orientation: from the affine (RAS, flipped to LPS) when it is a real one; an identity or missing
-affine carries no geometry, so the file order is kept and `orientation_known=False`, unless a
-dataset convention decides (ACDC: slice 0 is basal, so the slices are reversed).
+Orientation: checked, not trusted. An affine that can describe a short-axis acquisition (oblique,
+non-singular, voxel sizes equal to pixdim) gives the apex end (RAS, flipped to LPS). Anything else
+(missing, identity, axis-aligned, singular, NaN, a scale that disagrees with pixdim) is a
+placeholder: the file order is kept, `orientation_known=False` with the reason in
+`meta["orientation"]`, and the direction is decided from the images at prediction time. A dataset's
+documented convention may give the starting order (ACDC: slice 0 is basal, so slices are reversed).
+Spacing always comes from pixdim.
 """
 
 from __future__ import annotations
@@ -46,20 +50,56 @@ def _load(path):
     return img, data
 
 
+def _zooms(img):
+    """Voxel spacing (row, col, slice) in mm from pixdim, or None when it is not usable. pixdim is
+    read apart from the affine: an affine can be meaningless while the spacing is right (ACDC)."""
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if len(zooms) == 3 and all(np.isfinite(z) and z > 0 for z in zooms):
+        return zooms
+    return None
+
+
+def affine_problem(aff: np.ndarray, codes: tuple[int, int], zooms) -> str | None:
+    """Why this affine cannot be the geometry of a short-axis acquisition, or None if it can.
+
+    Conversions often write placeholders: no qform/sform, the identity, a flipped identity with unit
+    scale while pixdim says 1.5 x 1.5 x 10 mm (the ACDC release). A real short-axis plane is
+    double-oblique, so an affine whose axes are the scanner axes is doubtful even when its scale is
+    right; such a stack is oriented from its images instead.
+    """
+    if codes == (0, 0):
+        return "no qform or sform (codes 0)"
+    if not np.all(np.isfinite(aff)):
+        return "affine holds NaN or infinite values"
+    if np.allclose(aff, np.eye(4)):
+        return "the affine is the identity"
+    m = aff[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    if np.any(norms == 0) or abs(np.linalg.det(m)) < 1e-6 * float(np.prod(norms)):
+        return "singular affine (its axes are not independent)"
+    if zooms is not None and not np.allclose(norms, zooms, rtol=0.01, atol=1e-3):
+        return ("affine voxel sizes (" + ", ".join(f"{v:g}" for v in norms) + ") mm disagree with "
+                "pixdim (" + ", ".join(f"{v:g}" for v in zooms) + ") mm")
+    unit = m / norms
+    if np.all(np.max(np.abs(unit), axis=0) > 1 - 1e-6):
+        return "axis-aligned affine (a short-axis plane is oblique): a placeholder, not patient geometry"
+    return None
+
+
 def _geometry(img, n_slices: int):
-    """(order, positions, known, note, spacing) from the affine, or order=None when it carries no
-    geometry (identity or no qform/sform)."""
+    """(order, positions, known, note, spacing). order is None when the affine is not trusted
+    (`affine_problem`); positions then come from pixdim along the file's slice order."""
     hdr = img.header
     codes = (int(hdr.get("sform_code", 0) or 0), int(hdr.get("qform_code", 0) or 0))
     aff = np.asarray(img.affine, dtype=np.float64)
-    zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
-    if codes == (0, 0) or np.allclose(aff, np.eye(4)):
-        return None, None, False, "affine is the identity or missing: no geometry", None
+    zooms = _zooms(img)
+    problem = affine_problem(aff, codes, zooms)
+    if problem is not None:
+        pos = None if zooms is None else np.arange(n_slices) * zooms[2]
+        return None, pos, False, f"orientation unknown: {problem}", zooms
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
     col_k = ras_to_lps @ aff[:3, 2]  # one slice step in LPS mm
     step = float(np.linalg.norm(col_k))
-    if step == 0:
-        return None, None, False, "degenerate affine (zero slice step): no geometry", None
     normal = col_k / step
     origin = ras_to_lps @ aff[:3, 3]
     along = float(origin @ normal) + np.arange(n_slices) * step  # slice centres along the normal
@@ -104,8 +144,7 @@ def read_nifti(path, phases=("ED", "ES"), es=None, subject: str | None = None) -
         stacks.append(Stack(
             images=cine[t, order], sources=[str(int(i)) for i in order], subject=subject,
             phase=name, slice_ids=[int(i) for i in order], frame=t if T > 1 else None,
-            positions=pos, spacing=None if zooms is None else (zooms[0], zooms[1], zooms[2]),
-            orientation_known=known,
+            positions=pos, spacing=zooms, orientation_known=known,
             meta=dict(format="nifti", file=str(path), orientation=note, n_phases=T,
                       es_frame=es_t if es_t >= 0 else None, es_source=es_how),
         ))
@@ -186,13 +225,13 @@ def read_acdc_patient(folder: Path, phases=("ED", "ES")):
             if data.shape[2] < 2:
                 raise StackReadError(f, f"NIfTI of shape {data.shape} has a single slice")
             order, pos, known, note, zooms = _geometry(img, data.shape[2])
-            if order is None:  # the dataset's convention: slice 0 is basal
-                order, note = np.arange(data.shape[2])[::-1], ACDC_ORIENTATION
+            if order is None:  # the dataset's convention (slice 0 basal) is the prior
+                order, note = np.arange(data.shape[2])[::-1], f"{ACDC_ORIENTATION} ({note})"
             name = "ED" if t == ed else "ES" if t == es else str(t)
             stacks.append(Stack(
                 images=np.moveaxis(data, 2, 0)[order], sources=[str(int(i)) for i in order],
                 subject=subject, phase=name, slice_ids=[int(i) for i in order], frame=t,
-                positions=pos, spacing=None if zooms is None else zooms, orientation_known=known,
+                positions=pos, spacing=zooms, orientation_known=known,
                 meta=dict(format="nifti", layout="acdc", file=str(f), orientation=note,
                           es_frame=es, es_source="Info.cfg", group=info.get("Group")),
             ))
