@@ -187,23 +187,28 @@ def stack_head(setting_dir: Path, tr: dict, te: dict, train_pen, train_probs, te
     ((None, None) when disabled)."""
     sc = cfg["protocol"].get("stack") or {}
     if not sc.get("enabled", True):
-        return None, None
+        return None, None, None, None
     from stackcls.stack_model import (load_stack_model, save_stack_model, slice_features,
                                       train_stack_model)
 
     from stackcls.checkpoint import write_json
 
+    from stackcls.direction import fit_direction
+
     d = setting_dir / "stack"
     want = dict(sc, seed=int(cfg["seed"]))
     stamp = d / "protocol.json"
+    feats, labels, subjects = [], [], []
+    for g in _groups(tr["stack_index"]):
+        feats.append(slice_features(train_pen[g], train_probs[g]))
+        labels.append(tr["y"][g])
+        subjects.append(str(tr["subject"][g[0]]))
+    # the direction model is a sub-second fit on the same inputs: refitted on every (re)run
+    direction = fit_direction(feats, subjects, seed=int(cfg["seed"]))
+    direction.save(d)
     if (d / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         model = load_stack_model(d)
     else:
-        feats, labels, subjects = [], [], []
-        for g in _groups(tr["stack_index"]):
-            feats.append(slice_features(train_pen[g], train_probs[g]))
-            labels.append(tr["y"][g])
-            subjects.append(str(tr["subject"][g[0]]))
         proto = {k: (list(v) if k == "learning_rates" else v) for k, v in sc.items()
                  if k not in ("enabled", "inputs")}
         model = train_stack_model(feats, labels, subjects, seed=int(cfg["seed"]), protocol=proto)
@@ -214,7 +219,31 @@ def stack_head(setting_dir: Path, tr: dict, te: dict, train_pen, train_probs, te
     out = np.zeros((len(te["y"]), 3), np.float32)
     for g, lp in zip(groups, lps):
         out[g] = np.exp(lp)
-    return out, model.info
+    return out, model.info, model, direction
+
+
+def orientation_withheld(test_stacks, te: dict, trained, seed: int) -> dict:
+    """The stack mode as a user with unoriented files gets it: each test stack is shown to
+    predict_stack in a random direction with the orientation "unknown", so the direction must come
+    from the images. Metrics in the true order, plus the share of stacks turned the right way."""
+    from stackcls.metrics import evaluate
+    from stackcls.predict import predict_stack
+    from stackcls.stack import CLASS_INDEX
+
+    rng = np.random.default_rng(seed)
+    y_pred = np.empty(len(te["y"]), np.int32)
+    probs = np.zeros((len(te["y"]), 3), np.float32)
+    right = []
+    for i, st in enumerate(test_stacks):
+        g = np.flatnonzero(te["stack_index"] == i)
+        flip = bool(rng.random() < 0.5)
+        p = predict_stack(st.reversed() if flip else st, trained, mode="stack", orientation="unknown")
+        lab = np.array([CLASS_INDEX[l] for l in p.labels], np.int32)
+        y_pred[g], probs[g] = (lab[::-1], p.probabilities[::-1]) if flip else (lab, p.probabilities)
+        right.append(p.orientation == ("reversed" if flip else "as_given"))
+    row = evaluate(te["y"], probs, te["stack_index"], y_pred=y_pred, slice_index=te["slice_index"])
+    row["direction_accuracy"] = float(np.mean(right))
+    return row
 
 
 # ----------------------------------------------------------------------------- the run
@@ -224,7 +253,7 @@ def run(cfg) -> dict:
     import jax
 
     from stackcls import backbones
-    from stackcls.checkpoint import write_json
+    from stackcls.checkpoint import TrainedModel, write_json
     from stackcls.models import build_classifier
     from stackcls.preprocess import stack_arrays
     from stackcls.train import Pool, extract, predict_outputs, run_setting, split
@@ -288,9 +317,12 @@ def run(cfg) -> dict:
         else:
             raise ValueError(f"protocol.stack.inputs must be oof or final, got {how!r}")
         ok = tr_pen is not None and not np.isnan(tr_probs).any()
-        stack_probs, stack_info = (stack_head(d, tr, te, tr_pen, tr_probs, test_pen, test_probs, cfg)
-                                   if ok else (None, None))
+        stack_probs, stack_info, head, direction = (
+            stack_head(d, tr, te, tr_pen, tr_probs, test_pen, test_probs, cfg) if ok else (None,) * 4)
         test = evaluate_rows(te, test_probs, stack_probs)
+        if head is not None:
+            trained = TrainedModel(res["model"], save_config, head, None, direction)
+            test["stack_orientation_withheld"] = orientation_withheld(test_stacks, te, trained, seed)
         np.savez(d / "test_outputs.npz", probs=test_probs, pen=test_pen, y=te["y"],
                  stack_index=te["stack_index"], slice_index=te["slice_index"],
                  stack_probs=stack_probs if stack_probs is not None else np.zeros((0, 3)))
@@ -436,6 +468,8 @@ def write_figures(run_dir: Path, figs: dict, te: dict, seed: int) -> None:
 
 # ----------------------------------------------------------------------------- tables
 
+# result rows per depth; the last is the stack mode with the orientation hidden from the model
+MODE_ROWS = ("slice", "slice_ordered", "stack", "stack_orientation_withheld")
 ROW_KEYS = ("f1.OAP", "f1.IN", "f1.OBS", "auc_weighted", "auc_micro", "accuracy", "soft_accuracy",
             "exact_range_rate", "boundary_mae")
 
@@ -454,7 +488,7 @@ def metric_rows(results: dict) -> list[dict]:
     """One row per (depth, mode): the Table-2 layout plus the stack-level measures."""
     out = []
     for depth, row in results["depths"].items():
-        for mode in ("slice", "slice_ordered", "stack"):
+        for mode in MODE_ROWS:
             m = row["test"].get(mode)
             if m is None:
                 continue
@@ -476,6 +510,12 @@ def results_markdown(results: dict) -> str:
     for r in metric_rows(results):
         lines.append(f"| {r['depth']} | {r['mode']} | {r['lr']:g} | {r['epochs']} | "
                      + " | ".join(_fmt(r[k]) for k in ROW_KEYS) + " |")
+    for depth, row in results["depths"].items():
+        w = row["test"].get("stack_orientation_withheld")
+        if w is not None:
+            lines.append(f"\nDepth {depth}, orientation withheld (each test stack shown in a random "
+                         f"direction as 'unknown'): direction found for {w['direction_accuracy']:.3f} "
+                         f"of the stacks.")
     lines += ["", "## Training time (Table 1 style)", "",
               f"device: {results.get('device', '?')}", "",
               "| depth | CV minutes | final minutes |", "|---|---|---|"]
@@ -487,12 +527,12 @@ def results_markdown(results: dict) -> str:
 
 
 def summary_table(results: dict) -> str:
-    head = f"{'depth':>7} {'mode':>13} {'F1 OAP':>7} {'F1 IN':>6} {'F1 OBS':>7} {'AUCw':>6} " \
+    head = f"{'depth':>7} {'mode':>26} {'F1 OAP':>7} {'F1 IN':>6} {'F1 OBS':>7} {'AUCw':>6} " \
            f"{'acc':>6} {'soft':>6} {'exact':>6} {'bMAE':>6}"
     out = ["", f"== {results['backbone']} / {results['data']} / {results['protocol']} "
            f"(weights: {results['weights']}) ==", head]
     for r in metric_rows(results):
-        out.append(f"{r['depth']:>7} {r['mode']:>13} {_fmt(r['f1.OAP']):>7} {_fmt(r['f1.IN']):>6} "
+        out.append(f"{r['depth']:>7} {r['mode']:>26} {_fmt(r['f1.OAP']):>7} {_fmt(r['f1.IN']):>6} "
                    f"{_fmt(r['f1.OBS']):>7} {_fmt(r['auc_weighted']):>6} {_fmt(r['accuracy']):>6} "
                    f"{_fmt(r['soft_accuracy']):>6} {_fmt(r['exact_range_rate']):>6} "
                    f"{_fmt(r['boundary_mae']):>6}")

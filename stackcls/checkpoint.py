@@ -110,6 +110,7 @@ class TrainedModel:
     config: dict
     stack_head: object | None = None
     path: Path | None = None
+    direction: object | None = None     # stackcls.direction.DirectionModel, for unknown orientation
 
     def __post_init__(self):
         graphdef, state = nnx.split(self.model)
@@ -161,9 +162,13 @@ def load_model(run_dir, setting: str | None = None, stack: bool = True) -> Train
         raise FileNotFoundError(f"{run_dir}: no final model for {setting!r} (have {list(found)})")
     d = found[setting]
     model, config = restore_model(d / "final")
-    head = None
+    head = direction = None
     if stack and (d / "stack" / "config.json").is_file():
         from stackcls.stack_model import load_stack_model
 
         head = load_stack_model(d / "stack")
-    return TrainedModel(model, config, head, d)
+    if (d / "stack" / "direction.json").is_file():
+        from stackcls.direction import DirectionModel
+
+        direction = DirectionModel.load(d / "stack")
+    return TrainedModel(model, config, head, d, direction)

@@ -19,7 +19,8 @@ labels are the decoded ones.
 
 Orientation: both directions are scored (best ordered labelling; for "stack" the head is run on the
 reversed stack too). Unknown orientation (`Stack.orientation_known=False`, an array given as
-"unknown", or orientation="unknown"): the better direction wins. Known orientation (geometry, or
+"unknown", or orientation="unknown"): the direction with the higher total evidence wins: the score
+difference plus the direction model's log-odds (`stackcls.direction`, saved with the run). Known orientation (geometry, or
 the caller): it is used, but if the reversed direction scores better by more than
 `ORIENTATION_MARGIN` nats the prediction carries `orientation_warning` and a warning is issued
 (wrong geometry, e.g. LPS coordinates stored as RAS, reverses apex and base).
@@ -71,7 +72,8 @@ class Prediction:
     mode: str
     orientation: str                     # "as_given" (working order used) or "reversed"
     orientation_source: str              # "geometry" | "caller" | "data"
-    orientation_scores: dict             # {"as_given": float, "reversed": float}: best ordered log-scores
+    orientation_scores: dict             # best ordered log-scores {"as_given", "reversed"} and the
+                                         # direction model's "direction_logit" (0 without one)
     orientation_warning: str | None = None
     in_range_apex_to_base: tuple[int, int] | None = None   # (first, last) IN ranks along apex->base
     subject: str | None = None
@@ -214,21 +216,24 @@ def _as_model(model):
 def _core(model, mode: str):
     """fn(x) -> (probs_fwd (S,3), probs_rev (S,3) in working order, labels_fwd, labels_rev, score_f, score_r)."""
     head = getattr(model, "stack_head", None) if mode == "stack" else None
+    direction = getattr(model, "direction", None)
 
     def fn(x):
         pen, probs = model.slice_outputs(x)
         lp = jnp.log(jnp.clip(jnp.asarray(probs, jnp.float32), PROB_FLOOR, 1.0))   # as slice_features
         S = lp.shape[0]
         n = jnp.array([S], jnp.int32)
+        feats = jnp.concatenate([jnp.asarray(pen, jnp.float32), lp], axis=1)
         if head is not None:
-            feats = jnp.concatenate([jnp.asarray(pen, jnp.float32), lp], axis=1)[None]
-            lp_f = head.log_probs_padded(feats, n)[0]
-            lp_r = head.log_probs_padded(feats[:, ::-1], n)[0][::-1]   # back in working order
+            lp_f = head.log_probs_padded(feats[None], n)[0]
+            lp_r = head.log_probs_padded(feats[None, ::-1], n)[0][::-1]   # back in working order
         else:
             lp_f = lp_r = lp
         both = jnp.stack([lp_f, lp_r[::-1]])                           # decode each along its own direction
         labels, _, _, score = _decode_batch(both, jnp.array([S, S], jnp.int32))
-        return jnp.exp(lp_f), jnp.exp(lp_r), labels[0], labels[1][::-1], score[0], score[1]
+        dir_logit = direction.logit(feats) if direction is not None else jnp.float32(0.0)
+        return (jnp.exp(lp_f), jnp.exp(lp_r), labels[0], labels[1][::-1], score[0], score[1],
+                dir_logit)
 
     return fn
 
@@ -294,8 +299,8 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
     w = _resolve_input(stack, orientation, phase)
     x = model.preprocess(w.images)
     out = _compiled(model, mode)(x)
-    p_f, p_r, lab_f, lab_r, s_f, s_r = (np.asarray(v) for v in out)
-    s_f, s_r = float(s_f), float(s_r)
+    p_f, p_r, lab_f, lab_r, s_f, s_r, dir_logit = (np.asarray(v) for v in out)
+    s_f, s_r, dir_logit = float(s_f), float(s_r), float(dir_logit)
     S = w.images.shape[0]
 
     warning = None
@@ -307,7 +312,9 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
                        f"({w.source}); the geometry may be wrong (e.g. LPS stored as RAS). Kept the stated order.")
             warnings.warn(warning, OrientationWarning, stacklevel=2)
     else:
-        use_rev = s_r > s_f
+        # two log-odds for "the working order runs apex -> base", summed: the ordered decoding's
+        # score difference and the direction model's (stackcls.direction)
+        use_rev = (s_f - s_r) + dir_logit < 0
     probs_w = p_r if use_rev else p_f
     if mode == "slice":
         lab_w = probs_w.argmax(1)
@@ -327,7 +334,8 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
         in_range=(min(in_caller), max(in_caller)) if in_caller else None,
         sources=list(w.sources), apex_to_base=[int(caller[wi]) for wi in apex_first], mode=mode,
         orientation="reversed" if use_rev else "as_given", orientation_source=w.source,
-        orientation_scores={"as_given": s_f, "reversed": s_r}, orientation_warning=warning,
+        orientation_scores={"as_given": s_f, "reversed": s_r, "direction_logit": dir_logit},
+        orientation_warning=warning,
         in_range_apex_to_base=(ranks[0], ranks[-1]) if ranks else None,
         subject=w.subject, phase=w.phase, slice_ids=w.slice_ids)
 

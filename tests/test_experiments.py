@@ -61,14 +61,17 @@ def test_schema_and_outputs(tiny_run):
     for row in on_disk["depths"].values():
         assert set(row["selected"]) == {"learning_rate", "epochs"}
         assert 1 <= row["selected"]["epochs"] <= 2
-        for mode in ("slice", "slice_ordered", "stack"):
+        for mode in ("slice", "slice_ordered", "stack", "stack_orientation_withheld"):
             check_metrics(row["test"][mode])
+        assert 0.0 <= row["test"]["stack_orientation_withheld"]["direction_accuracy"] <= 1.0
         assert set(row["timing"]) == {"cv_seconds", "final_seconds"}
         assert (run_dir / row["checkpoint"] / "config.json").is_file()
     assert isinstance(on_disk["timing"]["total_seconds"], float)
     for f in ("results.md", "curves.png", "confusion.png", "tsne.png", "gradcam.png"):
         assert (run_dir / f).stat().st_size > 0
     assert "slice_ordered" in (run_dir / "results.md").read_text()
+    assert "orientation withheld" in (run_dir / "results.md").read_text()
+    assert (run_dir / "depth1" / "stack" / "direction.json").is_file()
 
 
 def test_resume_reused_the_finished_job(tiny_run):
@@ -111,7 +114,7 @@ def test_load_model_and_report(tiny_run, tmp_path):
     assert pen.shape == (4, 256) and np.allclose(np.asarray(probs).sum(1), 1, atol=1e-5)
     assert report([str(run_dir), "--out", str(tmp_path)]) == 0
     t2 = (tmp_path / "table2.csv").read_text().splitlines()
-    assert len(t2) == 1 + 6  # 2 depths x (slice, slice_ordered, stack)
+    assert len(t2) == 1 + 8  # 2 depths x (slice, slice_ordered, stack, stack_orientation_withheld)
     assert (tmp_path / "table1.md").is_file()
 
 
