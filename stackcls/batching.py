@@ -1,0 +1,53 @@
+"""One way to run a compiled function over many samples: chunks along the leading axis.
+
+Every full-dataset pass of the package (backbone features, trunk activations, classifier outputs,
+prediction, Grad-CAM) goes through `map_chunks`: inputs are cut into `chunk` rows, the last chunk
+is padded by repeating its last row so that one compiled shape serves the whole pass, and the
+outputs (any pytree with a leading sample axis) are trimmed and concatenated. Samples never
+interact inside these functions (inference-mode BatchNorm), so padding changes no real row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def n_rows(tree) -> int:
+    return int(jax.tree.leaves(tree)[0].shape[0])
+
+
+def map_chunks(fn: Callable, inputs, chunk: int | None, *, with_index: bool = False, bar=None):
+    """fn(chunk_inputs[, chunk_number]) over `inputs` (a pytree of arrays with N leading rows).
+
+    chunk None (or >= N): one call on the whole input, unpadded. with_index: fn also gets the
+    chunk's number (0, 1, ...), e.g. to derive a PRNG key per chunk. bar: a progress bar to update
+    by the rows done. Returns fn's output pytree with N rows (device arrays).
+    """
+    n = n_rows(inputs)
+    if chunk is None or (n <= chunk and not with_index):
+        out = fn(inputs, 0) if with_index else fn(inputs)
+        if bar is not None:
+            bar.update(n)
+        return out
+    parts = []
+    for i, s in enumerate(range(0, n, chunk)):
+        piece = jax.tree.map(lambda a: a[s:s + chunk], inputs)
+        k = n_rows(piece)
+        if k < chunk:   # one compiled shape: repeat the last row
+            piece = jax.tree.map(
+                lambda a: jnp.concatenate([jnp.asarray(a), jnp.repeat(jnp.asarray(a)[-1:], chunk - k, 0)]), piece)
+        else:
+            piece = jax.tree.map(jnp.asarray, piece)
+        out = fn(piece, i) if with_index else fn(piece)
+        parts.append(jax.tree.map(lambda a: a[:k], out) if k < chunk else out)
+        if bar is not None:
+            bar.update(k)
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
