@@ -23,12 +23,13 @@ def n_rows(tree) -> int:
 def map_chunks(fn: Callable, inputs, chunk: int | None, *, with_index: bool = False, bar=None):
     """fn(chunk_inputs[, chunk_number]) over `inputs` (a pytree of arrays with N leading rows).
 
-    chunk None (or >= N): one call on the whole input, unpadded. with_index: fn also gets the
+    chunk None: one call on the whole input, unpadded. Otherwise every call gets exactly `chunk`
+    rows (a short input is padded too: one compiled shape whatever N). with_index: fn also gets the
     chunk's number (0, 1, ...), e.g. to derive a PRNG key per chunk. bar: a progress bar to update
     by the rows done. Returns fn's output pytree with N rows (device arrays).
     """
     n = n_rows(inputs)
-    if chunk is None or (n <= chunk and not with_index):
+    if chunk is None:
         out = fn(inputs, 0) if with_index else fn(inputs)
         if bar is not None:
             bar.update(n)
