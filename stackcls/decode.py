@@ -15,21 +15,30 @@ constraint, only two numbers (the boundaries). The same decoder runs on top of t
 classifier (`slice_ordered`) and gives the sequence score used to decide orientation.
 
 Batched over padded stacks: `log_probs` (B, S, 3) with `lengths` (B,); padded slices never change
-the result (their scores are ignored and their labels are -1).
+the result (their scores are ignored and their labels are -1). Padded lengths come from `bucket`,
+so stacks of similar length share one compiled decoder.
 """
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stackcls.stack import CLASS_INDEX
+
 NEG = -1e30
+IN = CLASS_INDEX["IN"]
+
+
+def bucket(S: int) -> int:
+    """Padded length for S slices (multiples of 16, at least 16), so stacks of 8-16 slices share
+    one compile."""
+    return max(16, -(-S // 16) * 16)
 
 
 @jax.jit
-def _decode_batch(log_probs: jax.Array, lengths: jax.Array):
+def decode_batch(log_probs: jax.Array, lengths: jax.Array):
     """log_probs (B, S, 3), lengths (B,) -> (labels (B, S) int32 with -1 padding, a (B,), b (B,), score (B,))."""
     B, S, _ = log_probs.shape
     pos = jnp.arange(S)
@@ -72,7 +81,7 @@ def ordered_decode(log_probs, lengths=None):
     if lengths is None:
         lengths = jnp.full((lp.shape[0],), lp.shape[1], jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
-    labels, a, b, score = _decode_batch(lp, lengths)
+    labels, a, b, score = decode_batch(lp, lengths)
     out = dict(labels=labels, first=a, stop=b, score=score)
     if single:
         out = {k: v[0] for k, v in out.items()}
@@ -90,7 +99,7 @@ def in_range(labels) -> tuple[int, int] | None:
     For an ordered labelling this is the IN run; for an unordered one (mode="slice") it spans the
     first to the last IN slice.
     """
-    idx = [i for i, l in enumerate(labels) if l == 1 or l == "IN"]
+    idx = [i for i, label in enumerate(np.asarray(labels).tolist()) if label == IN or label == "IN"]
     return (idx[0], idx[-1]) if idx else None
 
 
@@ -113,9 +122,8 @@ def decode_many(log_probs_list) -> list[np.ndarray]:
     if not len(log_probs_list):
         return []
     lengths = np.array([len(t) for t in log_probs_list], np.int32)
-    S = max(16, -(-int(lengths.max()) // 16) * 16)             # bucketed: few compiles
-    batch = np.zeros((len(lengths), S, 3), np.float32)
+    batch = np.zeros((len(lengths), bucket(int(lengths.max())), 3), np.float32)
     for b, t in enumerate(log_probs_list):
         batch[b, :lengths[b]] = t
-    labels = np.asarray(_decode_batch(jnp.asarray(batch), jnp.asarray(lengths))[0])
+    labels = np.asarray(decode_batch(jnp.asarray(batch), jnp.asarray(lengths))[0])
     return [labels[b, :lengths[b]] for b in range(len(lengths))]

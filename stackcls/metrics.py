@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from stackcls.decode import in_range
 from stackcls.stack import CLASSES
 
 N_CLASSES = len(CLASSES)
-IN = CLASSES.index("IN")
 
 
 def _labels(y, name: str) -> np.ndarray:
@@ -50,10 +50,14 @@ def _probs(probs, n: int) -> np.ndarray:
 
 
 def stack_groups(stack_index, slice_index=None) -> list[np.ndarray]:
-    """Item indices of each stack (in order of stack id), apex -> base within a stack."""
+    """Item indices of each stack, stacks in sorted order of their id; within a stack in array
+    order (= `[np.flatnonzero(stack_index == s) for s in np.unique(stack_index)]`), or sorted by
+    `slice_index` when given. No items, no groups."""
     s = np.asarray(stack_index)
     if s.ndim != 1:
         raise ValueError(f"stack_index: expected shape (N,), got {s.shape}")
+    if s.size == 0:
+        return []
     if slice_index is None:
         order = np.argsort(s, kind="stable")
     else:
@@ -156,12 +160,6 @@ def soft_accuracy(y_true, y_pred, stack_index, slice_index=None) -> float:
         ok[:-1] |= yp[:-1] == yt[1:]
         hits += int(ok.sum())
     return hits / t.size
-
-
-def in_range(labels) -> tuple[int, int] | None:
-    """(first, last) index of IN in one stack's apex -> base labels, or None without IN."""
-    idx = np.flatnonzero(np.asarray(labels) == IN)
-    return (int(idx[0]), int(idx[-1])) if idx.size else None
 
 
 def boundaries(labels) -> tuple[int, int]:

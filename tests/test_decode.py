@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from stackcls.decode import brute_force_decode, in_range, ordered_decode
-from stackcls.stack import is_ordered, CLASSES
+from stackcls.decode import (brute_force_decode, bucket, decode_batch, decode_many, in_range,
+                             ordered_decode)
+from stackcls.stack import CLASSES, is_ordered
 
 
 def _random_tables(rng, n, lo=1, hi=12):
@@ -67,3 +68,24 @@ def test_jittable_inside_user_code():
 def test_bad_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(S, 3\)"):
         ordered_decode(np.zeros((4, 2)))
+
+
+def test_in_range_of_indices_and_names():
+    assert in_range([0, 1, 1, 2]) == (1, 2) and in_range(np.array([0, 2, 1, 0, 1])) == (2, 4)
+    assert in_range(["OAP", "IN", "IN", "OBS"]) == (1, 2) and in_range(["IN"]) == (0, 0)
+    assert in_range(["OAP", "OBS"]) is None and in_range([]) is None
+    assert all(type(v) is int for v in in_range(np.array([0, 1, 1], np.int32)))
+
+
+def test_bucket_and_decode_many_match_single_decodes():
+    assert [bucket(s) for s in (1, 15, 16, 17, 32, 33)] == [16, 16, 16, 32, 32, 48]
+    tables = _random_tables(np.random.default_rng(2), 12, lo=1, hi=20)
+    for t, lab in zip(tables, decode_many(tables)):
+        assert lab.shape == (len(t),)
+        np.testing.assert_array_equal(lab, brute_force_decode(t.astype(np.float32))[0])
+    assert decode_many([]) == []
+    # the public batch decoder is the one ordered_decode runs
+    x = np.stack([np.pad(t.astype(np.float32), ((0, 20 - len(t)), (0, 0))) for t in tables[:3]])
+    n = np.array([len(t) for t in tables[:3]], np.int32)
+    np.testing.assert_array_equal(np.asarray(decode_batch(x, n)[0]),
+                                  np.asarray(ordered_decode(x, n)["labels"]))

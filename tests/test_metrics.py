@@ -9,7 +9,7 @@ from sklearn.preprocessing import label_binarize
 
 from stackcls.metrics import (auc_micro, auc_per_class, auc_weighted, binary_auc, boundaries,
                               boundary_mae, confusion_matrix, evaluate, exact_range_rate,
-                              f1_per_class, soft_accuracy)
+                              f1_per_class, soft_accuracy, stack_groups)
 
 
 def _random_case(seed, n=300, ties=False):
@@ -135,3 +135,19 @@ def test_bad_inputs():
         evaluate(np.array([0, 1]), np.full((2, 3), 1 / 3), np.zeros(3, int))
     with pytest.raises(ValueError, match="no items"):
         evaluate(np.array([], int), np.zeros((0, 3)), np.array([], int))
+
+
+def test_stack_groups():
+    rng = np.random.default_rng(3)
+    stack = rng.permutation(np.repeat([7, 2, 5, 11], [3, 5, 1, 4]))     # ids neither sorted nor contiguous
+    groups = stack_groups(stack)
+    ref = [np.flatnonzero(stack == s) for s in np.unique(stack)]        # the evaluation's grouping
+    assert len(groups) == len(ref)
+    for g, r in zip(groups, ref):
+        np.testing.assert_array_equal(g, r)
+    sl = rng.permutation(len(stack))                                    # explicit apex -> base order
+    for g in stack_groups(stack, sl):
+        assert len(set(stack[g])) == 1 and np.all(np.diff(sl[g]) > 0)
+    assert stack_groups(np.array([], int)) == []
+    with pytest.raises(ValueError, match="slice_index shape"):
+        stack_groups(stack, sl[:-1])
