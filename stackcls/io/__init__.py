@@ -4,6 +4,9 @@
     stacks = load_stacks("../shared/data/acdc", labels="../shared/data/acdc/labels.csv")
     res = scan(path)            # ScanResult(stacks, skipped=[(path, reason), ...], ignored=[...])
 
+`stackcls inspect` is `stackcls.io.inspect`; any input of `predict_stack` -> one stack is
+`stackcls.io.inputs`.
+
 Bad files never stop a scan: each is reported with its reason (`scan` returns them, `load_stacks`
 warns). `StackReadError` (a ValueError) is raised for a missing path, an empty folder or a source
 without any stack (`load_stacks`), and for a bad labels CSV.
@@ -15,11 +18,14 @@ import os
 import warnings
 from pathlib import Path
 
+from stackcls.io import dicom as dcm
+from stackcls.io import nifti as nii
 from stackcls.io.errors import ScanResult, StackReadError
-from stackcls.io.labels import COLUMNS, LabelRow, attach_labels, load_labels, save_labels
+from stackcls.io.labels import (COLUMNS, LabelRow, attach_labels, es_frames, load_labels, rows_of,
+                                save_labels)
 from stackcls.stack import Stack
 
-__all__ = ["load_stacks", "scan", "load_labels", "save_labels", "attach_labels", "inspect_command",
+__all__ = ["load_stacks", "scan", "load_labels", "save_labels", "attach_labels",
            "ScanResult", "StackReadError", "LabelRow", "COLUMNS"]
 
 # Files a study folder often holds next to images; not reported as failures.
@@ -29,12 +35,10 @@ _NOT_IMAGES = {".csv", ".md", ".txt", ".json", ".cfg", ".yaml", ".yml", ".png", 
 
 def _split_folder(folder: Path):
     """Walk a folder: ACDC patient folders, NIfTI files, candidate DICOM files, ignored files."""
-    from stackcls.io.nifti import is_nifti
-
     acdc, nifti, dicom, ignored = [], [], [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if "Info.cfg" in filenames and any(is_nifti(f) for f in filenames):
+        if "Info.cfg" in filenames and any(nii.is_nifti(f) for f in filenames):
             acdc.append(Path(dirpath))
             # an ACDC patient folder holds no further images
             dirnames[:] = []
@@ -43,7 +47,7 @@ def _split_folder(folder: Path):
             if f.startswith("."):
                 continue
             p = os.path.join(dirpath, f)
-            if is_nifti(f):
+            if nii.is_nifti(f):
                 nifti.append(p)
             elif Path(f).suffix.lower() in _NOT_IMAGES:
                 ignored.append((p, f"not an image ({Path(f).suffix} file)"))
@@ -63,16 +67,11 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = Tru
         the ES frame it names is the one loaded.
     es: the ES temporal index (int), overriding the estimate (see geometry.estimate_es).
     """
-    from stackcls.io import dicom as dcm
-    from stackcls.io import nifti as nii
-    from stackcls.io.labels import es_frames
-
     rows = None
     if labels is not None:
         rows = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
         if es is None:
-            from stackcls.io.labels import _rows_of
-            rows = _rows_of(rows)
+            rows = rows_of(rows)
             es = es_frames(rows) or None
     stacks, skipped, ignored, warns = [], [], [], []
 
@@ -146,7 +145,3 @@ def load_stacks(source, phases=("ED", "ES"), labels=None, es=None) -> list[Stack
                              f"no stack found{': ' + detail + more if detail else ''}")
     return res.stacks
 
-
-def inspect_command(path, labels=None) -> int:
-    from stackcls.io.inspect import inspect_command as _cmd
-    return _cmd(path, labels=labels)

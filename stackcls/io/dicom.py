@@ -16,7 +16,8 @@ from collections import defaultdict
 import numpy as np
 
 from stackcls.io.errors import StackReadError
-from stackcls.io.geometry import apex_to_base, estimate_es
+from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
+from stackcls.progress import bar as tqdm
 from stackcls.stack import Stack
 
 GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
@@ -105,6 +106,7 @@ def _native_pixels(ds) -> np.ndarray | None:
 
 def read_slice(path) -> DicomSlice:
     """Read one DICOM file into a DicomSlice; raises StackReadError(path, reason) if unusable."""
+    # imported on the first DICOM read: pydicom takes ~0.8 s, and NIfTI-only users never need it
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -243,30 +245,6 @@ def _phase_order(items: list[DicomSlice], use_trigger: bool):
     return kept, dups
 
 
-def _resolve_phases(phases, n_phases: int, es: int) -> list[tuple[int, str]]:
-    """Requested phases -> [(temporal index, phase name)]; unknown indices are ignored later."""
-    def name(t):
-        return "ED" if t == 0 else "ES" if t == es else str(t)
-    if isinstance(phases, str) and phases == "all":
-        return [(t, name(t)) for t in range(n_phases)]
-    if isinstance(phases, (str, int)):
-        phases = (phases,)
-    out = []
-    for p in phases:
-        if p == "ED":
-            t = 0
-        elif p == "ES":
-            t = es
-        else:
-            try:
-                t = int(p)
-            except (TypeError, ValueError):
-                raise ValueError(f"unknown phase {p!r}: use 'ED', 'ES', an index or 'all'") from None
-        if 0 <= t < n_phases and t not in [o[0] for o in out]:
-            out.append((t, name(t)))
-    return out
-
-
 def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
     """Group readable slices into stacks. Returns (stacks, skipped [(path, reason)], warnings)."""
     stacks, skipped, warns = [], [], []
@@ -344,7 +322,7 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
         if n_phases == 1:
             es_t = -1
             es_how = "single-phase series: no ES"
-        for t, name in _resolve_phases(phases, n_phases, es_t):
+        for t, name in resolve_phases(phases, n_phases, es_t):
             sl = sorted(((rank[p], items[t]) for p, items in timeline.items() if t < len(items)),
                         key=lambda x: x[0])
             if len(sl) < 2:
@@ -376,8 +354,6 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
 
 def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True):
     """Read DICOM files (any order) into stacks. Returns (stacks, skipped, warnings)."""
-    from stackcls.progress import bar as tqdm
-
     files = [str(f) for f in files]
     slices, skipped = [], []
     it = tqdm(files, desc="reading DICOM", unit="file", leave=False,

@@ -75,3 +75,27 @@ def estimate_es(cine: np.ndarray) -> tuple[int, str]:
     es = 1 + int(np.argmin(area[1:]))
     return es, (f"estimated: smallest bright-pool area (Otsu threshold, central disk, slices "
                 f"{lo}..{hi - 1}) at phase {es} of {T}")
+
+
+def resolve_phases(phases, n_phases: int, es: int) -> list[tuple[int, str]]:
+    """Requested phases -> [(temporal index, phase name)]; unknown indices are ignored later."""
+    def name(t):
+        return "ED" if t == 0 else "ES" if t == es else str(t)
+    if isinstance(phases, str) and phases == "all":
+        return [(t, name(t)) for t in range(n_phases)]
+    if isinstance(phases, (str, int)):
+        phases = (phases,)
+    out = []
+    for p in phases:
+        if p == "ED":
+            t = 0
+        elif p == "ES":
+            t = es
+        else:
+            try:
+                t = int(p)
+            except (TypeError, ValueError):
+                raise ValueError(f"unknown phase {p!r}: use 'ED', 'ES', an index or 'all'") from None
+        if 0 <= t < n_phases and t not in [o[0] for o in out]:
+            out.append((t, name(t)))
+    return out

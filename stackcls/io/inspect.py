@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 
+from stackcls.io import scan
 from stackcls.io.errors import StackReadError
 
 _SHORT = {"OAP": "OAP", "IN": "IN", "OBS": "OBS"}
@@ -35,8 +36,6 @@ def describe(st) -> str:
 def inspect_command(path, labels=None) -> int:
     """Print every stack found under `path` and every file skipped with its reason.
     Returns 0 when at least one stack was found, else 1."""
-    from stackcls.io import scan
-
     try:
         res = scan(path, labels=labels)
     except StackReadError as e:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
+from stackcls.atomic import replace_atomically
 from stackcls.io.errors import StackReadError
 from stackcls.stack import CLASSES, Stack
 
@@ -73,7 +73,9 @@ def load_labels(path) -> list[LabelRow]:
     return rows
 
 
-def _rows_of(items) -> list[LabelRow]:
+def rows_of(items) -> list[LabelRow]:
+    """Label rows from labelled Stacks (unlabelled ones are left out), LabelRows, dicts with the
+    COLUMNS keys, or 5-tuples; every label checked."""
     rows = []
     for it in items:
         if isinstance(it, Stack):
@@ -100,27 +102,15 @@ def _rows_of(items) -> list[LabelRow]:
 
 def save_labels(stacks_or_rows, path) -> Path:
     """Write labelled stacks (unlabelled ones are left out) or rows (LabelRow, dicts with the
-    COLUMNS keys, or 5-tuples) as a labels CSV. Atomic: a temp file in the same folder is renamed
-    over `path`, so a failure never leaves a half-written or emptied file."""
+    COLUMNS keys, or 5-tuples) as a labels CSV. Atomic (`stackcls.atomic`): a temp file in the same
+    folder is renamed over `path`, so a failure never leaves a half-written or emptied file."""
     path = Path(path)
-    rows = _rows_of(stacks_or_rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(COLUMNS)
-            for r in rows:
-                w.writerow([r.subject, "" if r.frame is None else r.frame, r.phase, r.slice, r.label])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    rows = rows_of(stacks_or_rows)
+    with replace_atomically(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([r.subject, "" if r.frame is None else r.frame, r.phase, r.slice, r.label])
     return path
 
 
@@ -136,7 +126,7 @@ def attach_labels(stacks: list[Stack], path_or_rows) -> list[Stack]:
         rows = load_labels(path_or_rows)
     else:
         where = "labels"
-        rows = _rows_of(path_or_rows)
+        rows = rows_of(path_or_rows)
     groups = defaultdict(list)
     for r in rows:
         groups[(r.subject, r.phase)].append(r)

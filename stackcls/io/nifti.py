@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from stackcls.io.errors import StackReadError
-from stackcls.io.geometry import apex_to_base, estimate_es
+from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
 from stackcls.stack import Stack
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -40,6 +40,7 @@ def nifti_stem(path) -> str:
 
 
 def _load(path):
+    # imported on the first NIfTI read: nibabel takes ~0.6 s, and DICOM-only users never need it
     import nibabel as nib
 
     try:
@@ -136,9 +137,7 @@ def read_nifti(path, phases=("ED", "ES"), es=None, subject: str | None = None) -
             raise StackReadError(path, f"ES frame {es_t} is outside the {T} frames of the cine")
     else:
         es_t, es_how = estimate_es(cine[:, order])
-    from stackcls.io.dicom import _resolve_phases
-
-    sel = [(0, "ED")] if T == 1 else _resolve_phases(phases, T, es_t)
+    sel = [(0, "ED")] if T == 1 else resolve_phases(phases, T, es_t)
     stacks = []
     for t, name in sel:
         stacks.append(Stack(
