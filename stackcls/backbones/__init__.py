@@ -6,127 +6,89 @@
     f = backbones.features(m, images)                   # (N, H, W, 3) RGB 0..255 -> (N, D)
 
 `create(name, weights="imagenet" | None | path, input_size=None, **options)`: "imagenet" uses the
-Keras weight file from `~/.keras/models`, our cache or the Keras bucket (download.py); None
-initialises randomly; a path loads that Keras file (legacy .h5, Keras 3 .h5 or .weights.h5).
-Options: `alpha` for mobilenet (0.25) and mobilenet_v2 (0.35), `seed` for random init.
+Keras weight file the port declares: shipped in the package (MobileNet alpha 0.25), else from
+`~/.keras/models`, our cache or the Keras bucket (download.py); None initialises randomly; a path
+loads that Keras file (legacy .h5, Keras 3 .h5 or .weights.h5). Options: `alpha` for mobilenet
+(0.25) and mobilenet_v2 (0.35); `seed` for random init.
 
-The contract every port follows is in base.py.
+Each port declares its registry entries (`SPECS`) next to its code; the contract every port
+follows is in base.py.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import weakref
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from stackcls.backbones import (cbr, densenet121, download, inception_resnet_v2, inception_v3,
+                                mobilenet, mobilenet_v2, nasnet_mobile, resnet50_v2, vgg16,
+                                xception)
 from stackcls.backbones.base import Backbone, BackboneSpec, Block
 from stackcls.backbones.preprocessing import preprocess_input
+from stackcls.backbones.weights import load_keras_weights
+from stackcls.batching import map_chunks
 
-__all__ = ["names", "spec", "create", "features", "feature_dim", "available", "last_block_filter", "trainable_filter",
-           "Backbone", "BackboneSpec", "Block", "preprocess_input"]
+__all__ = ["names", "spec", "create", "features", "available", "Backbone", "BackboneSpec",
+           "Block", "preprocess_input"]
 
-# name -> module under stackcls.backbones defining SPECS (imported on first use).
-_MODULES = {
-    "vgg16": "vgg16",
-    "mobilenet": "mobilenet",
-    "mobilenet_v2": "mobilenet_v2",
-    "inception_v3": "inception_v3",
-    "resnet50_v2": "resnet50_v2",
-    "inception_resnet_v2": "inception_resnet_v2",
-    "densenet121": "densenet121",
-    "nasnet_mobile": "nasnet_mobile",
-    "xception": "xception",
-    "cbr_large_t": "cbr",
-    "cbr_large_w": "cbr",
-    "cbr_small": "cbr",
-    "cbr_tiny": "cbr",
-}
-
-# Selects the variables of the last convolutional block (what depth-1 training unfreezes).
-last_block_filter = nnx.PathContains("block_last")
+# The ports, in the order names() lists them (the study's order, then the CBR baselines).
+_PORTS = (vgg16, mobilenet, mobilenet_v2, inception_v3, resnet50_v2, inception_resnet_v2,
+          densenet121, nasnet_mobile, xception, cbr)
 
 
-def trainable_filter(depth: int | str):
-    """Which backbone variables train: depth 0 none, depth 1 the last block's Params, "all"
-    every Param (CBR models, trained from scratch)."""
-    if depth == 0:
-        return nnx.Nothing
-    if depth == 1:
-        return nnx.All(nnx.Param, last_block_filter)
-    if depth == "all":
-        return nnx.Param
-    raise ValueError(f"depth must be 0, 1 or 'all', got {depth!r}")
+def _gather(ports) -> dict[str, BackboneSpec]:
+    registry: dict[str, BackboneSpec] = {}
+    for port in ports:
+        for s in port.SPECS:
+            if s.name in registry:
+                raise RuntimeError(f"backbone {s.name!r} registered twice ({port.__name__})")
+            registry[s.name] = s
+    return registry
+
+
+_REGISTRY = _gather(_PORTS)
 
 
 def names() -> list[str]:
-    return list(_MODULES)
+    return list(_REGISTRY)
 
 
 def available() -> list[str]:
-    """Names whose port is importable (all of names() once every port has landed)."""
-    out = []
-    for n in _MODULES:
-        try:
-            spec(n)
-            out.append(n)
-        except NotImplementedError:
-            pass
-    return out
+    """Names that can be built here: every registered port (all are importable)."""
+    return names()
 
 
 def spec(name: str) -> BackboneSpec:
-    if name not in _MODULES:
-        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(_MODULES)}")
-    modname = f"stackcls.backbones.{_MODULES[name]}"
-    try:
-        mod = importlib.import_module(modname)
-    except ModuleNotFoundError as e:
-        if e.name == modname:
-            raise NotImplementedError(f"backbone {name!r} is not ported yet ({modname})") from e
-        raise
-    specs = getattr(mod, "SPECS", {})
-    if name not in specs:
-        raise NotImplementedError(f"backbone {name!r} is not registered yet ({modname}.SPECS)")
-    return specs[name]
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def create(name: str, weights: str | Path | None = "imagenet", input_size: int | None = None,
            *, seed: int = 0, **options) -> Backbone:
     """Build a backbone; see the module docstring."""
     s = spec(name)
-    unknown = set(options) - set(s.kwargs)
+    unknown = set(options) - set(s.options)
     if unknown:
-        raise TypeError(f"{name} takes options {sorted(s.kwargs)}, not {sorted(unknown)}")
-    opts = {**s.kwargs, **options}
+        raise TypeError(f"{name} takes options {sorted(s.options)}, not {sorted(unknown)}")
+    opts = {**s.options, **options}
     size = int(input_size or s.input_size)
     if size < s.min_size:
         raise ValueError(f"{name} needs input_size >= {s.min_size}, got {size}")
-    model = s.build(input_size=size, rngs=nnx.Rngs(seed), **opts)
+    model = s.build(size, nnx.Rngs(seed), **opts)
     model.freeze_order()
     if weights is None:
         return model
-    from stackcls.backbones import download, weights as W
     if isinstance(weights, str) and weights == "imagenet":
-        if not s.pretrained:
-            raise ValueError(f"{name} has no ImageNet weights (trained from scratch); "
-                             "use weights=None")
-        path = download.fetch(download.weight_file(name, input_size=size, **opts))
+        path = download.fetch(s.weight_file(size, **opts))
     else:
         path = Path(weights)
-    return W.load_keras_weights(model, path)
-
-
-def feature_dim(model: Backbone) -> int:
-    """D of features(): the channels of the last feature map (no computation)."""
-    n = model.input_size
-    out = jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, n, n, 3), jnp.float32))
-    return int(out.shape[-1])
+    return load_keras_weights(model, path)
 
 
 @functools.lru_cache(maxsize=32)
@@ -179,13 +141,6 @@ def features(model: Backbone, images, *, batch_size: int | None = None, dtype=No
     graphdef, treedef, variables = _split(model)
     values = [v[...] for v in variables]
     fn = _features_fn(graphdef, treedef, None if dtype is None else jnp.dtype(dtype))
-    if batch_size is None or images.shape[0] <= batch_size:
-        return fn(values, images)
-    outs = []
-    for i in range(0, images.shape[0], batch_size):
-        chunk = images[i:i + batch_size]
-        k = chunk.shape[0]
-        if k < batch_size:
-            chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - k, n, n, 3), chunk.dtype)])
-        outs.append(fn(values, chunk)[:k])
-    return jnp.concatenate(outs)
+    # A batch that fits runs as one unpadded call (its own compiled shape, as before chunking).
+    chunk = None if batch_size is None or images.shape[0] <= batch_size else batch_size
+    return map_chunks(lambda x: fn(values, x), images, chunk)

@@ -7,12 +7,13 @@ How to write a port (one module per architecture, e.g. stackcls/backbones/xcepti
    mirrors (`keras.applications` names: "block1_conv1", "conv_dw_13_bn", ...). Layers Keras
    leaves unnamed (InceptionV3's "conv2d_37") get the name Keras 3 gives them in a fresh session
    ("conv2d", "conv2d_1", ..., in Keras's creation order), which keeps names readable; loading
-   does not rely on them (see 4).
-2. Set `self.input_size` (int) and `self.preprocess` ("caffe" | "tf" | "torch").
-3. Put ALL weight-bearing layers of the last convolutional block (GUIDE.md section 2) under the
-   attribute `self.block_last` (a `Block`, i.e. an nnx.Module holding them as attributes), so
-   `nnx.PathContains("block_last")` selects exactly what depth-1 training unfreezes. Everything
-   else lives outside `block_last`.
+   does not rely on them (see 5).
+2. Set `self.input_size` (int, the constructor's `input_size` argument) and, as a class
+   attribute, `preprocess` ("caffe" | "tf" | "torch"): the Keras preprocess_input mode.
+3. Put ALL weight-bearing layers of the last convolutional block (the block depth-1 training
+   fine-tunes) under the attribute `self.block_last` (a `Block`, i.e. an nnx.Module holding them
+   as attributes), so `nnx.PathContains("block_last")` selects exactly what depth-1 training
+   unfreezes. Everything else lives outside `block_last`.
 4. Implement
      `trunk(x, train=False) -> carry`: preprocessed NHWC input -> activations entering the last
          block (any pytree: an array, or a tuple when the block needs two inputs, as NASNet's
@@ -31,9 +32,10 @@ How to write a port (one module per architecture, e.g. stackcls/backbones/xcepti
    otherwise by this order, checking layer type, number of weights and every shape, and names
    that are not Keras auto-names ("conv2d_12"). The equivalence test
    (tests/test_keras_equivalence.py) proves the order against Keras.
-6. Register: the module defines `SPECS = {name: BackboneSpec(...)}`, and the registry's table
-   `_MODULES` in backbones/__init__.py maps each name to its module (all names are already
-   listed). Weight files (URL, hash, cache name) live in download.py, keyed by name.
+6. Register: the module ends with `SPECS = (BackboneSpec(name, cls, input_size, ...), ...)`:
+   the name, default and minimum input size, the user options with their defaults, and the
+   ImageNet files (`download.keras_file(url path, hash, alpha=, rows=)`); the registry gathers
+   the SPECS of the modules listed in backbones/__init__.py, once, at import.
 7. Add the Keras constructor for the name to tests/keras_reference.py; the equivalence test
    then covers the port.
 
@@ -48,6 +50,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from stackcls.backbones.download import WeightFile
 from stackcls.backbones.layers import KerasLayer, creation_order, keras_layers
 
 PREPROCESS_MODES = ("caffe", "tf", "torch")
@@ -64,8 +67,8 @@ class Block(nnx.Module):
 class Backbone(nnx.Module):
     """Base class of all ports; see the module docstring for the contract."""
 
+    preprocess: str  # class attribute of each port: its Keras preprocess_input mode
     input_size: int
-    preprocess: str
     block_last: nnx.Module
 
     def trunk(self, x, train: bool = False):
@@ -95,22 +98,44 @@ class Backbone(nnx.Module):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Registry entry (timm-style).
+    """Registry entry of one backbone name (in the spirit of timm's pretrained configs).
 
-    build(input_size=..., rngs=..., **kwargs) -> Backbone
-    kwargs: the options `create()` accepts for this name and their defaults (e.g. alpha).
-    pretrained: whether Keras ImageNet weights exist (False for CBR).
+    cls(input_size=..., rngs=..., **config, **options) builds it. options: what `create()`
+    accepts for this name, with defaults (e.g. alpha); config: fixed constructor arguments (one
+    class behind several names, as CBR). pretrained: its ImageNet files (empty: trained from
+    scratch); `weight_file()` picks one as keras.applications does.
     """
 
     name: str
-    build: Callable[..., Backbone]
+    cls: type[Backbone]
     input_size: int
-    preprocess: str
-    pretrained: bool = True
-    kwargs: dict[str, Any] = field(default_factory=dict)
     min_size: int = 32
+    pretrained: tuple[WeightFile, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
 
     def __post_init__(self):
         if self.preprocess not in PREPROCESS_MODES:
             raise ValueError(f"{self.name}: preprocess must be one of {PREPROCESS_MODES}")
+
+    @property
+    def preprocess(self) -> str:
+        return self.cls.preprocess
+
+    def build(self, input_size: int, rngs: nnx.Rngs, **options) -> Backbone:
+        return self.cls(input_size=input_size, rngs=rngs, **self.config, **options)
+
+    def weight_file(self, input_size: int | None = None, **options) -> WeightFile:
+        """The file Keras would load: the alpha must be one Keras trained; an input size with no
+        file of its own gets the 224 file (Keras warns and does the same)."""
+        if not self.pretrained:
+            raise ValueError(f"{self.name} has no ImageNet weights (trained from scratch); "
+                             "use weights=None")
+        alpha = options.get("alpha", self.options.get("alpha"))
+        files = [f for f in self.pretrained if f.alpha is None or f.alpha == float(alpha)]
+        if not files:
+            alphas = sorted({f.alpha for f in self.pretrained})
+            raise ValueError(f"{self.name} has ImageNet weights for alpha {alphas}, not {alpha}")
+        rows = {f.rows: f for f in files}
+        return rows.get(input_size) or rows.get(224) or rows[None]

@@ -41,16 +41,16 @@ class _CBRBlock(nnx.Module):
 
 
 class CBR(Backbone):
-    def __init__(self, input_size=224, kernel=7, filters=(32, 64, 128, 256), *, rngs: nnx.Rngs):
+    preprocess = "tf"
+
+    def __init__(self, input_size, kernel, filters, *, rngs: nnx.Rngs):
         self.input_size = input_size
-        self.preprocess = "tf"
         blocks, cin = [], 3
         for i, f in enumerate(filters, start=1):
             blocks.append(_CBRBlock(i, cin, f, kernel, rngs))
             cin = f
         self.blocks = nnx.List(blocks[:-1])
         self.block_last = Block(block=blocks[-1])
-        self.features_dim = cin
 
     def trunk(self, x, train=False):
         for b in self.blocks:
@@ -69,13 +69,8 @@ def min_input_size(kernel, n_blocks):
     return s
 
 
-def _spec(name):
-    k, f = CONFIGS[name]
-
-    def build(input_size=224, *, rngs):
-        return CBR(input_size, k, f, rngs=rngs)
-    return BackboneSpec(name, build, 224, "tf", pretrained=False, min_size=min_input_size(k, len(f)),
-                        doc=f"CBR {k}x{k}, filters {'-'.join(map(str, f))}, from scratch")
-
-
-SPECS = {n: _spec(n) for n in CONFIGS}
+SPECS = tuple(
+    BackboneSpec(name, CBR, 224, min_size=min_input_size(k, len(f)),
+                 config={"kernel": k, "filters": f},
+                 doc=f"CBR {k}x{k}, filters {'-'.join(map(str, f))}, from scratch")
+    for name, (k, f) in CONFIGS.items())

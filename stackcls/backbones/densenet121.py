@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stackcls.backbones.base import Backbone, BackboneSpec
+from stackcls.backbones.download import keras_file
 from stackcls.backbones.layers import BatchNorm, Conv2D, KerasLayer, avg_pool, max_pool, zero_pad
 
 EPS = 1.001e-5  # Keras uses this epsilon for every DenseNet BN
@@ -97,11 +98,9 @@ class DenseNet121(Backbone):
     Output (N, h, w, 1024)."""
 
     preprocess = "torch"
-    keras_name = "densenet121"
 
-    def __init__(self, input_size: int | None = None, *, rngs: nnx.Rngs | None = None):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.input_size = input_size or 224
+    def __init__(self, input_size: int, *, rngs: nnx.Rngs):
+        self.input_size = input_size
         self.conv1_conv = Conv2D("conv1_conv", 3, 64, 7, strides=2, padding="valid",
                                  use_bias=False, rngs=rngs)
         self.conv1_bn = BatchNorm("conv1_bn", 64, epsilon=EPS)
@@ -137,5 +136,6 @@ class DenseNet121(Backbone):
         return [layer.name for layer in self.ordered_layers()]
 
 
-SPECS = {"densenet121": BackboneSpec("densenet121", DenseNet121, 224, "torch",
-                                     doc="DenseNet121, 1024 features")}
+SPECS = (BackboneSpec("densenet121", DenseNet121, 224, pretrained=(keras_file(
+    "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "30ee3e1110167f948a6b9946edeeb738"),), doc="DenseNet121, 1024 features"),)

@@ -1,11 +1,13 @@
 """Keras Applications ImageNet weight files: where they come from, where they are cached.
 
-`weight_file(name, **options)` names the file Keras would download for a backbone (no top);
-`fetch(wf)` returns a local path: Keras's own cache (`$KERAS_HOME/models` or `~/.keras/models`),
-then ours (`$STACKCLS_CACHE/weights` or `~/.cache/stackcls/weights`), else downloads it from the
-Keras Applications bucket, verifies the hash Keras publishes (md5; sha256 where we know it) and
-moves it into our cache atomically (temp file in the same folder, then os.replace). Offline (or
-with STACKCLS_OFFLINE=1) the error says which file to put where.
+Each port declares its files (`WeightFile`, usually through `keras_file`) in its registry entry;
+`BackboneSpec.weight_file(...)` picks one. `fetch(wf)` returns a local path: a file shipped in the
+package (`packaged`, hash checked), else Keras's own cache (`$KERAS_HOME/models` or
+`~/.keras/models`), then ours (`$STACKCLS_CACHE/weights` or `~/.cache/stackcls/weights`), else it
+downloads it from the Keras Applications bucket, verifies the hash Keras publishes (md5; sha256
+where we checked the file ourselves) and moves it into our cache atomically (temp file in the same
+folder, then os.replace). Offline (or with STACKCLS_OFFLINE=1) the error says which file to put
+where.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from stackcls.progress import bar as tqdm
+
 BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+# Weight files shipped inside the package (see imagenet/README.md there: provenance, licence).
+PACKAGED_DIR = Path(__file__).resolve().parent / "imagenet"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -27,70 +34,30 @@ class WeightsUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class WeightFile:
+    """One no-top ImageNet file of Keras Applications and the options it serves.
+
+    alpha / rows: the width multiplier and input size Keras trained the file for (None: the
+    port has one file for all). packaged: shipped in PACKAGED_DIR (needs file_hash)."""
+
     fname: str  # the name Keras caches it under (~/.keras/models/<fname>)
     url: str
     file_hash: str | None = None  # md5 (32 hex) or sha256 (64 hex), as Keras's get_file accepts
+    alpha: float | None = None
+    rows: int | None = None
+    packaged: bool = False
+
+    def __post_init__(self):
+        if self.packaged and not self.file_hash:
+            raise ValueError(f"{self.fname}: a packaged weight file needs its hash")
 
 
-_MOBILENET_ALPHAS = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}
-_MOBILENET_ROWS = (128, 160, 192, 224)
-_MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
-_MOBILENET_V2_ROWS = (96, 128, 160, 192, 224)
-
-# Hashes we checked ourselves on the real file where Keras publishes none.
-_KNOWN_SHA256 = {
-    "mobilenet_2_5_224_tf_no_top.h5":
-        "dbdb03ee2a22fd895301636cd328b234bb3a9952358f436d82f46b81e0d5b0bf",
-}
-
-# name -> (Keras cache file name, URL path under BASE, md5 from keras/src/applications/*.py)
-_FIXED = {
-    "vgg16": ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-              "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-              "6d6bbae143d832006294945121d1f1fc"),
-    "inception_v3": ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                     "bcbd6486424b2319ff4ef7d526e38f63"),
-    "resnet50_v2": ("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    "resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    "fac2f116257151a9d068a22e544a4917"),
-    "inception_resnet_v2": ("inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                            "inception_resnet_v2/"
-                            "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                            "d19885ff4a710c122648d3b5c3b684e4"),
-    "densenet121": ("densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    "30ee3e1110167f948a6b9946edeeb738"),
-    "nasnet_mobile": ("nasnet_mobile_no_top.h5", "nasnet/NASNet-mobile-no-top.h5",
-                      "1ed92395b5b598bdda52abe5c0dbfd63"),
-    "xception": ("xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                 "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                 "b0042744bf5b25fce3cb969f33bebb97"),
-}
-
-
-def weight_file(name: str, alpha: float | None = None, input_size: int | None = None) -> WeightFile:
-    """The Keras no-top ImageNet weight file for a backbone (options as Keras picks its file)."""
-    if name in _FIXED:
-        fname, path, md5 = _FIXED[name]
-        return WeightFile(fname, BASE + path, md5)
-    if name == "mobilenet":
-        alpha = 0.25 if alpha is None else float(alpha)
-        if alpha not in _MOBILENET_ALPHAS:
-            raise ValueError(f"mobilenet has ImageNet weights for alpha {list(_MOBILENET_ALPHAS)}, "
-                             f"not {alpha}")
-        rows = input_size if input_size in _MOBILENET_ROWS else 224
-        fname = f"mobilenet_{_MOBILENET_ALPHAS[alpha]}_{rows}_tf_no_top.h5"
-        return WeightFile(fname, BASE + "mobilenet/" + fname, _KNOWN_SHA256.get(fname))
-    if name == "mobilenet_v2":
-        alpha = 0.35 if alpha is None else float(alpha)
-        if alpha not in _MOBILENET_V2_ALPHAS:
-            raise ValueError(f"mobilenet_v2 has ImageNet weights for alpha "
-                             f"{list(_MOBILENET_V2_ALPHAS)}, not {alpha}")
-        rows = input_size if input_size in _MOBILENET_V2_ROWS else 224
-        fname = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}_no_top.h5"
-        return WeightFile(fname, BASE + "mobilenet_v2/" + fname, _KNOWN_SHA256.get(fname))
-    raise KeyError(f"no Keras ImageNet weights known for {name!r}")
+def keras_file(path: str, file_hash: str | None = None, *, fname: str | None = None,
+               alpha: float | None = None, rows: int | None = None,
+               packaged: bool = False) -> WeightFile:
+    """The file at `path` in the Keras Applications bucket; `fname` when Keras caches it under
+    another name than the URL's (NASNet)."""
+    return WeightFile(fname or path.rsplit("/", 1)[-1], BASE + path, file_hash, alpha, rows,
+                      packaged)
 
 
 def keras_cache_dir() -> Path:
@@ -123,9 +90,23 @@ def _where_to_put(wf: WeightFile, cache: Path) -> str:
             f"{keras_cache_dir() / wf.fname} or {cache / wf.fname} (or pass weights=<path>).")
 
 
+def _packaged(wf: WeightFile) -> Path:
+    p = PACKAGED_DIR / wf.fname
+    if not p.is_file():
+        raise WeightsUnavailableError(f"{p} is missing: the installed stackcls package is "
+                                      "incomplete; reinstall it.")
+    if not verify(p, wf.file_hash):
+        raise WeightsUnavailableError(f"{p} does not match its {_algorithm(wf.file_hash)} "
+                                      f"{wf.file_hash}: the installed package is damaged; "
+                                      "reinstall it.")
+    return p
+
+
 def fetch(wf: WeightFile, cache: Path | None = None, *, offline: bool | None = None,
           timeout: float = 30.0, progress: bool = True) -> Path:
     """Local path of a weight file, downloading it into the cache if needed."""
+    if wf.packaged:
+        return _packaged(wf)
     cache = Path(cache) if cache is not None else cache_dir()
     for p in (keras_cache_dir() / wf.fname, cache / wf.fname):
         if p.is_file():
@@ -155,7 +136,6 @@ def download(wf: WeightFile, cache: Path, *, timeout: float = 30.0, progress: bo
                 n = 0
                 bar = None
                 if progress:
-                    from stackcls.progress import bar as tqdm
                     bar = tqdm(total=total, unit="B", unit_scale=True, desc=wf.fname, leave=False)
                 while chunk := resp.read(1 << 20):
                     out.write(chunk)

@@ -2,8 +2,8 @@
 (include_top=False).
 
 Read top to bottom like keras/src/applications/inception_resnet_v2.py. Every Keras `conv2d_bn` is
-a `ConvBN`: Conv2D without bias, BatchNormalization with scale=False (no gamma), optional ReLU.
-Unnamed ones get Keras's automatic names as a fresh session would give them (`conv2d_N`,
+a `ConvBN` (keras_graph.py): Conv2D without bias, BatchNormalization with scale=False (no gamma),
+ReLU. Unnamed ones get Keras's automatic names as a fresh session would give them (`conv2d_N`,
 `batch_normalization_N`); weights are matched by Keras's layer order (`keras_order`, see
 keras_graph.py). Each residual block ends in a 1x1 Conv2D with bias and no BatchNorm
 (`block35_1_conv`), added to the shortcut scaled by 0.17 / 0.1 / 0.2 (Keras's CustomScaleLayer).
@@ -18,33 +18,14 @@ from flax import nnx
 
 from stackcls.backbones import layers as L
 from stackcls.backbones.base import Backbone, BackboneSpec, Block
-from stackcls.backbones.inception_v3 import _Names, concat, max_pool_3x3_s2, parallel_1x1, relu
-from stackcls.backbones.keras_graph import Sym, apply, call, keras_order
-
-INPUT_SIZE = 299
-PREPROCESS = "tf"
+from stackcls.backbones.download import keras_file
+from stackcls.backbones.keras_graph import (ConvBN, KerasNames, Sym, apply, call, concat,
+                                            keras_order, max_pool, parallel_1x1, relu)
 
 
 def scale_add(x, up, scale):
     """Keras CustomScaleLayer([x, up]): x + up * scale."""
     return apply(lambda a, b: a + b * scale, x, up)
-
-
-class ConvBN(nnx.Module):
-    """Keras `conv2d_bn`: Conv2D(use_bias=False) -> BatchNormalization(scale=False) -> ReLU.
-    `name` None: Keras auto-names; else conv `name`, BN `name_bn` (and ReLU `name_ac`)."""
-
-    def __init__(self, names, in_ch, filters, kernel, strides=1, padding="same", name=None, *,
-                 rngs):
-        self.conv = L.Conv2D(name or names("conv2d"), in_ch, filters, kernel, strides, padding,
-                             use_bias=False, rngs=rngs)
-        self.bn = L.BatchNorm(f"{name}_bn" if name else names("batch_normalization"), filters,
-                              scale=False)
-
-    def __call__(self, x, train=False):
-        x = call(self.conv, x)
-        x = call(self.bn, x, train=train)
-        return relu(x)
 
 
 class Branch(nnx.Module):
@@ -103,7 +84,7 @@ class Reduction(nnx.Module):
             outs = run_branches(x, list(self.branches), train=train)
         else:
             outs = [b(x, train) for b in self.branches]
-        return concat(outs + [max_pool_3x3_s2(x)])
+        return concat(outs + [max_pool(x, 3, 2, "valid")])
 
 
 _BRANCHES = {
@@ -133,10 +114,11 @@ class InceptionResNetBlock(nnx.Module):
 
 
 class InceptionResNetV2(Backbone):
-    def __init__(self, input_size: int = INPUT_SIZE, *, rngs: nnx.Rngs):
+    preprocess = "tf"
+
+    def __init__(self, input_size: int, *, rngs: nnx.Rngs):
         self.input_size = input_size
-        self.preprocess = PREPROCESS
-        names = _Names()
+        names = KerasNames()
         self.stem = Branch(names, 3, [(32, 3, 2, "valid"), (32, 3, 1, "valid"), (64, 3)],
                            rngs=rngs)
         # max pool 3x3/2
@@ -163,12 +145,11 @@ class InceptionResNetV2(Backbone):
             block8_10=InceptionResNetBlock(names, c, "block8", 10, 1.0, activation=False,
                                            rngs=rngs),
             conv_7b=ConvBN(names, c, 1536, 1, name="conv_7b", rngs=rngs))
-        self.features_dim = 1536
 
     def trunk(self, x, train=False):
         """Preprocessed images (N, H, W, 3) -> block8_9 output, the input of block8_10."""
-        x = max_pool_3x3_s2(self.stem(x, train))
-        x = max_pool_3x3_s2(self.stem2(x, train))
+        x = max_pool(self.stem(x, train), 3, 2, "valid")
+        x = max_pool(self.stem2(x, train), 3, 2, "valid")
         x = self.mixed_5b(x, train)
         for b in self.block35:
             x = b(x, train)
@@ -189,6 +170,7 @@ class InceptionResNetV2(Backbone):
         return [layer.name for layer in keras_order(self(Sym()))]
 
 
-SPECS = {"inception_resnet_v2": BackboneSpec(
-    "inception_resnet_v2", InceptionResNetV2, INPUT_SIZE, PREPROCESS, min_size=75,
-    doc="InceptionResNetV2, features from conv_7b (1536)")}
+SPECS = (BackboneSpec("inception_resnet_v2", InceptionResNetV2, 299, min_size=75, pretrained=(
+    keras_file("inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+               "d19885ff4a710c122648d3b5c3b684e4"),),
+    doc="InceptionResNetV2, features from conv_7b (1536)"),)

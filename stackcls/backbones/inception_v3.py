@@ -1,118 +1,35 @@
 """InceptionV3 (Szegedy et al. 2016), a port of keras.applications.InceptionV3 (include_top=False).
 
 Read top to bottom like keras/src/applications/inception_v3.py. Every Keras `conv2d_bn` is a
-`ConvBN`: Conv2D without bias, BatchNormalization with scale=False (no gamma), ReLU. Keras names
-those layers automatically (`conv2d_N`, `batch_normalization_N`, N in creation order, offset by any
-model built earlier in the session), so we name them as a fresh Keras session would and match
-weights by Keras's layer order (`keras_order`, see keras_graph.py).
+`ConvBN` (keras_graph.py): Conv2D without bias, BatchNormalization with scale=False (no gamma),
+ReLU. Keras names those layers automatically (`conv2d_N`, `batch_normalization_N`, N in creation
+order, offset by any model built earlier in the session), so we name them as a fresh Keras
+session would and match weights by Keras's layer order (`keras_order`, see keras_graph.py).
 
 Depth-1 training unfreezes `block_last`, the mixed10 module.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from stackcls.backbones import layers as L
 from stackcls.backbones.base import Backbone, BackboneSpec
-from stackcls.backbones.keras_graph import Sym, apply, call, keras_order
-
-INPUT_SIZE = 299
-PREPROCESS = "tf"
-
-
-# ---- Keras layers without weights (each one node of the Keras graph) -----------------------------
-
-def relu(x):
-    return apply(jax.nn.relu, x)
-
-
-def concat(xs):
-    return apply(lambda *a: jnp.concatenate(a, axis=-1), *xs)
-
-
-def avg_pool_3x3_same(x):
-    return apply(lambda y: L.avg_pool(y, 3, 1, "same"), x)
-
-
-def max_pool_3x3_s2(x):
-    return apply(lambda y: L.max_pool(y, 3, 2, "valid"), x)
-
-
-class _Names:
-    """Keras auto-names in creation order: conv2d, conv2d_1, ...; batch_normalization, ..."""
-
-    def __init__(self):
-        self._count = {}
-
-    def __call__(self, base):
-        n = self._count.get(base, 0)
-        self._count[base] = n + 1
-        return base if n == 0 else f"{base}_{n}"
-
-
-class ConvBN(nnx.Module):
-    """Keras `conv2d_bn`: Conv2D(use_bias=False) -> BatchNormalization(scale=False) -> ReLU."""
-
-    def __init__(self, names, in_ch, filters, kh, kw, strides=1, padding="same", *, rngs):
-        self.conv = L.Conv2D(names("conv2d"), in_ch, filters, (kh, kw), strides, padding,
-                             use_bias=False, rngs=rngs)
-        self.bn = L.BatchNorm(names("batch_normalization"), filters, scale=False)
-
-    def __call__(self, x, train=False):
-        x = call(self.conv, x)
-        x = call(self.bn, x, train=train)
-        return relu(x)
-
-
-# True / False: always / never fuse parallel 1x1 convs; "auto": fuse where the activations
-# outweigh the kernels (the kernels are concatenated on every call, a copy that costs more
-# than it saves on small maps, e.g. mixed9/10 at 8x8 or tiny test inputs).
-FUSE_1X1 = "auto"
-
-
-def parallel_1x1(x, convbns, pool_branch=None, train=False):
-    """[c(x) for c in convbns] (+ pool_branch(avg_pool_3x3_same(x))) for 1x1 stride-1 ConvBNs.
-
-    Computed as ONE 1x1 convolution with the kernels concatenated: the same dot products, one
-    pass over x and one larger matrix product instead of several small ones. The pool branch
-    joins it because a 3x3 average pool and a 1x1 convolution are both linear and commute
-    (BatchNorm comes after both), so only the branch's own channels are pooled.
-    """
-    n_out = sum(c.conv.kernel.shape[-1] for c in convbns) + (
-        pool_branch.conv.kernel.shape[-1] if pool_branch else 0)
-    fuse = FUSE_1X1 if FUSE_1X1 != "auto" else (
-        not isinstance(x, Sym) and x.shape[0] * x.shape[1] * x.shape[2] >= 4 * n_out)
-    if isinstance(x, Sym) or not fuse:
-        out = [c(x, train) for c in convbns]
-        return out + ([pool_branch(avg_pool_3x3_same(x), train)] if pool_branch else [])
-    allc = list(convbns) + ([pool_branch] if pool_branch else [])
-    kernels = [c.conv.kernel[...] for c in allc]
-    assert all(k.shape[:2] == (1, 1) for k in kernels) and all(c.conv.strides == (1, 1) for c in allc)
-    k = jnp.concatenate(kernels, axis=-1)[0, 0]
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), k).reshape(*x.shape[:-1], k.shape[-1])
-    ys, start = [], 0
-    for kk in kernels:
-        ys.append(y[..., start:start + kk.shape[-1]])
-        start += kk.shape[-1]
-    if pool_branch:
-        ys[-1] = L.avg_pool(ys[-1], 3, 1, "same")
-    return [jax.nn.relu(c.bn(yi, train)) for c, yi in zip(allc, ys)]
+from stackcls.backbones.download import keras_file
+from stackcls.backbones.keras_graph import (ConvBN, KerasNames, Sym, concat, keras_order,
+                                            max_pool, parallel_1x1)
 
 
 class InceptionA(nnx.Module):
     """mixed0..mixed2: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
 
     def __init__(self, names, in_ch, pool_filters, *, rngs):
-        self.branch1x1 = ConvBN(names, in_ch, 64, 1, 1, rngs=rngs)
-        self.branch5x5_1 = ConvBN(names, in_ch, 48, 1, 1, rngs=rngs)
-        self.branch5x5_2 = ConvBN(names, 48, 64, 5, 5, rngs=rngs)
-        self.branch3x3dbl_1 = ConvBN(names, in_ch, 64, 1, 1, rngs=rngs)
-        self.branch3x3dbl_2 = ConvBN(names, 64, 96, 3, 3, rngs=rngs)
-        self.branch3x3dbl_3 = ConvBN(names, 96, 96, 3, 3, rngs=rngs)
-        self.branch_pool = ConvBN(names, in_ch, pool_filters, 1, 1, rngs=rngs)
+        self.branch1x1 = ConvBN(names, in_ch, 64, 1, rngs=rngs)
+        self.branch5x5_1 = ConvBN(names, in_ch, 48, 1, rngs=rngs)
+        self.branch5x5_2 = ConvBN(names, 48, 64, 5, rngs=rngs)
+        self.branch3x3dbl_1 = ConvBN(names, in_ch, 64, 1, rngs=rngs)
+        self.branch3x3dbl_2 = ConvBN(names, 64, 96, 3, rngs=rngs)
+        self.branch3x3dbl_3 = ConvBN(names, 96, 96, 3, rngs=rngs)
+        self.branch_pool = ConvBN(names, in_ch, pool_filters, 1, rngs=rngs)
         self.out_ch = 64 + 64 + 96 + pool_filters
 
     def __call__(self, x, train=False):
@@ -127,33 +44,33 @@ class ReductionA(nnx.Module):
     """mixed3: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
 
     def __init__(self, names, in_ch, *, rngs):
-        self.branch3x3 = ConvBN(names, in_ch, 384, 3, 3, 2, "valid", rngs=rngs)
-        self.branch3x3dbl_1 = ConvBN(names, in_ch, 64, 1, 1, rngs=rngs)
-        self.branch3x3dbl_2 = ConvBN(names, 64, 96, 3, 3, rngs=rngs)
-        self.branch3x3dbl_3 = ConvBN(names, 96, 96, 3, 3, 2, "valid", rngs=rngs)
+        self.branch3x3 = ConvBN(names, in_ch, 384, 3, 2, "valid", rngs=rngs)
+        self.branch3x3dbl_1 = ConvBN(names, in_ch, 64, 1, rngs=rngs)
+        self.branch3x3dbl_2 = ConvBN(names, 64, 96, 3, rngs=rngs)
+        self.branch3x3dbl_3 = ConvBN(names, 96, 96, 3, 2, "valid", rngs=rngs)
         self.out_ch = 384 + 96 + in_ch
 
     def __call__(self, x, train=False):
         b3 = self.branch3x3(x, train)
         bd = self.branch3x3dbl_1(x, train)
         bd = self.branch3x3dbl_3(self.branch3x3dbl_2(bd, train), train)
-        return concat([b3, bd, max_pool_3x3_s2(x)])
+        return concat([b3, bd, max_pool(x, 3, 2, "valid")])
 
 
 class InceptionC(nnx.Module):
     """mixed4..mixed7: 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1 (c7 inner filters)."""
 
     def __init__(self, names, in_ch, c7, *, rngs):
-        self.branch1x1 = ConvBN(names, in_ch, 192, 1, 1, rngs=rngs)
-        self.branch7x7_1 = ConvBN(names, in_ch, c7, 1, 1, rngs=rngs)
-        self.branch7x7_2 = ConvBN(names, c7, c7, 1, 7, rngs=rngs)
-        self.branch7x7_3 = ConvBN(names, c7, 192, 7, 1, rngs=rngs)
-        self.branch7x7dbl_1 = ConvBN(names, in_ch, c7, 1, 1, rngs=rngs)
-        self.branch7x7dbl_2 = ConvBN(names, c7, c7, 7, 1, rngs=rngs)
-        self.branch7x7dbl_3 = ConvBN(names, c7, c7, 1, 7, rngs=rngs)
-        self.branch7x7dbl_4 = ConvBN(names, c7, c7, 7, 1, rngs=rngs)
-        self.branch7x7dbl_5 = ConvBN(names, c7, 192, 1, 7, rngs=rngs)
-        self.branch_pool = ConvBN(names, in_ch, 192, 1, 1, rngs=rngs)
+        self.branch1x1 = ConvBN(names, in_ch, 192, 1, rngs=rngs)
+        self.branch7x7_1 = ConvBN(names, in_ch, c7, 1, rngs=rngs)
+        self.branch7x7_2 = ConvBN(names, c7, c7, (1, 7), rngs=rngs)
+        self.branch7x7_3 = ConvBN(names, c7, 192, (7, 1), rngs=rngs)
+        self.branch7x7dbl_1 = ConvBN(names, in_ch, c7, 1, rngs=rngs)
+        self.branch7x7dbl_2 = ConvBN(names, c7, c7, (7, 1), rngs=rngs)
+        self.branch7x7dbl_3 = ConvBN(names, c7, c7, (1, 7), rngs=rngs)
+        self.branch7x7dbl_4 = ConvBN(names, c7, c7, (7, 1), rngs=rngs)
+        self.branch7x7dbl_5 = ConvBN(names, c7, 192, (1, 7), rngs=rngs)
+        self.branch_pool = ConvBN(names, in_ch, 192, 1, rngs=rngs)
         self.out_ch = 4 * 192
 
     def __call__(self, x, train=False):
@@ -169,34 +86,34 @@ class ReductionB(nnx.Module):
     """mixed8: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
 
     def __init__(self, names, in_ch, *, rngs):
-        self.branch3x3_1 = ConvBN(names, in_ch, 192, 1, 1, rngs=rngs)
-        self.branch3x3_2 = ConvBN(names, 192, 320, 3, 3, 2, "valid", rngs=rngs)
-        self.branch7x7x3_1 = ConvBN(names, in_ch, 192, 1, 1, rngs=rngs)
-        self.branch7x7x3_2 = ConvBN(names, 192, 192, 1, 7, rngs=rngs)
-        self.branch7x7x3_3 = ConvBN(names, 192, 192, 7, 1, rngs=rngs)
-        self.branch7x7x3_4 = ConvBN(names, 192, 192, 3, 3, 2, "valid", rngs=rngs)
+        self.branch3x3_1 = ConvBN(names, in_ch, 192, 1, rngs=rngs)
+        self.branch3x3_2 = ConvBN(names, 192, 320, 3, 2, "valid", rngs=rngs)
+        self.branch7x7x3_1 = ConvBN(names, in_ch, 192, 1, rngs=rngs)
+        self.branch7x7x3_2 = ConvBN(names, 192, 192, (1, 7), rngs=rngs)
+        self.branch7x7x3_3 = ConvBN(names, 192, 192, (7, 1), rngs=rngs)
+        self.branch7x7x3_4 = ConvBN(names, 192, 192, 3, 2, "valid", rngs=rngs)
         self.out_ch = 320 + 192 + in_ch
 
     def __call__(self, x, train=False):
         b3, b7 = parallel_1x1(x, [self.branch3x3_1, self.branch7x7x3_1], train=train)
         b3 = self.branch3x3_2(b3, train)
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(b7, train), train), train)
-        return concat([b3, b7, max_pool_3x3_s2(x)])
+        return concat([b3, b7, max_pool(x, 3, 2, "valid")])
 
 
 class InceptionE(nnx.Module):
     """mixed9, mixed10: 1x1 | 1x1-(1x3,3x1) | 1x1-3x3-(1x3,3x1) | avgpool-1x1."""
 
     def __init__(self, names, in_ch, *, rngs):
-        self.branch1x1 = ConvBN(names, in_ch, 320, 1, 1, rngs=rngs)
-        self.branch3x3 = ConvBN(names, in_ch, 384, 1, 1, rngs=rngs)
-        self.branch3x3_1 = ConvBN(names, 384, 384, 1, 3, rngs=rngs)
-        self.branch3x3_2 = ConvBN(names, 384, 384, 3, 1, rngs=rngs)
-        self.branch3x3dbl = ConvBN(names, in_ch, 448, 1, 1, rngs=rngs)
-        self.branch3x3dbl_0 = ConvBN(names, 448, 384, 3, 3, rngs=rngs)
-        self.branch3x3dbl_1 = ConvBN(names, 384, 384, 1, 3, rngs=rngs)
-        self.branch3x3dbl_2 = ConvBN(names, 384, 384, 3, 1, rngs=rngs)
-        self.branch_pool = ConvBN(names, in_ch, 192, 1, 1, rngs=rngs)
+        self.branch1x1 = ConvBN(names, in_ch, 320, 1, rngs=rngs)
+        self.branch3x3 = ConvBN(names, in_ch, 384, 1, rngs=rngs)
+        self.branch3x3_1 = ConvBN(names, 384, 384, (1, 3), rngs=rngs)
+        self.branch3x3_2 = ConvBN(names, 384, 384, (3, 1), rngs=rngs)
+        self.branch3x3dbl = ConvBN(names, in_ch, 448, 1, rngs=rngs)
+        self.branch3x3dbl_0 = ConvBN(names, 448, 384, 3, rngs=rngs)
+        self.branch3x3dbl_1 = ConvBN(names, 384, 384, (1, 3), rngs=rngs)
+        self.branch3x3dbl_2 = ConvBN(names, 384, 384, (3, 1), rngs=rngs)
+        self.branch_pool = ConvBN(names, in_ch, 192, 1, rngs=rngs)
         self.out_ch = 320 + 768 + 768 + 192
 
     def __call__(self, x, train=False):
@@ -209,17 +126,18 @@ class InceptionE(nnx.Module):
 
 
 class InceptionV3(Backbone):
-    def __init__(self, input_size: int = INPUT_SIZE, *, rngs: nnx.Rngs):
+    preprocess = "tf"
+
+    def __init__(self, input_size: int, *, rngs: nnx.Rngs):
         self.input_size = input_size
-        self.preprocess = PREPROCESS
-        names = _Names()
+        names = KerasNames()
         self.stem = nnx.List([
-            ConvBN(names, 3, 32, 3, 3, 2, "valid", rngs=rngs),
-            ConvBN(names, 32, 32, 3, 3, padding="valid", rngs=rngs),
-            ConvBN(names, 32, 64, 3, 3, rngs=rngs),
+            ConvBN(names, 3, 32, 3, 2, "valid", rngs=rngs),
+            ConvBN(names, 32, 32, 3, padding="valid", rngs=rngs),
+            ConvBN(names, 32, 64, 3, rngs=rngs),
             # max pool 3x3/2
-            ConvBN(names, 64, 80, 1, 1, padding="valid", rngs=rngs),
-            ConvBN(names, 80, 192, 3, 3, padding="valid", rngs=rngs),
+            ConvBN(names, 64, 80, 1, padding="valid", rngs=rngs),
+            ConvBN(names, 80, 192, 3, padding="valid", rngs=rngs),
             # max pool 3x3/2
         ])
         self.mixed0 = InceptionA(names, 192, 32, rngs=rngs)
@@ -233,15 +151,14 @@ class InceptionV3(Backbone):
         self.mixed8 = ReductionB(names, 768, rngs=rngs)
         self.mixed9 = InceptionE(names, self.mixed8.out_ch, rngs=rngs)
         self.block_last = InceptionE(names, self.mixed9.out_ch, rngs=rngs)  # Keras "mixed10"
-        self.features_dim = self.block_last.out_ch  # 2048
 
     def trunk(self, x, train=False):
         """Preprocessed images (N, H, W, 3) -> mixed9 output, the input of mixed10."""
         s = self.stem
         x = s[2](s[1](s[0](x, train), train), train)
-        x = max_pool_3x3_s2(x)
+        x = max_pool(x, 3, 2, "valid")
         x = s[4](s[3](x, train), train)
-        x = max_pool_3x3_s2(x)
+        x = max_pool(x, 3, 2, "valid")
         for block in (self.mixed0, self.mixed1, self.mixed2, self.mixed3, self.mixed4,
                       self.mixed5, self.mixed6, self.mixed7, self.mixed8, self.mixed9):
             x = block(x, train)
@@ -250,13 +167,11 @@ class InceptionV3(Backbone):
     def last_block(self, carry, train=False):
         return self.block_last(carry, train)
 
-    def __call__(self, x, train=False):
-        return self.last_block(self.trunk(x, train), train)
-
     def keras_order(self) -> list[str]:
         """Keras `model.layers` order, replayed on the graph of our forward pass."""
         return [layer.name for layer in keras_order(self(Sym()))]
 
 
-SPECS = {"inception_v3": BackboneSpec("inception_v3", InceptionV3, INPUT_SIZE, PREPROCESS,
-                                      min_size=75, doc="InceptionV3, features from mixed10 (2048)")}
+SPECS = (BackboneSpec("inception_v3", InceptionV3, 299, min_size=75, pretrained=(keras_file(
+    "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "bcbd6486424b2319ff4ef7d526e38f63"),), doc="InceptionV3, features from mixed10 (2048)"),)

@@ -5,10 +5,10 @@ Last convolutional block (depth 1): conv_dw_13 / conv_pw_13 and their BatchNorms
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from stackcls.backbones.base import Backbone, BackboneSpec, Block
+from stackcls.backbones.download import keras_file
 from stackcls.backbones.layers import BatchNorm, Conv2D, DepthwiseConv2D, relu6, zero_pad
 
 # (pointwise filters before alpha, stride) of blocks 1..13
@@ -33,9 +33,10 @@ class _DWBlock(nnx.Module):
 
 
 class MobileNet(Backbone):
-    def __init__(self, input_size=224, alpha=0.25, *, rngs: nnx.Rngs):
+    preprocess = "tf"
+
+    def __init__(self, input_size, alpha, *, rngs: nnx.Rngs):
         self.input_size = input_size
-        self.preprocess = "tf"
         self.alpha = alpha
         c = int(32 * alpha)
         self.conv1 = Conv2D("conv1", 3, c, 3, 2, use_bias=False, rngs=rngs)
@@ -47,7 +48,6 @@ class MobileNet(Backbone):
             c = cout
         self.blocks = nnx.List(blocks[:-1])
         self.block_last = Block(block=blocks[-1])
-        self.features_dim = c
 
     def trunk(self, x, train=False):
         x = relu6(self.conv1_bn(self.conv1(x), train))
@@ -59,5 +59,18 @@ class MobileNet(Backbone):
         return self.block_last.block(x, train)
 
 
-SPECS = {"mobilenet": BackboneSpec("mobilenet", MobileNet, 224, "tf", kwargs={"alpha": 0.25},
-                                   doc="MobileNet v1, alpha 0.25 by default")}
+# Keras trained 4 widths x 4 input sizes; keras.applications picks the file by alpha and rows.
+_ALPHA_TAGS = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}
+_ROWS = (128, 160, 192, 224)
+# Keras publishes no hash for these files. The alpha 0.25 / 224 one we checked ourselves (sha256)
+# and ship inside the package (stackcls/backbones/imagenet/, with its provenance and licence).
+_PACKAGED = (0.25, 224)
+_SHA256 = {_PACKAGED: "dbdb03ee2a22fd895301636cd328b234bb3a9952358f436d82f46b81e0d5b0bf"}
+
+PRETRAINED = tuple(
+    keras_file(f"mobilenet/mobilenet_{tag}_{rows}_tf_no_top.h5", _SHA256.get((alpha, rows)),
+               alpha=alpha, rows=rows, packaged=(alpha, rows) == _PACKAGED)
+    for alpha, tag in _ALPHA_TAGS.items() for rows in _ROWS)
+
+SPECS = (BackboneSpec("mobilenet", MobileNet, 224, pretrained=PRETRAINED,
+                      options={"alpha": 0.25}, doc="MobileNet v1, alpha 0.25 by default"),)

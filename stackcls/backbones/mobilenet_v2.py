@@ -9,6 +9,7 @@ from __future__ import annotations
 from flax import nnx
 
 from stackcls.backbones.base import Backbone, BackboneSpec, Block
+from stackcls.backbones.download import keras_file
 from stackcls.backbones.layers import (BatchNorm, Conv2D, DepthwiseConv2D, correct_pad, relu6,
                                        zero_pad)
 
@@ -63,9 +64,10 @@ class _InvertedResidual(nnx.Module):
 
 
 class MobileNetV2(Backbone):
-    def __init__(self, input_size=224, alpha=0.35, *, rngs: nnx.Rngs):
+    preprocess = "tf"
+
+    def __init__(self, input_size, alpha, *, rngs: nnx.Rngs):
         self.input_size = input_size
-        self.preprocess = "tf"
         self.alpha = alpha
         c = make_divisible(32 * alpha, 8)
         self.conv1 = Conv2D("Conv1", 3, c, 3, 2, use_bias=False, rngs=rngs)
@@ -80,7 +82,6 @@ class MobileNetV2(Backbone):
             block=blocks[-1],
             conv=Conv2D("Conv_1", c, last, 1, use_bias=False, rngs=rngs),
             bn=_bn("Conv_1_bn", last))
-        self.features_dim = last
 
     def trunk(self, x, train=False):
         x = relu6(self.conv1_bn(self.conv1(x), train))
@@ -94,6 +95,11 @@ class MobileNetV2(Backbone):
         return relu6(b.bn(b.conv(x), train))
 
 
-SPECS = {"mobilenet_v2": BackboneSpec("mobilenet_v2", MobileNetV2, 224, "tf",
-                                      kwargs={"alpha": 0.35},
-                                      doc="MobileNetV2, alpha 0.35 by default")}
+# keras.applications picks the file by alpha and rows (Keras publishes no hashes for them).
+PRETRAINED = tuple(
+    keras_file(f"mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}"
+               "_no_top.h5", alpha=alpha, rows=rows)
+    for alpha in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4) for rows in (96, 128, 160, 192, 224))
+
+SPECS = (BackboneSpec("mobilenet_v2", MobileNetV2, 224, pretrained=PRETRAINED,
+                      options={"alpha": 0.35}, doc="MobileNetV2, alpha 0.35 by default"),)

@@ -18,16 +18,14 @@ including its `adjust_*_12` projection).
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from stackcls.backbones import layers as L
 from stackcls.backbones.base import Backbone, BackboneSpec
-from stackcls.backbones.keras_graph import Sym, apply, call, keras_order
+from stackcls.backbones.download import keras_file
+from stackcls.backbones.keras_graph import (Sym, add, apply, avg_pool, call, concat, keras_order,
+                                            max_pool, relu, zero_pad)
 
-INPUT_SIZE = 224
-PREPROCESS = "tf"
 PENULTIMATE_FILTERS = 1056
 NUM_BLOCKS = 4
 STEM_FILTERS = 32
@@ -36,47 +34,14 @@ MULTIPLIER = 2
 _BN = dict(momentum=0.9997, epsilon=1e-3)
 
 
-# ---- Keras layers without weights (each one node of the Keras graph) -----------------------------
-
-def relu(x):
-    return apply(jax.nn.relu, x)
-
-
-def add(xs):
-    return apply(lambda *a: sum(a[1:], a[0]), *xs)
-
-
-def concat(xs):
-    return apply(lambda *a: jnp.concatenate(a, axis=-1), *xs)
-
-
-def avg_pool(x, size, strides, padding):
-    return apply(lambda y: L.avg_pool(y, size, strides, padding), x)
-
-
-def max_pool(x, size, strides, padding):
-    return apply(lambda y: L.max_pool(y, size, strides, padding), x)
-
-
-def zero_pad(x, pad):
-    return apply(lambda y: L.zero_pad(y, pad), x)
-
-
 def crop_top_left(x):
     """Keras Cropping2D(((1, 0), (1, 0)))."""
     return apply(lambda y: y[:, 1:, 1:, :], x)
 
 
-def correct_pad(shape, kernel):
-    """keras.applications.imagenet_utils.correct_pad for NHWC `shape` and a square kernel."""
-    h, w = shape[1], shape[2]
-    c = kernel // 2
-    return ((c - (1 - h % 2), c), (c - (1 - w % 2), c))
-
-
 def pad_for_stride2(x, kernel):
     """Keras ZeroPadding2D(correct_pad(x, kernel)) before a stride-2 "valid" op."""
-    return apply(lambda y: L.zero_pad(y, correct_pad(y.shape, kernel)), x)
+    return apply(lambda y: L.zero_pad(y, L.correct_pad(y, kernel)), x)
 
 
 # ---- building blocks -------------------------------------------------------------------------------
@@ -212,9 +177,10 @@ class ReductionCell(nnx.Module):
 
 
 class NASNetMobile(Backbone):
-    def __init__(self, input_size: int = INPUT_SIZE, *, rngs: nnx.Rngs):
+    preprocess = "tf"
+
+    def __init__(self, input_size: int, *, rngs: nnx.Rngs):
         self.input_size = input_size
-        self.preprocess = PREPROCESS
         f = PENULTIMATE_FILTERS // 24  # 44
         m = MULTIPLIER
         self.stem_conv1 = L.Conv2D("stem_conv1", 3, STEM_FILTERS, 3, 2, "valid", use_bias=False,
@@ -235,7 +201,6 @@ class NASNetMobile(Backbone):
             x_shape, p_shape = cell.out_shape, x_shape
         self.cells = nnx.List(cells[:-1])
         self.block_last = cells[-1]  # normal cell 12
-        self.features_dim = x_shape[1]  # 1056
 
     def trunk(self, x, train=False):
         """Preprocessed images (N, H, W, 3) -> (x, p), the two inputs of the last normal cell."""
@@ -255,6 +220,6 @@ class NASNetMobile(Backbone):
         return [layer.name for layer in keras_order(self(Sym()))]
 
 
-SPECS = {"nasnet_mobile": BackboneSpec("nasnet_mobile", NASNetMobile, INPUT_SIZE, PREPROCESS,
-                                       min_size=32,
-                                       doc="NASNet-A Mobile (4 @ 1056), features 1056")}
+SPECS = (BackboneSpec("nasnet_mobile", NASNetMobile, 224, min_size=32, pretrained=(keras_file(
+    "nasnet/NASNet-mobile-no-top.h5", "1ed92395b5b598bdda52abe5c0dbfd63",
+    fname="nasnet_mobile_no_top.h5"),), doc="NASNet-A Mobile (4 @ 1056), features 1056"),)

@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from stackcls.backbones.base import Backbone, BackboneSpec
+from stackcls.backbones.download import keras_file
 from stackcls.backbones.layers import BatchNorm, Conv2D, KerasLayer, max_pool, zero_pad
 
 EPS = 1.001e-5  # Keras uses this epsilon for every BN of the ResNet family
@@ -84,11 +85,9 @@ class ResNet50V2(Backbone):
     """Input: (N, H, W, 3) after Keras "tf" preprocessing (x / 127.5 - 1). Output (N, h, w, 2048)."""
 
     preprocess = "tf"
-    keras_name = "resnet50v2"
 
-    def __init__(self, input_size: int | None = None, *, rngs: nnx.Rngs | None = None):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.input_size = input_size or 224
+    def __init__(self, input_size: int, *, rngs: nnx.Rngs):
+        self.input_size = input_size
         self.conv1_conv = Conv2D("conv1_conv", 3, 64, 7, strides=2, padding="valid", rngs=rngs)
         blocks, in_ch = [], 64
         for stage, filters, n, stride in STAGES:
@@ -124,5 +123,6 @@ class ResNet50V2(Backbone):
         return [layer.name for layer in self.ordered_layers()]
 
 
-SPECS = {"resnet50_v2": BackboneSpec("resnet50_v2", ResNet50V2, 224, "tf",
-                                     doc="ResNet50V2 (pre-activation), 2048 features")}
+SPECS = (BackboneSpec("resnet50_v2", ResNet50V2, 224, pretrained=(keras_file(
+    "resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "fac2f116257151a9d068a22e544a4917"),), doc="ResNet50V2 (pre-activation), 2048 features"),)

@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from stackcls.backbones.base import Backbone, BackboneSpec, Block
+from stackcls.backbones.download import keras_file
 from stackcls.backbones.layers import Conv2D, max_pool
 
 # filters and number of convolutions per block
@@ -24,16 +25,16 @@ def _convs(block, cin, filters, n, rngs):
 
 
 class VGG16(Backbone):
-    def __init__(self, input_size=224, *, rngs: nnx.Rngs):
+    preprocess = "caffe"
+
+    def __init__(self, input_size, *, rngs: nnx.Rngs):
         self.input_size = input_size
-        self.preprocess = "caffe"
         blocks, cin = [], 3
         for b, (f, n) in enumerate(_BLOCKS, start=1):
             blocks.append(nnx.List(_convs(b, cin, f, n, rngs)))
             cin = f
         self.blocks = nnx.List(blocks[:-1])
         self.block_last = Block(convs=blocks[-1])
-        self.features_dim = cin
 
     @staticmethod
     def _block(convs, x):
@@ -50,4 +51,6 @@ class VGG16(Backbone):
         return self._block(self.block_last.convs, x)
 
 
-SPECS = {"vgg16": BackboneSpec("vgg16", VGG16, 224, "caffe")}
+SPECS = (BackboneSpec("vgg16", VGG16, 224, pretrained=(keras_file(
+    "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "6d6bbae143d832006294945121d1f1fc"),)),)

@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 
 from stackcls.backbones.base import Backbone, BackboneSpec
+from stackcls.backbones.download import keras_file
 from stackcls.backbones.layers import BatchNorm, Conv2D, KerasLayer, SeparableConv2D, max_pool
 
 
@@ -100,13 +101,9 @@ class Xception(Backbone):
     Output (N, h, w, 2048)."""
 
     preprocess = "tf"
-    keras_name = "xception"
 
-    def __init__(self, input_size: int | None = None, *, rngs: nnx.Rngs | None = None):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.input_size = input_size or 299
-        if self.input_size < 71:
-            raise ValueError(f"Xception needs inputs of at least 71 x 71 px, got {self.input_size}")
+    def __init__(self, input_size: int, *, rngs: nnx.Rngs):
+        self.input_size = input_size
         self.block1_conv1 = Conv2D("block1_conv1", 3, 32, 3, strides=2, padding="valid",
                                    use_bias=False, rngs=rngs)
         self.block1_conv1_bn = BatchNorm("block1_conv1_bn", 32)
@@ -145,5 +142,6 @@ class Xception(Backbone):
         return [layer.name for layer in self.ordered_layers()]
 
 
-SPECS = {"xception": BackboneSpec("xception", Xception, 299, "tf", min_size=71,
-                                  doc="Xception, 2048 features, input >= 71 px")}
+SPECS = (BackboneSpec("xception", Xception, 299, min_size=71, pretrained=(keras_file(
+    "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "b0042744bf5b25fce3cb969f33bebb97"),), doc="Xception, 2048 features, input >= 71 px"),)
