@@ -1,17 +1,30 @@
 """predict_stack: caller order, orientation (unknown -> from data; known but contradicted -> warning),
-modes, one compiled call, clear errors; DICOM / NIfTI inputs and the CLI once io lands."""
+modes, one compiled call, clear errors; DICOM / NIfTI / file-list inputs (io.inputs); the
+`stackcls predict` command (cli) and its figure."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
 import pytest
+from flax import nnx
 
-from stackcls.predict import OrientationWarning, Prediction, predict_command, predict_stack
+import stackcls
+from stackcls import backbones
+from stackcls.checkpoint import save_model, save_stack_model
+from stackcls.cli import main, predict_command
+from stackcls.io import load_stacks
+from stackcls.io.inputs import resolve_stack_input
+from stackcls.models import build_classifier
+from stackcls.phantom import cohort
+from stackcls.predict import OrientationWarning, Prediction, _compiled, predict_stack
 from stackcls.stack import Stack, is_ordered
-from stackcls.stack_model import slice_features, train_stack_model
+from stackcls.inference import TrainedModel
+from stackcls.stack_model import StackHead, StackModel, slice_features, train_stack_model
 
 
 class ToyModel:
@@ -113,7 +126,6 @@ def test_modes(model):
 
 
 def test_sixteen_slices_one_compiled_call(model):
-    from stackcls.predict import _compiled
     rng = np.random.default_rng(5)
     m = ToyModel(model.stack_head)
     predict_stack(toy_stack(rng, S=16)[0], m, orientation="unknown")        # warm-up: traced once
@@ -124,6 +136,25 @@ def test_sixteen_slices_one_compiled_call(model):
     (entry,) = _compiled(m, "stack").per_shape.values()
     assert entry[0]._cache_size() == 1                   # one executable for the 16-slice shape
     assert len(entry[1]) >= 1                             # the weights travel as arguments
+
+
+def test_resolved_input_maps_working_to_caller_order():
+    img = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((5, 4, 4), np.float32)
+    w = resolve_stack_input(img, "base_to_apex")
+    assert w.known and w.source == "caller" and w.caller_index.tolist() == [4, 3, 2, 1, 0]
+    assert w.images[:, 0, 0].tolist() == [4, 3, 2, 1, 0] and w.slice_ids == list(range(5))
+    u = resolve_stack_input(img, "unknown")
+    assert not u.known and u.source == "data" and u.caller_index.tolist() == list(range(5))
+    st = Stack(img, [f"f{i}" for i in range(5)], "s", "ED", slice_ids=[9, 8, 7, 6, 5],
+               orientation_known=True)
+    g = resolve_stack_input(st)
+    assert g.known and g.source == "geometry" and g.slice_ids == [9, 8, 7, 6, 5]
+    assert resolve_stack_input(st, "unknown").source == "data"
+    assert resolve_stack_input(st, "apex_to_base").source == "caller"
+    with pytest.raises(ValueError, match="for a Stack"):
+        resolve_stack_input(st, "base_to_apex")
+    with pytest.raises(ValueError, match="orientation must be one of"):
+        resolve_stack_input(img, "left_to_right")
 
 
 def test_clear_errors(model):
@@ -151,12 +182,8 @@ files_test = pytest.mark.filterwarnings("ignore::stackcls.predict.OrientationWar
 
 @pytest.fixture(scope="module")
 def cohort2():
-    io = pytest.importorskip("stackcls.io")
-    if not hasattr(io, "load_stacks"):
-        pytest.skip("stackcls.io.load_stacks not available yet")
-    from stackcls.phantom import cohort
     root = cohort(2, seed=0)
-    return root, io.load_stacks(root / "dicom", labels=root / "labels.csv")
+    return root, load_stacks(root / "dicom", labels=root / "labels.csv")
 
 
 @files_test
@@ -179,7 +206,6 @@ def test_shuffled_dicom_list_follows_caller_order(model, cohort2):
 
 @files_test
 def test_folder_errors_and_phase(model, cohort2, tmp_path):
-    import shutil
     root, stacks = cohort2
     ed = [s for s in stacks if s.phase == "ED"]
     mixed = tmp_path / "two_series"
@@ -200,14 +226,12 @@ def test_folder_errors_and_phase(model, cohort2, tmp_path):
 
 @files_test
 def test_nifti_outputs_follow_file_slice_index(model, cohort2, tmp_path):
-    import nibabel as nib
     rng = np.random.default_rng(7)
     img, y = toy_stack(rng, S=10, a=2, c=2, noise=0.1)
     data = np.ascontiguousarray(np.transpose(img, (1, 2, 0)))     # (rows, cols, S), file order
     aff = np.diag([1.5, 1.5, 8.0, 1.0]); aff[:3, 2] = [-4.0, 4.0, 5.6]   # slice axis along (-1,1,.7) RAS
     path = tmp_path / "stack.nii.gz"
     nib.save(nib.Nifti1Image(data, aff), str(path))
-    from stackcls.io import load_stacks
     st = load_stacks(path)[0]
     p = predict_stack(path, model, mode="slice")
     assert p.slice_ids == list(range(10)) and p.sources == [str(i) for i in range(10)]
@@ -219,18 +243,20 @@ def test_nifti_outputs_follow_file_slice_index(model, cohort2, tmp_path):
 
 
 @files_test
-def test_predict_command(model, cohort2, tmp_path, capsys):
+def test_predict_command(model, cohort2, tmp_path, capsys, monkeypatch):
     root, stacks = cohort2
-    out_json, out_png = tmp_path / "pred.json", tmp_path / "pred.png"
+    out_json, out_png = tmp_path / "out" / "pred.json", tmp_path / "pred.png"
+    monkeypatch.setattr("stackcls.cli.FIGURE_ROWS", len(stacks) - 1)    # two figure pages
     rc = predict_command(root / "dicom", model, json_out=out_json, figure_out=out_png, mode="slice_ordered")
     assert rc == 0
     text = capsys.readouterr().out
     assert text.count("IN range") == len(stacks) and "syn0000/ED" in text
     blob = json.loads(out_json.read_text())
-    assert len(blob["stacks"]) == len(stacks)
+    assert len(blob["stacks"]) == len(stacks) and blob["mode"] == "slice_ordered"
     first = blob["stacks"][0]
     assert len(first["labels"]) == len(first["probabilities"]) == len(first["sources"])
-    assert out_png.stat().st_size > 10_000
+    assert sorted(p.name for p in out_json.parent.iterdir()) == ["pred.json"]   # no temp file left
+    assert out_png.stat().st_size > 10_000 and (tmp_path / "pred-2.png").stat().st_size > 5_000
     assert predict_command(tmp_path / "missing", model) == 2
     assert predict_command(root / "dicom", ToyModel(), mode="stack") == 2       # no stack head
     assert "no stack head" in capsys.readouterr().err
@@ -242,22 +268,13 @@ def test_predict_command(model, cohort2, tmp_path, capsys):
 @files_test
 def test_round_trip_from_run_checkpoint(cohort2, tmp_path, BB="mobilenet", SIZE=32):
     """A run directory as experiments.run writes it (depth0/final + depth0/stack), loaded by path."""
-    ckpt = pytest.importorskip("stackcls.checkpoint")
-    from flax import nnx
-
-    import stackcls
-    from stackcls import backbones
-    from stackcls.cli import main
-    from stackcls.models import build_classifier
-    from stackcls.stack_model import StackHead, StackModel, save_stack_model
-
     root, stacks = cohort2
     clf = build_classifier(backbones.create(BB, weights=None, input_size=SIZE), SIZE)
     run = tmp_path / "run"
-    ckpt.save_model(run / "depth0" / "final", clf, dict(backbone=BB, input_size=SIZE))
+    save_model(run / "depth0" / "final", clf, dict(backbone=BB, input_size=SIZE))
     head = StackModel(StackHead(259, 8, rngs=nnx.Rngs(1)), dict(in_features=259, hidden=8, dropout=0.2))
     save_stack_model(run / "depth0" / "stack", head)
-    in_memory = ckpt.TrainedModel(clf, dict(backbone=BB, input_size=SIZE), head)
+    in_memory = TrainedModel(clf, dict(backbone=BB, input_size=SIZE), head)
 
     loaded = stackcls.load_model(run)
     assert loaded.stack_head is not None
