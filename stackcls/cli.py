@@ -1,11 +1,16 @@
-"""The `stackcls` console command. Argument parsing only: each subcommand calls one function of
-the module that owns the work, imported lazily so `stackcls --help` stays instant."""
+"""The `stackcls` console command. Argument parsing, plus `stackcls predict`'s presentation (the
+terminal summary, the JSON file, the figure pages). Every other subcommand calls one function of
+the module that owns the work. The work's modules are imported inside the functions that need
+them: JAX and the readers take seconds to import, and `stackcls --help` stays instant."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+FIGURE_ROWS = 16           # stacks per figure page
 
 
 def _synth(a):
@@ -14,12 +19,11 @@ def _synth(a):
 
 
 def _inspect(a):
-    from stackcls.io import inspect_command
+    from stackcls.io.inspect import inspect_command
     return inspect_command(a.path, labels=a.labels)
 
 
 def _predict(a):
-    from stackcls.predict import predict_command
     return predict_command(a.path, model=a.model, json_out=a.json, figure_out=a.figure,
                            mode=a.mode)
 
@@ -32,6 +36,88 @@ def _label(a):
 def _review(a):
     from stackcls.label_ui import review_command
     return review_command(a.data, model=a.model, labels=a.labels, save=a.save)
+
+
+def _short(source: str) -> str:
+    return Path(source).name if os.sep in source else source
+
+
+def _summary(pred) -> str:
+    """A `predict.Prediction` as terminal lines: the IN range, then one line per slice, apex
+    first."""
+    head = f"{pred.subject or '?'}/{pred.phase or '?'}: {len(pred.labels)} slices, mode {pred.mode}, "
+    head += f"orientation {pred.orientation} ({pred.orientation_source})"
+    if pred.in_range_apex_to_base is None:
+        rng = "IN range: none"
+    else:
+        a, b = pred.in_range_apex_to_base
+        rng = f"IN range: apex->base ranks {a}..{b} ({b - a + 1} slices)"
+    lines = [head, "  " + rng]
+    if pred.orientation_warning:
+        lines.append("  WARNING: " + pred.orientation_warning)
+    lines.append(f"  {'rank':>4} {'slice':>5}  {'label':<4} {'OAP':>5} {'IN':>5} {'OBS':>5}  source")
+    for r, c in enumerate(pred.apex_to_base):
+        p = pred.probabilities[c]
+        lines.append(f"  {r:>4} {pred.slice_ids[c] if pred.slice_ids else c:>5}  {pred.labels[c]:<4} "
+                     f"{p[0]:5.2f} {p[1]:5.2f} {p[2]:5.2f}  {_short(pred.sources[c])}")
+    return "\n".join(lines)
+
+
+def predict_command(path, model, json_out=None, figure_out=None, mode: str = "stack") -> int:
+    """`stackcls predict PATH --model RUN_DIR [--json OUT] [--figure OUT.png] [--mode ...]`:
+    every stack under PATH, a summary of each on stdout. Returns 0, 1 (no stack predicted) or 2
+    (bad arguments)."""
+    # see the module docstring: imported when the command runs
+    from stackcls import figures
+    from stackcls.atomic import write_json
+    from stackcls.io import scan
+    from stackcls.predict import MODES, as_model, predict_stack
+
+    path = Path(path)
+    if not path.exists():
+        print(f"error: {path}: no such file or folder", file=sys.stderr)
+        return 2
+    try:
+        m = as_model(model)
+    except Exception as e:  # noqa: BLE001 - report any loading failure as a message, not a trace
+        print(f"error: cannot load model {model}: {e}", file=sys.stderr)
+        return 2
+    if mode not in MODES:
+        print(f"error: mode must be one of {MODES}, got {mode!r}", file=sys.stderr)
+        return 2
+    if mode == "stack" and getattr(m, "stack_head", None) is None:
+        print(f"error: model {model} has no stack head (trained without one); use --mode slice_ordered",
+              file=sys.stderr)
+        return 2
+    res = scan(path)
+    for p, why in res.skipped:
+        print(f"skipped {p}: {why}", file=sys.stderr)
+    if not res.stacks:
+        print(f"error: {path}: no stack found", file=sys.stderr)
+        return 1
+    preds, imgs, failed = [], [], []
+    for st in res.stacks:
+        try:
+            pred = predict_stack(st, m, mode=mode)
+        except ValueError as e:
+            print(f"skipped {st.key}: {e}", file=sys.stderr)
+            failed.append(dict(stack=st.key, reason=str(e)))
+            continue
+        print(_summary(pred))
+        preds.append(pred)
+        imgs.append(st.images)
+    if json_out is not None:
+        blob = dict(model=str(model), mode=mode, stacks=[p.to_dict() for p in preds],
+                    skipped=[dict(path=str(p), reason=str(r)) for p, r in res.skipped] + failed)
+        print(f"wrote {write_json(json_out, blob)}")
+    if figure_out is not None and preds:
+        # one row per stack; large trees are split into pages OUT.png, OUT-2.png, ...
+        figure_out = Path(figure_out)
+        for k in range(0, len(preds), FIGURE_ROWS):
+            page = figure_out if k == 0 else figure_out.with_name(
+                f"{figure_out.stem}-{k // FIGURE_ROWS + 1}{figure_out.suffix or '.png'}")
+            print(f"wrote {figures.predictions(preds[k:k + FIGURE_ROWS], imgs[k:k + FIGURE_ROWS], page)}")
+    return 0 if preds else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

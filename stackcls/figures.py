@@ -1,5 +1,6 @@
 """The paper's figures for a run: curves (Fig. 3), confusion (Fig. 4), t-SNE (Fig. 5), Grad-CAM
-(Fig. 6). Each function takes plain arrays and writes one PNG (matplotlib, Agg backend)."""
+(Fig. 6), and the predictions of `stackcls predict`. Each function takes plain arrays (or
+`predict.Prediction`s) and writes one PNG (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from stackcls.stack import CLASSES
 
 
 def _plt():
+    # imported when a figure is drawn: pyplot takes ~1 s to import, and the Agg backend must be
+    # chosen before it is
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,3 +116,37 @@ def gradcam(cells: dict, path, title: str = "Grad-CAM (rows: truth, columns: pre
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def predictions(preds, images, path) -> Path:
+    """preds: `predict.Prediction`s; images: each stack's (S, H, W) in the caller's order. Each
+    stack a row (apex -> base): thumbnail, label, and OAP/IN/OBS probability bars."""
+    plt = _plt()
+    ncol = max(len(p.labels) for p in preds)
+    fig = plt.figure(figsize=(1.3 * ncol, 2.7 * len(preds)), dpi=80)
+    gs = fig.add_gridspec(2 * len(preds), ncol, height_ratios=[3, 1.2] * len(preds), hspace=0.7, wspace=0.08)
+    colors = ("tab:orange", "tab:green", "tab:blue")
+    for row, (pred, imgs) in enumerate(zip(preds, images)):
+        for r, c in enumerate(pred.apex_to_base):
+            ax = fig.add_subplot(gs[2 * row, r])
+            im = imgs[c]
+            lo, hi = np.percentile(im, (2, 98))
+            ax.imshow(np.clip((im - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{pred.labels[c]}", fontsize=8, color=colors[CLASSES.index(pred.labels[c])])
+            if r == 0:
+                rng = pred.in_range_apex_to_base
+                ax.set_ylabel(f"{pred.subject}/{pred.phase}\nIN {'none' if rng is None else f'{rng[0]}..{rng[1]}'}"
+                              f"\napex", fontsize=7)
+            bx = fig.add_subplot(gs[2 * row + 1, r])
+            bx.bar(range(3), pred.probabilities[c], color=colors)
+            bx.set_ylim(0, 1)
+            bx.set_xticks(range(3))
+            bx.set_xticklabels(CLASSES, fontsize=5)
+            bx.set_yticks([])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
