@@ -15,8 +15,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from PIL import Image
 
+from stackcls.inference import load_model
+from stackcls.decode import in_range
+from stackcls.explain import gradcam
+from stackcls.io import load_labels, load_stacks, save_labels
+from stackcls.predict import predict_stack
+from stackcls.progress import bar as tqdm
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
 
 COLORS = {"OAP": "#4c72b0", "IN": "#55a868", "OBS": "#c44e52", None: "#888888"}
@@ -58,8 +66,6 @@ class LabelSession:
     rows: dict[tuple[str, str, int], tuple[int | None, str]] = field(default_factory=dict)
 
     def __post_init__(self):
-        from stackcls.io import load_labels
-
         self.labels_path = Path(self.labels_path)
         if not self.stacks:
             raise ValueError("no stacks to label")
@@ -110,14 +116,14 @@ class LabelSession:
     def set_first_in(self, slice_pos: int) -> None:
         """Apical boundary: slices apical of `slice_pos` become OAP; the basal boundary stays where
         it is (or at the last slice if there is none yet, until the user sets it)."""
-        ins = [k for k, l in enumerate(self.labels_of()) if l == "IN"]
-        last = ins[-1] if ins else self.stack.n_slices - 1
+        rng = in_range(self.labels_of())
+        last = rng[1] if rng else self.stack.n_slices - 1
         self.set_range(slice_pos, max(last, slice_pos))
 
     def set_last_in(self, slice_pos: int) -> None:
         """Basal boundary: slices basal of `slice_pos` become OBS."""
-        ins = [k for k, l in enumerate(self.labels_of()) if l == "IN"]
-        first = ins[0] if ins else 0
+        rng = in_range(self.labels_of())
+        first = rng[0] if rng else 0
         self.set_range(min(first, slice_pos), slice_pos)
 
     def set_range(self, first: int, last: int) -> None:
@@ -148,8 +154,7 @@ class LabelSession:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self) -> None:
-        from stackcls.io import save_labels
-
+        """The whole table, written atomically by `save_labels`."""
         rows = [
             {"subject": sub, "frame": frame, "phase": ph, "slice": sl, "label": lab}
             for (sub, ph, sl), (frame, lab) in sorted(self.rows.items())
@@ -172,18 +177,14 @@ class Review:
 
 
 def review_stack(stack: Stack, model, with_cam: bool = True) -> Review:
-    from stackcls.predict import predict_stack
-
     pred = predict_stack(stack, model, mode="stack" if model.stack_head is not None else "slice_ordered")
     order = list(pred.apex_to_base)
     probs = np.asarray(pred.probabilities)[order]
     labels = [pred.labels[i] for i in order]
-    ins = [k for k, l in enumerate(labels) if l == "IN"]
-    rng = (ins[0], ins[-1]) if ins else None
     cams = None
     if with_cam:
         cams = stack_gradcam(model, stack, [CLASS_INDEX[l] for l in labels])
-    return Review(probs, labels, rng, cams)
+    return Review(probs, labels, pred.in_range_apex_to_base, cams)
 
 
 def stack_gradcam(model, stack: Stack, classes) -> np.ndarray:
@@ -192,10 +193,6 @@ def stack_gradcam(model, stack: Stack, classes) -> np.ndarray:
     The model sees the centre crop resized to its input size; the map is resized back onto the
     crop and left at zero outside it, so it overlays the slice the user looks at.
     """
-    from PIL import Image
-
-    from stackcls.explain import gradcam
-
     cams = gradcam(model.model, model.preprocess(stack.images), classes=np.asarray(classes))
     keep = float(model.config.get("keep", 0.6))
     S, H, W = stack.images.shape
@@ -216,6 +213,7 @@ class StackView:
     """Draws the session's current stack in a grid and routes events to the session."""
 
     def __init__(self, session: LabelSession, model=None, figure=None):
+        # pyplot here, not at the top: review_command picks the backend first
         import matplotlib.pyplot as plt
 
         self.session = session
@@ -351,8 +349,6 @@ class StackView:
 # --------------------------------------------------------------------------------------------
 
 def _load(data: Path) -> list[Stack]:
-    from stackcls.io import load_stacks
-
     stacks = load_stacks(data)
     if not stacks:
         raise SystemExit(f"{data}: no stacks found (try `stackcls inspect {data}`)")
@@ -360,7 +356,7 @@ def _load(data: Path) -> list[Stack]:
 
 
 def label_command(data: Path, labels: Path) -> int:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # see StackView.__init__
 
     try:
         session = LabelSession(_load(data), labels)
@@ -376,13 +372,9 @@ def label_command(data: Path, labels: Path) -> int:
 
 def review_command(data: Path, model: Path, labels: Path | None = None,
                    save: Path | None = None) -> int:
-    import matplotlib
-
     if save is not None:
         matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from stackcls.checkpoint import load_model
+    import matplotlib.pyplot as plt   # only after the backend is chosen
 
     m = load_model(model)
     stacks = _load(data)
@@ -400,8 +392,6 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
         return 0
     save = Path(save)
     save.mkdir(parents=True, exist_ok=True)
-    from stackcls.progress import bar as tqdm
-
     for i in tqdm(range(len(stacks)), desc="review figures"):
         session.go(i)
         for cam in (False, True):

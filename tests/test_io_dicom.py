@@ -18,6 +18,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, MRImageStorage, generate_uid)
 
 from stackcls.io import StackReadError, load_stacks, scan
+from stackcls.io.dicom import _native_pixels
 from stackcls.io.geometry import APEX_DIRECTION, estimate_es
 
 H = W = 32
@@ -302,7 +303,6 @@ def test_pydicom_bundled_files_load_or_fail_clearly():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fast_pixel_path_matches_pydicom():
     # includes 12-bit-stored unsigned, signed 16-bit, 8-bit and padded files
-    from stackcls.io.dicom import _native_pixels
     used = 0
     for f in PYDICOM_FILES:
         try:

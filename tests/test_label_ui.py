@@ -7,11 +7,17 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import nibabel as nib
 import numpy as np
 import pytest
 from matplotlib.backend_bases import KeyEvent, MouseEvent
 
-from stackcls.label_ui import LabelSession, StackView
+from stackcls import backbones
+from stackcls.checkpoint import save_model
+from stackcls.inference import load_model
+from stackcls.io import load_stacks
+from stackcls.label_ui import LabelSession, StackView, review_command, stack_gradcam
+from stackcls.models import build_classifier
 from stackcls.stack import Stack
 
 
@@ -124,10 +130,6 @@ def test_unreadable_csv_is_reported_and_left_untouched(tmp_path):
 
 def tiny_run(tmp_path, size=32):
     """A run directory as experiments.run writes it, with an untrained mobilenet classifier."""
-    from stackcls import backbones
-    from stackcls.checkpoint import save_model
-    from stackcls.models import build_classifier
-
     clf = build_classifier(backbones.create("mobilenet", weights=None, input_size=size), size)
     run = tmp_path / "run"
     save_model(run / "depth0" / "final", clf, dict(backbone="mobilenet", input_size=size))
@@ -135,12 +137,6 @@ def tiny_run(tmp_path, size=32):
 
 
 def test_review_figures_render_headless_with_gradcam(tmp_path):
-    import nibabel as nib
-
-    from stackcls.checkpoint import load_model
-    from stackcls.io import load_stacks
-    from stackcls.label_ui import review_command, stack_gradcam
-
     rng = np.random.default_rng(1)
     vol = (rng.random((40, 36, 6)) * 200).astype(np.float32)
     vol[12:28, 10:26, :] += 300.0            # something for the CAM to look at
