@@ -5,7 +5,10 @@ import os
 import numpy as np
 import pytest
 
+from test_io_dicom import make_series, truth
+
 import stackcls.atomic
+from stackcls.cli import main
 from stackcls.io import LabelRow, StackReadError, attach_labels, load_labels, load_stacks, save_labels
 from stackcls.io.inspect import inspect_command
 from stackcls.stack import Stack
@@ -101,7 +104,6 @@ def test_attach_errors(tmp_path):
 
 
 def test_load_stacks_with_labels_picks_labelled_es_frame(tmp_path):
-    from test_io_dicom import make_series, truth
     make_series(tmp_path / "d", n_slices=4, n_phases=6, patient="S9")
     rows = ([("S9", 0, "ED", i, "IN") for i in range(4)]
             + [("S9", 2, "ES", i, lab) for i, lab in enumerate(["OAP", "IN", "IN", "OBS"])])
@@ -113,7 +115,6 @@ def test_load_stacks_with_labels_picks_labelled_es_frame(tmp_path):
 
 
 def test_inspect_command(tmp_path, capsys):
-    from test_io_dicom import make_series
     make_series(tmp_path / "d", n_slices=4, n_phases=3, patient="S9")
     (tmp_path / "d" / "junk.bin").write_bytes(b"nope" * 100)
     p = save_labels([("S9", 0, "ED", i, lab) for i, lab in enumerate(["OAP", "IN", "IN", "OBS"])],
@@ -132,7 +133,6 @@ def test_inspect_command(tmp_path, capsys):
 
 
 def test_cli_inspect_acdc(acdc_root, capsys):
-    from stackcls.cli import main
     assert main(["inspect", str(acdc_root / "patient001"), "--labels",
                  str(acdc_root / "labels.csv")]) == 1  # labels name 79 subjects not loaded here
     assert "matches no loaded stack" in capsys.readouterr().err
