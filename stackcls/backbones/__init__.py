@@ -118,7 +118,7 @@ def _split(model):
     hit = _SPLIT_CACHE.get(model)
     if hit is None:
         graphdef, state = nnx.split(model)
-        variables = list(state.flat_state().leaves)
+        variables = list(nnx.to_flat_state(state).leaves)
         treedef = jax.tree.structure(state)
         if treedef.num_leaves != len(variables):
             raise RuntimeError("unexpected nnx state layout")

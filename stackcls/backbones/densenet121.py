@@ -5,7 +5,7 @@ Four dense blocks of 6, 12, 24, 16 conv blocks (BN-ReLU-1x1 conv-BN-ReLU-3x3 con
 channels by concatenation), joined by transition blocks (BN-ReLU-1x1 conv halving the channels,
 2x2 average pool), then a final BN-ReLU. Layer names are Keras's; `ordered_layers()` lists the
 weight-bearing layers in Keras `model.layers` order, which is the order of the legacy .h5 files.
-Last convolutional block (depth-1 fine-tuning, GUIDE.md section 2): the conv5 dense block and the
+Last convolutional block (what depth-1 training fine-tunes): the conv5 dense block and the
 final `bn`.
 """
 

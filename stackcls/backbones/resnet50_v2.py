@@ -4,7 +4,7 @@
 Pre-activation residual blocks: BN -> ReLU comes first in each block, so the stem has no BN and the
 network ends with `post_bn` -> ReLU. Layer names are Keras's; `ordered_layers()` lists the
 weight-bearing layers in Keras `model.layers` order, which is the order of the legacy .h5 files.
-Last convolutional block (depth-1 fine-tuning, GUIDE.md section 2): conv5_block3 and post_bn.
+Last convolutional block (what depth-1 training fine-tunes): conv5_block3 and post_bn.
 """
 
 from __future__ import annotations

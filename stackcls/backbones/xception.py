@@ -9,7 +9,7 @@ Layer names are Keras's. Keras leaves the four shortcut convs and their BNs unna
 depend on how many layers Keras had created before; we use the names of a fresh Keras 3 process
 (conv2d, conv2d_1.., batch_normalization, batch_normalization_1..). Weight files are matched by
 Keras layer order (`ordered_layers()`), as Keras's own legacy loader does, not by these names.
-Last convolutional block (depth-1 fine-tuning, GUIDE.md section 2): block14.
+Last convolutional block (what depth-1 training fine-tunes): block14.
 """
 
 from __future__ import annotations
