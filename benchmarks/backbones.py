@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the Keras constructor table lives wit
 import h5py  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from keras_reference import KERAS  # noqa: E402
 
 from stackcls import backbones as B  # noqa: E402
 from stackcls.backbones import layers as L  # noqa: E402
@@ -63,17 +65,13 @@ def keras_runners(km, xk):
 
 
 def bench(name, batch, size, dtype, repeats, depthwise_both):
-    import keras
-    from keras.src.legacy.saving import legacy_h5_format
-    from keras_reference import KERAS
-
     ref = KERAS[name]
     size = size or B.spec(name).input_size
     km = ref.build(size)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "w.h5"
         with h5py.File(p, "w") as f:
-            legacy_h5_format.save_weights_to_hdf5_group(f, km)
+            keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group(f, km)
         ours = B.create(name, weights=p, input_size=size, **ref.options)
     if dtype == "bfloat16":  # the same weights in an all-bfloat16 Keras model
         keras.config.set_dtype_policy("bfloat16")
@@ -123,8 +121,7 @@ def main(argv=None):
     ap.add_argument("--depthwise-both", action="store_true",
                     help="also time our grouped-convolution depthwise path")
     a = ap.parse_args(argv)
-    from keras_reference import KERAS
-    names = a.names or [n for n in B.available() if n in KERAS]
+    names = a.names or [n for n in B.names() if n in KERAS]
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"batch {a.batch}, {a.dtype}, median of {a.repeats}")
     cols = ["name", "size", "ours", "ours_grouped", "predict_on_batch", "jit stateless_call",

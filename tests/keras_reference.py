@@ -1,5 +1,6 @@
-"""Keras reference constructors for the equivalence test (test-side only; Keras is not a runtime
-dependency). One entry per ported backbone name; bb-2/bb-3 append theirs.
+"""Keras reference constructors for the equivalence test and the benchmark (test-side only; Keras
+is not a runtime dependency). One entry per ported backbone name (all but the CBR baselines,
+which have no Keras application).
 
 KERAS[name] = KerasRef(build, size, options, preprocess)
   build(size) -> keras.Model with include_top=False, weights=None, pooling="avg"
@@ -16,6 +17,8 @@ from typing import Any, Callable
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import keras  # noqa: E402  (after the backend is pinned)
+
 
 @dataclass(frozen=True)
 class KerasRef:
@@ -27,7 +30,6 @@ class KerasRef:
 
 def _app(ctor_path: str, **kw):
     def build(size):
-        import keras
         mod, cls = ctor_path.rsplit(".", 1)
         ctor = getattr(getattr(keras.applications, mod), cls)
         return ctor(include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3), **kw)
@@ -36,7 +38,6 @@ def _app(ctor_path: str, **kw):
 
 def _pre(mod: str):
     def f(x):
-        import keras
         return getattr(keras.applications, mod).preprocess_input(x.copy())
     return f
 
@@ -47,11 +48,9 @@ KERAS: dict[str, KerasRef] = {
                           _pre("mobilenet")),
     "mobilenet_v2": KerasRef(_app("mobilenet_v2.MobileNetV2", alpha=0.35), 64, {"alpha": 0.35},
                              _pre("mobilenet_v2")),
-    # bb-2
     "resnet50_v2": KerasRef(_app("resnet_v2.ResNet50V2"), 64, {}, _pre("resnet_v2")),
     "densenet121": KerasRef(_app("densenet.DenseNet121"), 64, {}, _pre("densenet")),
     "xception": KerasRef(_app("xception.Xception"), 71, {}, _pre("xception")),
-    # bb-3
     "inception_v3": KerasRef(_app("inception_v3.InceptionV3"), 75, {}, _pre("inception_v3")),
     "inception_resnet_v2": KerasRef(_app("inception_resnet_v2.InceptionResNetV2"), 75, {},
                                     _pre("inception_resnet_v2")),

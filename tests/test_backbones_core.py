@@ -1,4 +1,4 @@
-"""Registry, layers, preprocessing and the CBR baselines (no Keras model needed here)."""
+"""Registry, layers, preprocessing, features() and the CBR baselines (no Keras model needed here)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from flax import nnx
 
 from stackcls import backbones as B
 from stackcls.backbones import layers as L
-from stackcls.backbones.cbr import CONFIGS
+from stackcls.backbones.cbr import CBR, CONFIGS
 from stackcls.backbones.preprocessing import preprocess_input
+from stackcls.models import feature_dim, trainable_filter
 
 ISSUE_NAMES = ["vgg16", "mobilenet", "mobilenet_v2", "inception_v3", "resnet50_v2",
                "inception_resnet_v2", "densenet121", "nasnet_mobile", "xception",
@@ -21,14 +22,30 @@ ISSUE_NAMES = ["vgg16", "mobilenet", "mobilenet_v2", "inception_v3", "resnet50_v
 
 def test_names_and_specs():
     assert B.names() == ISSUE_NAMES
-    for n in B.available():
+    assert B.available() == ISSUE_NAMES
+    for n in B.names():
         s = B.spec(n)
         assert s.name == n
         assert s.input_size == (299 if n in ("inception_v3", "xception", "inception_resnet_v2")
                                 else 224)
-    assert B.spec("mobilenet").kwargs == {"alpha": 0.25}
-    assert B.spec("mobilenet_v2").kwargs == {"alpha": 0.35}
-    assert B.spec("vgg16").preprocess == "caffe"
+        assert s.preprocess == s.cls.preprocess  # stated once, on the port's class
+        assert bool(s.pretrained) == (not n.startswith("cbr_"))
+    assert B.spec("mobilenet").options == {"alpha": 0.25}
+    assert B.spec("mobilenet_v2").options == {"alpha": 0.35}
+    assert [B.spec(n).preprocess for n in ("vgg16", "densenet121", "mobilenet", "cbr_tiny")] == \
+        ["caffe", "torch", "tf", "tf"]
+    for name, size, pre in (("resnet50_v2", 224, "tf"), ("densenet121", 224, "torch"),
+                            ("xception", 299, "tf")):
+        s = B.spec(name)
+        assert (s.input_size, s.preprocess) == (size, pre)
+    assert (B.spec("xception").min_size, B.spec("inception_v3").min_size) == (71, 75)
+
+
+def test_create_builds_what_the_spec_says():
+    m = B.create("mobilenet", weights=None, input_size=64, alpha=0.5)
+    assert (type(m), m.input_size, m.alpha, m.preprocess) == (B.spec("mobilenet").cls, 64, 0.5, "tf")
+    assert B.create("vgg16", weights=None, input_size=32).preprocess == "caffe"
+    assert B.create("cbr_tiny", weights=None).input_size == 224
 
 
 def test_create_errors():
@@ -40,6 +57,8 @@ def test_create_errors():
         B.create("cbr_small")
     with pytest.raises(ValueError, match="input_size"):
         B.create("cbr_large_t", weights=None, input_size=128)
+    with pytest.raises(ValueError, match="71"):
+        B.create("xception", weights=None, input_size=64)
 
 
 def test_preprocess_modes_match_hand_computed():
@@ -102,9 +121,10 @@ def test_features_checks_size_and_chunks(mobilenet_weights):
     m = B.create("mobilenet", weights=mobilenet_weights, input_size=64)  # real, non-trivial values
     x = np.random.default_rng(0).uniform(0, 255, (5, 64, 64, 3)).astype("float32")
     full = np.asarray(B.features(m, x))
-    assert full.shape == (5, 256) == (5, B.feature_dim(m))
+    assert full.shape == (5, 256) == (5, feature_dim(m, 64))
     assert full.std() > 0.1
     np.testing.assert_allclose(B.features(m, x, batch_size=2), full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(B.features(m, x, batch_size=5), full)  # fits: one call
     with pytest.raises(ValueError, match="input_size 64"):
         B.features(m, x[:, :32, :32])
     # the model's structure is cached per model, its values are read on every call
@@ -131,16 +151,15 @@ def test_cbr_shapes_and_param_counts(name):
     assert out.shape == (2, spatial, spatial, filters[-1])
     params = sum(v.size for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert params == _cbr_params(k, filters)
-    last = sum(v.size for v in jax.tree.leaves(nnx.state(m, B.trainable_filter(1))))
+    last = sum(v.size for v in jax.tree.leaves(nnx.state(m, trainable_filter("carry"))))
     cin = filters[-2]
     assert last == k * k * cin * filters[-1] + 3 * filters[-1]
-    assert sum(v.size for v in jax.tree.leaves(nnx.state(m, B.trainable_filter("all")))) == params
+    assert sum(v.size for v in jax.tree.leaves(nnx.state(m, trainable_filter("image")))) == params
 
 
 def test_cbr_learns():
     """A few SGD steps on a tiny, separable batch lower the loss (whole net trained, BN in train
     mode)."""
-    from stackcls.backbones.cbr import CBR
     m = CBR(76, 5, (8, 16, 32, 64), rngs=nnx.Rngs(0))  # cbr_tiny's code path, narrower (fast)
     head = L.Dense("head", 64, 2, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)

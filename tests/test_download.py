@@ -1,17 +1,22 @@
-"""Weight download and cache, against a loopback HTTP server (no internet needed)."""
+"""Where ImageNet weight files come from: the registry's declarations, the file shipped in the
+package, the caches, and the download (against a loopback HTTP server; no internet needed)."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
-import os
+import inspect
 import threading
+import urllib.request
 
+import jax
 import numpy as np
-
 import pytest
+from flax import nnx
 
+from stackcls import backbones as B
 from stackcls.backbones import download as D
+from stackcls.backbones.layers import keras_layers
 
 # Deterministic bytes: pytest-xdist workers must collect the same parametrised ids.
 BODY = np.random.default_rng(0).bytes(300_000)
@@ -105,7 +110,7 @@ def test_corrupt_cached_file_is_refused(dirs):
 
 def test_offline_error_says_where_to_put_the_file(dirs, monkeypatch):
     keras_models, cache = dirs
-    wf = D.weight_file("vgg16")
+    wf = B.spec("vgg16").weight_file()
     # nothing listens on port 9 of the loopback interface: connection refused
     wf = D.WeightFile(wf.fname, "http://127.0.0.1:9/" + wf.fname, wf.file_hash)
     with pytest.raises(D.WeightsUnavailableError) as e:
@@ -119,30 +124,116 @@ def test_offline_error_says_where_to_put_the_file(dirs, monkeypatch):
 
 def test_weight_file_names_follow_keras():
     base = "https://storage.googleapis.com/tensorflow/keras-applications/"
-    assert D.weight_file("vgg16") == D.WeightFile(
+
+    def wf(name, input_size=None, **options):
+        return B.spec(name).weight_file(input_size, **options)
+
+    assert wf("vgg16") == D.WeightFile(
         "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         base + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "6d6bbae143d832006294945121d1f1fc")
-    assert D.weight_file("mobilenet").fname == "mobilenet_2_5_224_tf_no_top.h5"
-    assert D.weight_file("mobilenet", alpha=0.5, input_size=160).url == \
-        base + "mobilenet/mobilenet_5_0_160_tf_no_top.h5"
-    assert D.weight_file("mobilenet", input_size=100).fname == "mobilenet_2_5_224_tf_no_top.h5"
-    assert D.weight_file("mobilenet_v2", input_size=96).fname == \
+    assert wf("mobilenet").fname == "mobilenet_2_5_224_tf_no_top.h5"
+    assert wf("mobilenet", 160, alpha=0.5).url == base + "mobilenet/mobilenet_5_0_160_tf_no_top.h5"
+    assert wf("mobilenet", 100) == wf("mobilenet", 224)  # no 100 file: 224, as Keras
+    assert wf("mobilenet_v2", 96).fname == \
         "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5"
-    assert D.weight_file("nasnet_mobile").fname == "nasnet_mobile_no_top.h5"
-    assert D.weight_file("nasnet_mobile").url.endswith("nasnet/NASNet-mobile-no-top.h5")
+    assert wf("mobilenet_v2", 224, alpha=1.4).fname == \
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.4_224_no_top.h5"
+    assert wf("nasnet_mobile").fname == "nasnet_mobile_no_top.h5"
+    assert wf("nasnet_mobile").url.endswith("nasnet/NASNet-mobile-no-top.h5")
     for n in ("inception_v3", "resnet50_v2", "inception_resnet_v2", "densenet121", "xception"):
-        wf = D.weight_file(n)
-        assert wf.url.startswith(base) and wf.url.endswith(wf.fname) and len(wf.file_hash) == 32
+        f = wf(n)
+        assert f.url.startswith(base) and f.url.endswith(f.fname) and len(f.file_hash) == 32
     with pytest.raises(ValueError, match="alpha"):
-        D.weight_file("mobilenet", alpha=0.3)
+        wf("mobilenet", alpha=0.3)
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        wf("cbr_tiny")
+    # one packaged file: MobileNet alpha 0.25 at 224, with its sha256
+    packaged = [(n, f) for n in B.names() for f in B.spec(n).pretrained if f.packaged]
+    assert [(n, f.fname, len(f.file_hash)) for n, f in packaged] == \
+        [("mobilenet", "mobilenet_2_5_224_tf_no_top.h5", 64)]
+
+
+def test_weight_files_are_the_ones_keras_downloads():
+    """URLs and md5s as Keras's own application modules state them."""
+    keras = pytest.importorskip("keras")  # optional test extra; the rest of the module runs without
+    apps = keras.src.applications
+    wf = B.spec("resnet50_v2").weight_file()
+    assert wf.file_hash == apps.resnet.WEIGHTS_HASHES["resnet50v2"][1]
+    assert wf.url == apps.resnet.BASE_WEIGHTS_PATH + wf.fname
+    wf = B.spec("densenet121").weight_file()
+    assert wf.url == apps.densenet.DENSENET121_WEIGHT_PATH_NO_TOP
+    assert f'"{wf.fname}",\n{" " * 20}DENSENET121_WEIGHT_PATH_NO_TOP,' in \
+        inspect.getsource(apps.densenet)
+    assert f'file_hash="{wf.file_hash}"' in inspect.getsource(apps.densenet.DenseNet)
+    wf = B.spec("xception").weight_file()
+    assert wf.url == apps.xception.WEIGHTS_PATH_NO_TOP
+    assert f'file_hash="{wf.file_hash}"' in \
+        inspect.getsource(apps.xception.Xception).split("else:")[-1]
+    wf = B.spec("mobilenet").weight_file(128, alpha=0.75)
+    assert wf.url == apps.mobilenet.BASE_WEIGHT_PATH + "mobilenet_7_5_128_tf_no_top.h5"
+
+
+@pytest.fixture()
+def no_network(tmp_path, monkeypatch):
+    """Empty HOME and STACKCLS_CACHE, no KERAS_HOME, downloads refused twice over."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STACKCLS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("KERAS_HOME", raising=False)
+    monkeypatch.setenv("STACKCLS_OFFLINE", "1")
+
+    def refuse(*a, **k):
+        raise AssertionError("network access")
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return tmp_path
+
+
+def _values(model):
+    return {n: [np.asarray(v[...]) for v in layer.keras_weights()]
+            for n, layer in keras_layers(model).items()}
+
+
+def test_packaged_mobilenet_needs_no_network_or_cache(no_network, mobilenet_weights):
+    """weights=imagenet for MobileNet 0.25 is the packaged file: no network, no cache written,
+    the same arrays as loading the shared copy of the Keras file explicitly."""
+    wf = B.spec("mobilenet").weight_file(224, alpha=0.25)
+    assert D.fetch(wf) == D.PACKAGED_DIR / wf.fname
+    assert D.file_digest(D.PACKAGED_DIR / wf.fname, "sha256") == \
+        D.file_digest(mobilenet_weights, "sha256") == wf.file_hash
+    packaged = B.create("mobilenet", weights="imagenet", alpha=0.25)
+    shared = B.create("mobilenet", weights=mobilenet_weights)
+    a, b = _values(packaged), _values(shared)
+    assert a.keys() == b.keys() and len(a) == 54
+    for k in a:
+        for x, y in zip(a[k], b[k]):
+            np.testing.assert_array_equal(x, y)
+    assert np.any(a["conv1"][0] != _values(B.create("mobilenet", weights=None))["conv1"][0])
+    small = B.create("mobilenet", weights="imagenet", input_size=100)  # no 100 file: 224's
+    np.testing.assert_array_equal(small.conv1.kernel[...], packaged.conv1.kernel[...])
+    assert sorted(p.name for p in no_network.iterdir()) == []  # nothing cached, nothing created
+    with pytest.raises(D.WeightsUnavailableError, match="STACKCLS_OFFLINE"):
+        B.create("mobilenet", weights="imagenet", alpha=0.5)  # not packaged: cache or download
+
+
+def test_damaged_packaged_file_is_refused(tmp_path, monkeypatch):
+    wf = B.spec("mobilenet").weight_file()
+    (tmp_path / wf.fname).write_bytes(b"not the weights")
+    monkeypatch.setattr(D, "PACKAGED_DIR", tmp_path)
+    with pytest.raises(D.WeightsUnavailableError, match="damaged"):
+        D.fetch(wf)
+    monkeypatch.setattr(D, "PACKAGED_DIR", tmp_path / "absent")
+    with pytest.raises(D.WeightsUnavailableError, match="missing"):
+        D.fetch(wf)
 
 
 def test_create_imagenet_uses_keras_cache(dirs, mobilenet_weights):
-    """create(weights="imagenet") finds the real file in the Keras cache and checks its sha256."""
-    from stackcls import backbones as B
+    """A file that is not packaged is found in the Keras cache (no hash published: accepted as
+    is). Here the 0.25 / 128 file, stood in for by the 224 one: same shapes."""
     keras_models, _ = dirs
     keras_models.mkdir(parents=True)
-    (keras_models / "mobilenet_2_5_224_tf_no_top.h5").symlink_to(mobilenet_weights)
-    m = B.create("mobilenet", weights="imagenet", input_size=100)  # no 100 file: 224, as Keras
-    assert m.input_size == 100
+    (keras_models / "mobilenet_2_5_128_tf_no_top.h5").symlink_to(mobilenet_weights)
+    m = B.create("mobilenet", weights="imagenet", input_size=128)
+    assert m.input_size == 128
+    leaves = jax.tree.leaves(nnx.state(m, nnx.Param))
+    shared = jax.tree.leaves(nnx.state(B.create("mobilenet", weights=mobilenet_weights), nnx.Param))
+    assert all(np.array_equal(x, y) for x, y in zip(leaves, shared))

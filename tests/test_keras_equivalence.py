@@ -3,7 +3,7 @@
 For every name in tests/keras_reference.py: build the Keras model (JAX backend) with random
 weights and re-drawn BatchNorm statistics/gamma/beta, save a legacy Keras 2 HDF5 file, load it
 into our port with create(weights=path), and compare features() (our preprocessing inside) with
-Keras's model(preprocess_input(x)). Also the real MobileNet ImageNet file at 224.
+Keras's model(preprocess_input(x)). Also the real MobileNet ImageNet file at 224, as packaged.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import pytest
 from flax import nnx
 
 from stackcls import backbones as B
+from stackcls.backbones import download as D
 from stackcls.backbones.layers import keras_layers
-from keras_reference import KERAS
+from stackcls.models import trainable_filter
 
 keras = pytest.importorskip("keras")
+
+from keras_reference import KERAS  # noqa: E402  (imports keras: only once it is known present)
 
 
 def randomize_bn(km, seed=0):
@@ -45,9 +48,8 @@ def randomize_bn(km, seed=0):
 
 def save_legacy_h5(km, path):
     """The Keras 2 weights-only HDF5 layout that keras.applications downloads."""
-    from keras.src.legacy.saving import legacy_h5_format
     with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, km)
+        keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group(f, km)
     return path
 
 
@@ -55,14 +57,8 @@ def keras_features(km, pre, x):
     return np.asarray(km(pre(x), training=False))
 
 
-def _require(name):
-    if name not in B.available():
-        pytest.skip(f"{name} not ported yet")
-
-
 @pytest.mark.parametrize("name", list(KERAS))
 def test_matches_keras(name, tmp_path):
-    _require(name)
     ref = KERAS[name]
     km = ref.build(ref.size)
     randomize_bn(km)
@@ -86,15 +82,17 @@ def test_matches_keras(name, tmp_path):
     assert len(klayers) == len([n for n in order if keras_layers(ours)[n].keras_weights()])
     kcount = sum(int(np.prod(v.shape)) for l, n in zip(klayers, order) if n in last
                  for v in l.trainable_weights)
-    ocount = sum(v.size for v in jax.tree.leaves(nnx.state(ours, B.trainable_filter(1))))
+    ocount = sum(v.size for v in jax.tree.leaves(nnx.state(ours, trainable_filter("carry"))))
     assert ocount == kcount
 
 
-def test_real_mobilenet_weights_match_keras(mobilenet_weights):
+def test_real_mobilenet_weights_match_keras():
+    """The packaged file, read by Keras itself and by our loader (weights="imagenet")."""
+    wf = B.spec("mobilenet").weight_file()
     km = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None, pooling="avg",
                                       input_shape=(224, 224, 3))
-    km.load_weights(mobilenet_weights)
-    ours = B.create("mobilenet", weights=mobilenet_weights)
+    km.load_weights(D.fetch(wf))
+    ours = B.create("mobilenet", weights="imagenet")
     x = np.random.default_rng(2).uniform(0, 255, (2, 224, 224, 3)).astype("float32")
     want = keras_features(km, KERAS["mobilenet"].preprocess, x)
     got = np.asarray(B.features(ours, x))

@@ -55,8 +55,13 @@ def _assert_same(model, keras_model):
 
 
 @pytest.fixture(scope="module")
-def keras_mobilenet():
-    keras = pytest.importorskip("keras")
+def keras():
+    """Keras is an optional test extra: only the tests that write files with it skip without it."""
+    return pytest.importorskip("keras")
+
+
+@pytest.fixture(scope="module")
+def keras_mobilenet(keras):
     km = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
                                       input_shape=(64, 64, 3))
     rng = np.random.default_rng(0)
@@ -65,12 +70,11 @@ def keras_mobilenet():
     return km
 
 
-def test_keras3_layouts_load(keras_mobilenet, tmp_path):
-    from keras.src.legacy.saving import legacy_h5_format
+def test_keras3_layouts_load(keras, keras_mobilenet, tmp_path):
     km = keras_mobilenet
     legacy = tmp_path / "legacy.h5"
     with h5py.File(legacy, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, km)
+        keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group(f, km)
     full = tmp_path / "full.h5"
     km.save(full)
     wh5 = tmp_path / "m.weights.h5"
