@@ -3,7 +3,8 @@
 Grad-CAM (Selvaraju et al. 2017): the gradient of a class score (the logit, before softmax) with
 respect to the last convolutional feature map A (the output of `backbone.last_block`), averaged
 over space, weights the channels of A; the ReLU of the weighted sum, upsampled bilinearly to the
-input size and scaled to [0, 1] per image, is the map. Computed in one jitted call per batch.
+input size and scaled to [0, 1] per image, is the map. Computed in one jitted call per chunk.
+`gradcam_cells` picks the slices a run shows: the most confident one of every (truth, prediction).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stackcls.batching import map_chunks
 from stackcls.models import Classifier, gap
 
 
@@ -41,21 +43,30 @@ def gradcam(model: Classifier, x, classes=None, chunk: int = 16) -> np.ndarray:
         mx = cam.max(axis=(1, 2), keepdims=True)
         return jnp.where(mx > 0, cam / jnp.where(mx > 0, mx, 1.0), 0.0)
 
-    n = len(x)
-    cls = np.full(n, -1, np.int32) if classes is None else np.asarray(classes, np.int32)
-    out = []
-    for s in range(0, n, chunk):
-        xb, cb = x[s:s + chunk], cls[s:s + chunk]
-        pad = chunk - len(xb)
-        if pad:
-            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
-            cb = np.concatenate([cb, np.repeat(cb[-1:], pad, 0)])
-        out.append(np.asarray(run(state, jnp.asarray(xb), jnp.asarray(cb)))[:chunk - pad])
-    return np.concatenate(out) if out else np.zeros((0,) + x.shape[1:3], np.float32)
+    cls = np.full(len(x), -1, np.int32) if classes is None else np.asarray(classes, np.int32)
+    if len(x) == 0:
+        return np.zeros((0,) + x.shape[1:3], np.float32)
+    return np.asarray(map_chunks(lambda b: run(state, *b), (x, cls), chunk))
+
+
+def gradcam_cells(y, probs) -> dict[tuple[int, int], int]:
+    """For every (true class, predicted class) that occurs, the slice predicted with the highest
+    probability of that class: {(truth, prediction): index into y}."""
+    probs = np.asarray(probs)
+    pred = np.argmax(probs, 1)
+    cells = {}
+    for i in range(3):
+        for j in range(3):
+            idx = np.flatnonzero((y == i) & (pred == j))
+            if len(idx):
+                cells[(i, j)] = int(idx[np.argmax(probs[idx, j])])
+    return cells
 
 
 def tsne(features, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
     """2-D t-SNE embedding (N, 2) of features (N, D) (scikit-learn; perplexity capped for small N)."""
+    # imported here: sklearn.manifold takes ~2 s to import (measured), and Grad-CAM users
+    # (label_ui) import this module without needing it
     from sklearn.manifold import TSNE
 
     f = np.asarray(features, np.float64)

@@ -1,5 +1,6 @@
-"""`python -m experiments.run` end to end on a tiny synthetic cohort: schema, resume after an
-interruption, metrics against scikit-learn, load_model, report tables, config composition."""
+"""The study (`stackcls.study`, `python -m experiments.run`) end to end on a tiny synthetic cohort:
+schema, resume after an interruption, metrics against scikit-learn, load_model, report tables,
+the command line's composition."""
 
 import json
 import os
@@ -9,6 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+from experiments.report import main as report
+from stackcls import backbones
+from stackcls.inference import load_model
+from stackcls.study.config import Study, compose
+from stackcls.study.data import make_backbone
+from stackcls.study.run import RunConfigMismatch, run
+from stackcls.sweep import SimulatedInterrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["backbone=mobilenet", "weights=none", "depth=1", "protocol.image_size=32", "progress=false",
@@ -20,13 +30,6 @@ METRIC_KEYS = {"n_slices", "n_stacks", "f1", "auc_weighted", "auc_micro", "accur
                "exact_range_rate", "boundary_mae", "confusion"}
 
 
-def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_dir
-
-    with initialize_config_dir(str(ROOT / "experiments" / "conf"), version_base="1.3"):
-        return hcompose("config", overrides=overrides)
-
-
 def check_metrics(m):
     assert set(m) >= METRIC_KEYS
     assert set(m["f1"]) == {"OAP", "IN", "OBS"}
@@ -36,9 +39,6 @@ def check_metrics(m):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from experiments.run import run
-    from stackcls.train import SimulatedInterrupt
-
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose(TINY + [f"run_dir={run_dir}", "fail_after_jobs=1"])
     with pytest.raises(SimulatedInterrupt):
@@ -80,15 +80,11 @@ def test_resume_reused_the_finished_job(tiny_run):
     assert len(list((run_dir / "depth0" / "cv").glob("*.npz"))) == 5
     assert len(list((run_dir / "depth1" / "cv").glob("*.npz"))) == 5
     # a different configuration in the same run_dir is refused
-    from experiments.run import RunConfigMismatch, run
-
     with pytest.raises(RunConfigMismatch):
         run(compose(TINY + [f"run_dir={run_dir}", "seed=1"]))
 
 
 def test_metrics_equal_sklearn(tiny_run):
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
-
     run_dir, res, _, _ = tiny_run
     z = np.load(run_dir / "depth1" / "test_outputs.npz")
     m = res["depths"]["1"]["test"]["slice"]
@@ -103,9 +99,6 @@ def test_metrics_equal_sklearn(tiny_run):
 
 
 def test_load_model_and_report(tiny_run, tmp_path):
-    from experiments.report import main as report
-    from stackcls.checkpoint import load_model
-
     run_dir, _, _, _ = tiny_run
     tm = load_model(run_dir)
     assert tm.config["setting"] == "depth1" and tm.stack_head is not None
@@ -119,9 +112,6 @@ def test_load_model_and_report(tiny_run, tmp_path):
 
 
 def test_imagenet_unavailable_falls_back_loudly(monkeypatch, capsys):
-    from experiments import run as R
-    from stackcls import backbones
-
     real = backbones.create
 
     def create(name, weights="imagenet", **kw):
@@ -130,9 +120,8 @@ def test_imagenet_unavailable_falls_back_loudly(monkeypatch, capsys):
         return real(name, weights=weights, **kw)
 
     monkeypatch.setattr(backbones, "create", create)
-    cfg = dict(backbone="mobilenet", weights="imagenet", seed=0)
     with pytest.warns(UserWarning, match="unavailable"):
-        _, desc = R.make_backbone(cfg, 32)
+        _, desc = make_backbone(Study(backbone="mobilenet", weights="imagenet", seed=0), 32)
     assert desc == "random (imagenet unavailable)"
     assert "RANDOM" in capsys.readouterr().err
 

@@ -1,0 +1,155 @@
+"""Evaluating a trained setting on the test stacks, one row per mode of use:
+
+    slice                       each slice alone (argmax of the classifier's probabilities)
+    slice_ordered               the exact ordered decoding (stackcls.decode) of those probabilities
+    stack                       the stack head, trained on the training stacks' slice outputs, then
+                                ordered decoding of its per-slice probabilities
+    stack_orientation_withheld  the stack mode through predict_stack with each test stack shown in a
+                                random direction as "unknown" (the direction model must find it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from stackcls.atomic import savez, write_json
+from stackcls.checkpoint import load_stack_model, save_stack_model
+from stackcls.decode import decode_many
+from stackcls.direction import DirectionModel, fit_direction
+from stackcls.inference import TrainedModel, predict_outputs
+from stackcls.metrics import evaluate, stack_groups
+from stackcls.predict import predict_stack
+from stackcls.stack import CLASS_INDEX
+from stackcls.stack_model import StackModel, slice_features, train_stack_model
+from stackcls.study.config import StackStage, as_plain
+from stackcls.study.settings import StageInputs
+
+
+@dataclasses.dataclass
+class StackOutcome:
+    probs: np.ndarray              # (M, 3) the stack head's per-slice probabilities on the test stacks
+    model: StackModel
+    direction: DirectionModel
+
+
+@dataclasses.dataclass
+class Evaluated:
+    """A setting's test outputs and its results.json row."""
+
+    row: dict
+    probs: np.ndarray              # (M, 3) the final model's test probabilities
+    pen: np.ndarray                # (M, 256) its penultimate features
+    stack_probs: np.ndarray | None
+
+
+def ordered(log_probs: np.ndarray, stack_index: np.ndarray) -> np.ndarray:
+    """Ordered decoding (stackcls.decode) of per-slice log-scores, stack by stack."""
+    groups = stack_groups(stack_index)
+    out = np.empty(len(log_probs), np.int32)
+    for g, labels in zip(groups, decode_many([log_probs[g] for g in groups])):
+        out[g] = labels
+    return out
+
+
+def evaluate_rows(arrays: dict, probs: np.ndarray, stack_probs: np.ndarray | None) -> dict:
+    y, si, sl = arrays["y"], arrays["stack_index"], arrays["slice_index"]
+    lp = np.log(np.clip(probs, 1e-6, 1.0))
+    rows = dict(slice=evaluate(y, probs, si, slice_index=sl),
+                slice_ordered=evaluate(y, probs, si, y_pred=ordered(lp, si), slice_index=sl),
+                stack=None)
+    if stack_probs is not None:
+        slp = np.log(np.clip(stack_probs, 1e-12, 1.0))
+        rows["stack"] = evaluate(y, stack_probs, si, y_pred=ordered(slp, si), slice_index=sl)
+    return rows
+
+
+def _probs(logits) -> np.ndarray:
+    return np.asarray(jax.nn.softmax(logits))
+
+
+def stack_inputs(res: dict, inputs: StageInputs, stage: str, how: str):
+    """The training stacks' slice outputs (penultimate, probabilities) the stack head learns from
+    (protocol.stack.inputs: see config.StackStage); None when there are none to use."""
+    if how == "final":
+        logits, pen = predict_outputs(res["model"], inputs.clean, stage)
+        probs = _probs(logits)
+    else:
+        pen, probs = res["oof_pen"], res["oof_probs"]
+    return None if pen is None or np.isnan(probs).any() else (pen, probs)
+
+
+def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, te: dict,
+               test_pen, test_probs) -> StackOutcome:
+    """Train the stack head in `d` on the training stacks' outputs, or load it when its stamp
+    (protocol.json: the stage's settings and the seed) is unchanged; apply it to the test stacks.
+    The direction model is a sub-second fit on the same inputs: refitted on every (re)run."""
+    train_pen, train_probs = train_outputs
+    feats, labels, subjects = [], [], []
+    for g in stack_groups(tr["stack_index"]):
+        feats.append(slice_features(train_pen[g], train_probs[g]))
+        labels.append(tr["y"][g])
+        subjects.append(str(tr["subject"][g[0]]))
+    direction = fit_direction(feats, subjects, seed=seed)
+    direction.save(d)
+    stamp, want = d / "protocol.json", dict(as_plain(stage), seed=seed)
+    if (d / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
+        model = load_stack_model(d)
+    else:
+        model = train_stack_model(feats, labels, subjects, seed=seed, protocol=stage.head())
+        save_stack_model(d, model)
+        write_json(stamp, want)
+    groups = stack_groups(te["stack_index"])
+    lps = model.scores_many([slice_features(test_pen[g], test_probs[g]) for g in groups])
+    probs = np.zeros((len(te["y"]), 3), np.float32)
+    for g, lp in zip(groups, lps):
+        probs[g] = np.exp(lp)
+    return StackOutcome(probs, model, direction)
+
+
+def orientation_withheld(test_stacks, te: dict, trained: TrainedModel, seed: int) -> dict:
+    """The stack mode as a user with unoriented files gets it: each test stack is shown to
+    predict_stack in a random direction with the orientation "unknown", so the direction must come
+    from the images. Metrics in the true order, plus the share of stacks turned the right way."""
+    rng = np.random.default_rng(seed)
+    y_pred = np.empty(len(te["y"]), np.int32)
+    probs = np.zeros((len(te["y"]), 3), np.float32)
+    right = []
+    for i, st in enumerate(test_stacks):
+        g = np.flatnonzero(te["stack_index"] == i)
+        flip = bool(rng.random() < 0.5)
+        p = predict_stack(st.reversed() if flip else st, trained, mode="stack", orientation="unknown")
+        lab = np.array([CLASS_INDEX[l] for l in p.labels], np.int32)
+        y_pred[g], probs[g] = (lab[::-1], p.probabilities[::-1]) if flip else (lab, p.probabilities)
+        right.append(p.orientation == ("reversed" if flip else "as_given"))
+    row = evaluate(te["y"], probs, te["stack_index"], y_pred=y_pred, slice_index=te["slice_index"])
+    row["direction_accuracy"] = float(np.mean(right))
+    return row
+
+
+def evaluate_setting(d: Path, res: dict, stage: str, inputs: StageInputs, tr: dict, te: dict,
+                     test_stacks, stack: StackStage, seed: int, save_config: dict) -> Evaluated:
+    """A trained setting (run_setting's result `res`, folder `d`) on the test stacks: every mode's
+    metrics, the stack head's info, and test_outputs.npz in `d`."""
+    logits, test_pen = predict_outputs(res["model"], inputs.test, stage)
+    test_probs = _probs(logits)
+    train_outputs = stack_inputs(res, inputs, stage, stack.inputs) if stack.enabled else None
+    head = (None if train_outputs is None else
+            stack_head(d / "stack", stack, seed, tr, train_outputs, te, test_pen, test_probs))
+    stack_probs = None if head is None else head.probs
+    test = evaluate_rows(te, test_probs, stack_probs)
+    if head is not None:
+        trained = TrainedModel(res["model"], save_config, head.model, None, head.direction)
+        test["stack_orientation_withheld"] = orientation_withheld(test_stacks, te, trained, seed)
+    savez(d / "test_outputs.npz", probs=test_probs, pen=test_pen, y=te["y"],
+          stack_index=te["stack_index"], slice_index=te["slice_index"],
+          stack_probs=stack_probs if stack_probs is not None else np.zeros((0, 3)))
+    info = None if head is None else head.model.info
+    row = dict(selected=res["selected"], test=test, timing=res["timing"],
+               checkpoint=str(Path(d.name) / "final"),
+               stack_head=info and dict(selected=info.get("selected"), timing=info.get("timing")))
+    return Evaluated(row, test_probs, test_pen, stack_probs)

@@ -1,0 +1,144 @@
+"""The paper's protocol end to end for one configuration (`python -m experiments.run` is its
+command line):
+
+    data (synthetic cohort | ACDC folder | DICOM tree + labels)  -> patient-level train/test split
+    -> preprocess (window, centre crop, resize)  -> per setting (depth0, depth1 | scratch):
+       5-fold CV per learning rate -> select (lr, epochs) -> final model -> test metrics
+       -> stack-aware head (on out-of-fold outputs of the training stacks) -> slice_ordered/stack rows
+    -> results.json, results.md, curves/confusion/tsne/gradcam PNGs, checkpoints, terminal table
+
+Rerunning with the same run_dir resumes: finished CV jobs, final models and stack heads are loaded,
+not retrained (run.json must match). See docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from stackcls import figures
+from stackcls.atomic import write_json
+from stackcls.explain import gradcam, gradcam_cells, tsne
+from stackcls.metrics import confusion_matrix
+from stackcls.models import build_classifier
+from stackcls.preprocess import stack_arrays
+from stackcls.progress import set_enabled as set_progress
+from stackcls.study.config import Study, as_plain, as_study, identity
+from stackcls.study.data import input_size, load_data, make_backbone
+from stackcls.study.evaluation import Evaluated, evaluate_setting, ordered
+from stackcls.study.report import results_markdown, summary_table
+from stackcls.study.settings import plan, stage_inputs, vmapped
+from stackcls.sweep import run_setting
+
+SCHEMA_VERSION = 1
+CLASSES = ["OAP", "IN", "OBS"]
+
+
+class RunConfigMismatch(ValueError):
+    pass
+
+
+def check_run_dir(run_dir: Path, study: Study) -> None:
+    """A new run_dir records the configuration (run.json); an existing one must hold the same."""
+    f = run_dir / "run.json"
+    ident = identity(study)
+    if not f.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(f, dict(identity=ident, config=as_plain(study)))
+        return
+    old = json.loads(f.read_text()).get("identity")
+    if old != ident:
+        raise RunConfigMismatch(
+            f"{run_dir} holds a run with a different configuration:\n  there: {old}\n  now:   "
+            f"{ident}\nchoose another run_dir (or delete that one) to start afresh")
+
+
+def _counts(stacks: list, arrays: dict) -> str:
+    return f"{len(stacks)} stacks / {len(arrays['y'])} slices ({len(set(arrays['subject']))} subjects)"
+
+
+def run(cfg) -> dict:
+    """Run (or resume) the protocol for one configuration (a Study, or the DictConfig Hydra
+    composed from `study`); returns results.json's dict."""
+    study = as_study(cfg)
+    t_start = time.perf_counter()
+    if not study.progress:
+        set_progress(False)
+    run_dir = Path(study.run_dir).expanduser().absolute()
+    check_run_dir(run_dir, study)
+    p, seed = study.protocol, study.seed
+    size = input_size(study)
+    print(f"[run] {study.backbone} depth={study.depth} data={study.data.name} protocol={p.name} "
+          f"seed={seed} -> {run_dir}")
+
+    train_stacks, test_stacks = load_data(study)
+    tr = stack_arrays(train_stacks, size, study.data.keep)
+    te = stack_arrays(test_stacks, size, study.data.keep)
+    print(f"[data] train {_counts(train_stacks, tr)}, test {_counts(test_stacks, te)}; class counts train "
+          f"{np.bincount(tr['y'], minlength=3).tolist()} test {np.bincount(te['y'], minlength=3).tolist()}")
+
+    backbone, weights = make_backbone(study, size)
+    model = build_classifier(backbone, size, seed)
+    save_config = dict(backbone=study.backbone, input_size=size, keep=study.data.keep, weights=weights,
+                       options={}, preprocess=model.preprocess_mode, classes=CLASSES)
+    settings = plan(study.backbone, study.depth)
+    inputs = stage_inputs(model, tr, te, p, seed, {s.stage for s in settings})
+
+    trained: dict[str, dict] = {}
+    evaluated: dict[str, Evaluated] = {}
+    for s in settings:
+        start = s.start(model, trained, seed, study.vmap)
+        trained[s.name] = run_setting(
+            s.name, start.model, s.pool(inputs[s.stage], tr["y"], p), tr["subject"],
+            lrs=getattr(p.learning_rates, s.name), epochs=p.epochs, folds=p.folds,
+            oversample_factor=p.oversample, seed=seed, out_dir=run_dir / s.name,
+            vmapped=vmapped(s.conv, study.vmap), batch_size=p.batch_size, decay=p.decay,
+            fold_init=start.fold_init, final_init=start.final_init, save_config=save_config,
+            fail_after_jobs=study.fail_after_jobs)
+        evaluated[s.name] = evaluate_setting(run_dir / s.name, trained[s.name], s.stage,
+                                             inputs[s.stage], tr, te, test_stacks, p.stack, seed,
+                                             save_config)
+
+    results = dict(schema=SCHEMA_VERSION, backbone=study.backbone, data=study.data.name,
+                   weights=weights, protocol=p.name, seed=seed, input_size=size,
+                   depths={s.key: evaluated[s.name].row for s in settings},
+                   n_train=dict(stacks=len(train_stacks), slices=int(len(tr["y"]))),
+                   n_test=dict(stacks=len(test_stacks), slices=int(len(te["y"]))),
+                   device=jax.devices()[0].device_kind,
+                   timing=dict(total_seconds=round(time.perf_counter() - t_start, 3)))
+    write_figures(run_dir, trained, evaluated, te, seed)
+    write_json(run_dir / "results.json", results)
+    (run_dir / "results.md").write_text(results_markdown(results))
+    print(summary_table(results))
+    return results
+
+
+def write_figures(run_dir: Path, trained: dict, evaluated: dict, te: dict, seed: int) -> None:
+    """curves.png and confusion.png of every setting; tsne.png and gradcam.png of the last."""
+    curves = {}
+    for name, res in trained.items():
+        sel = res["selected"]
+        curves[name] = dict(lr=sel["learning_rate"], epochs=sel["epochs"],
+                            **res["curves"][sel["learning_rate"]])
+    figures.curves(curves, run_dir / "curves.png")
+    mats = {}
+    for name, ev in evaluated.items():
+        mats[f"{name}: slice"] = confusion_matrix(te["y"], np.argmax(ev.probs, 1))
+        if ev.stack_probs is not None:
+            mats[f"{name}: stack"] = confusion_matrix(te["y"], ordered(np.log(np.clip(
+                ev.stack_probs, 1e-12, 1)), te["stack_index"]))
+    figures.confusion(mats, run_dir / "confusion.png")
+    last = list(evaluated)[-1]
+    ev = evaluated[last]
+    figures.tsne(tsne(ev.pen, seed), te["y"], run_dir / "tsne.png",
+                 title=f"t-SNE of penultimate features, test set ({last})")
+    cells = gradcam_cells(te["y"], ev.probs)
+    if cells:
+        x = te["x"][list(cells.values())]
+        cams = gradcam(trained[last]["model"], x, classes=np.array([j for _, j in cells]))
+        figures.gradcam({k: (x[n, ..., 0], cams[n]) for n, k in enumerate(cells)},
+                        run_dir / "gradcam.png", title=f"Grad-CAM ({last}; rows truth, columns prediction)")
