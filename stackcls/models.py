@@ -3,10 +3,16 @@
     image (S, H, W, 3) RGB 0..255 -> preprocess_input -> backbone.trunk -> backbone.last_block
     -> global average pooling -> Dense 256 ReLU -> Dropout 0.5 -> Dense 3 (logits; softmax outside)
 
-The split into trunk / last_block is what makes training cheap: depth 0 trains the head on cached
-pooled features, depth 1 trains `backbone.block_last` + head on cached trunk outputs (see train.py).
-Dropout takes an explicit PRNG key (None = inference) so every training function stays pure and
-vmappable over the folds x learning rates of a sweep.
+The split into trunk / last_block is what makes training cheap. A training "stage" says what a
+sample is when it reaches the model (engine.py trains each):
+
+    "features"  pooled last-block output, cached once; only the head trains        (depth 0)
+    "carry"     trunk output, cached once; `backbone.block_last` and the head train  (depth 1)
+    "image"     the model input; everything trains                                  (CBR, scratch)
+
+`stage_features` maps a stage's samples to the head's input and `trainable_filter` picks what a
+stage trains. Dropout takes an explicit PRNG key (None = inference) so every training function
+stays pure and vmappable over the folds x learning rates of a sweep.
 """
 
 from __future__ import annotations
@@ -16,18 +22,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stackcls.backbones.layers import Dense
+from stackcls.backbones.preprocessing import preprocess_input as keras_preprocess
 
 N_CLASSES = 3
 HIDDEN = 256
 DROPOUT = 0.5
-
+STAGES = ("features", "carry", "image")
 
 
 def preprocess_input(x: jax.Array, mode: str | None) -> jax.Array:
     """The backbone's Keras `preprocess_input` on RGB 0..255 input ("none": unchanged)."""
     if mode in (None, "none"):
         return jnp.asarray(x, jnp.float32)
-    from stackcls.backbones.preprocessing import preprocess_input as keras_preprocess
     return keras_preprocess(x, mode)
 
 
@@ -73,8 +79,24 @@ class Classifier(nnx.Module):
         """Output of the last convolutional block (the Grad-CAM target)."""
         return self.backbone.last_block(self.trunk(x, train), train=train)
 
+    def pooled(self, carry, train: bool = False) -> jax.Array:
+        """Last block + global average pooling on a trunk output: the head's input."""
+        return gap(self.backbone.last_block(carry, train=train))
+
     def features(self, x, train: bool = False) -> jax.Array:
-        return gap(self.feature_map(x, train))
+        return self.pooled(self.trunk(x, train), train)
+
+    def stage_features(self, inputs, stage: str, train: bool = False) -> jax.Array:
+        """The head's input from samples of a training stage (see the module docstring)."""
+        if stage == "features":
+            return inputs
+        if stage == "carry":
+            # the last block's BatchNorm stays in inference mode even while it trains (frozen
+            # statistics, trained gamma/beta: Keras's fine-tuning rule, as for every frozen layer)
+            return self.pooled(inputs)
+        if stage == "image":
+            return self.features(inputs, train)
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
     def penultimate(self, x) -> jax.Array:
         return self.head.penultimate(self.features(x))
@@ -83,9 +105,23 @@ class Classifier(nnx.Module):
         return self.head(self.features(x, train), key)
 
 
-def feature_dim(backbone: nnx.Module, input_size: int) -> int:
-    """Channels of the last block's output, found by shape inference (no FLOPs spent)."""
-    x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+def trainable_filter(stage: str):
+    """The variables a training stage updates (an nnx filter); the rest stay frozen."""
+    head = nnx.PathContains("head")
+    if stage == "features":
+        return nnx.All(nnx.Param, head)
+    if stage == "carry":
+        return nnx.All(nnx.Param, nnx.Any(head, nnx.PathContains("block_last")))
+    if stage == "image":
+        return nnx.Param
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def feature_dim(backbone: nnx.Module, input_size: int | None = None) -> int:
+    """Channels D of the last block's output (the head's input), by shape inference (no FLOPs
+    spent); input_size defaults to the backbone's own."""
+    size = int(input_size or backbone.input_size)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     graphdef, state = nnx.split(backbone)
 
     def f(state, x):
