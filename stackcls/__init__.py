@@ -2,8 +2,11 @@
 
 Data flow (one module per stage):
     io/ (DICOM, NIfTI, labels CSV) -> stack.Stack -> preprocess -> backbones (features)
-    -> models (per-slice scores, stack head) -> decode (ordered labels) -> predict
+    -> models + inference (per-slice scores) -> stack_model (stack head) -> decode (ordered
+    labels) -> predict; training: engine (loops), sweep (CV, selection, resume), checkpoint
 """
+
+import importlib
 
 from stackcls.stack import CLASSES, Stack
 
@@ -16,14 +19,13 @@ _LAZY = {
     "attach_labels": "stackcls.io",
     "scan": "stackcls.io",
     "predict_stack": "stackcls.predict",
-    "load_model": "stackcls.checkpoint",
+    "load_model": "stackcls.inference",
 }
 
 
 def __getattr__(name):
     # Lazy so that `import stackcls` does not pull in JAX / pydicom until they are needed.
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'stackcls' has no attribute {name!r}")
 

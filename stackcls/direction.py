@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
+from stackcls.atomic import write_json
+
 FILE = "direction.json"
 C_GRID = (0.01, 0.1, 1.0, 10.0)   # inverse L2 strength, chosen by subject-level CV
 
@@ -52,7 +54,6 @@ class DirectionModel:
         return moment(features, self.mean, self.std) @ self.weights
 
     def save(self, folder) -> Path:
-        from stackcls.checkpoint import write_json
         path = Path(folder) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, dict(mean=self.mean, std=self.std, weights=self.weights, info=self.info))
