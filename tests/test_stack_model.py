@@ -1,14 +1,34 @@
-"""Stack head: masking, training on synthetic sequences (beats single-slice, recovers direction),
-save/load round trip."""
+"""Stack head: masking, its config, training on synthetic sequences (beats single-slice, recovers
+direction)."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 
-from stackcls.decode import best_score, in_range, ordered_decode
-from stackcls.stack_model import (StackHead, StackModel, load_stack_model, pad, save_stack_model,
-                                  slice_features, synthetic_feature_stacks, train_stack_model)
+from stackcls.decode import best_score, ordered_decode
+from stackcls.stack_model import StackHead, StackHeadConfig, StackModel, pad, slice_features, train_stack_model
 
 PROTO = dict(hidden=16, epochs=120, folds=2, learning_rates=(1e-2,), residual=False)  # features: no log-probs
+
+
+def synthetic_feature_stacks(n_stacks: int, dim: int = 8, noise: float = 1.2, seed: int = 0):
+    """Ordered feature sequences: (features, labels, subjects).
+
+    Each stack has 8-16 slices, 1-3 OAP and 1-3 OBS; a slice's features are its class mean (fixed
+    random vectors) plus Gaussian noise, so single slices are ambiguous but neighbours help.
+    """
+    rng = np.random.default_rng(seed)
+    mu = np.random.default_rng(1234).normal(size=(3, dim))
+    feats, labels, subjects = [], [], []
+    for i in range(n_stacks):
+        S = int(rng.integers(8, 17))
+        a, c = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        y = np.array([0] * a + [1] * (S - a - c) + [2] * c, np.int32)
+        feats.append((mu[y] + noise * rng.normal(size=(S, dim))).astype(np.float32))
+        labels.append(y)
+        subjects.append(f"syn{seed}_{i // 2}")          # two stacks (ED, ES) per subject
+    return feats, labels, subjects
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +101,20 @@ def test_residual_head_starts_as_the_slice_classifier():
     np.testing.assert_allclose(np.exp(m.scores(f)), probs, atol=1e-5)   # zero correction at init
 
 
-def test_save_load_round_trip(trained, tmp_path):
-    save_stack_model(tmp_path / "head", trained)
-    back = load_stack_model(tmp_path / "head")
-    f, _, _ = synthetic_feature_stacks(3, seed=5)
-    for fi in f:
-        np.testing.assert_allclose(back.scores(fi), trained.scores(fi), atol=1e-6)
-    assert back.info["selected"] == trained.info["selected"]
-    with pytest.raises(FileNotFoundError, match="not a saved stack model"):
-        load_stack_model(tmp_path / "nothing")
+def test_config_defaults_overrides_and_validation():
+    c = StackHeadConfig()
+    assert (c.hidden, c.dropout, c.epochs, c.learning_rates, c.weight_decay, c.folds) == (64, 0.2, 200, (1e-2, 3e-3), 1e-4, 5)
+    assert (c.reverse_prob, c.feature_noise, c.residual, c.class_weight, c.select) == (0.5, 0.1, True, "none", "accuracy")
+    o = StackHeadConfig.of(dict(epochs=60, learning_rates=[3e-3]))
+    assert o.epochs == 60 and o.learning_rates == (3e-3,) and o.hidden == 64
+    assert StackHeadConfig.of(o) is o and StackHeadConfig.of(None) == c
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.epochs = 3
+    for bad, word in ((dict(select="f1"), "select"), (dict(class_weight="inverse"), "class_weight"),
+                      (dict(learning_rates=()), "learning_rates"), (dict(dropout=1.0), "dropout"),
+                      (dict(epochs=0), "epochs")):
+        with pytest.raises(ValueError, match=word):
+            StackHeadConfig(**bad)
 
 
 def test_clear_errors(trained):
@@ -97,6 +122,8 @@ def test_clear_errors(trained):
         trained.scores(np.zeros((4, 3)))
     with pytest.raises(ValueError, match="unknown protocol"):
         train_stack_model([np.zeros((3, 2))], [np.zeros(3)], ["a"], protocol=dict(lr=1))
+    with pytest.raises(ValueError, match="residual"):
+        train_stack_model([np.zeros((3, 2))], [np.zeros(3)], ["a"])
     with pytest.raises(ValueError, match="do not match"):
         train_stack_model([np.zeros((3, 2))], [np.zeros(4)], ["a"])
     with pytest.raises(ValueError, match=r"probs \(S, 3\)"):

@@ -1,0 +1,33 @@
+"""The one selection rule of a CV sweep, with the classifier's and the stack head's tie-breaks."""
+
+import numpy as np
+import pytest
+
+from stackcls.selection import select
+
+
+def test_best_mean_score_ties_to_fewer_epochs():
+    acc = np.array([[0.5, 0.8, 0.8], [0.7, 0.8, 0.9]]).mean(0)      # .6 .8 .85
+    acc2 = np.array([[0.9, 0.8, 0.85], [0.8, 0.9, 0.85]]).mean(0)    # .85 .85 .85
+    loss = np.ones((2, 3))
+    assert select([acc, acc2], loss) == (1, 1)
+    assert select([acc], loss[:1]) == (0, 3)
+    # equal when rounded to 9 decimals: fewer epochs first, then the lower loss, then the first row
+    assert select([[0.5, 0.5 + 1e-11]], [[0.9, 0.1]]) == (0, 1)
+    assert select([[0.5], [0.5]], [[0.9], [0.4]]) == (1, 1)
+    assert select([[0.5], [0.5]], [[0.4], [0.4]]) == (0, 1)
+
+
+def test_stack_head_ties_go_to_the_lower_loss():
+    score = np.array([[0.8, 0.9, 0.9], [0.9, 0.7, 0.9]], np.float32)
+    loss = np.array([[1.0, 0.5, 0.4], [0.6, 0.1, 0.4]], np.float32)
+    assert select(score, loss, ties="lower_loss") == (0, 3)        # (1, 2) has the lowest loss but not the best score
+    assert select(score, np.full_like(loss, 0.3), ties="lower_loss") == (0, 2)   # then first row, fewer epochs
+    assert select(score, loss, ties="fewer_epochs") == (1, 1)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="ties"):
+        select([[1.0]], [[0.0]], ties="random")
+    with pytest.raises(ValueError, match="one shape"):
+        select([[1.0, 0.5]], [[0.0]])
