@@ -30,7 +30,7 @@ def small_cohort(tmp_path_factory):
 
 def _read_series(folder: Path):
     """An independent minimal reader: group by TriggerTime, order by position along the apex
-    direction (GUIDE section 4). Returns {frame_index: (S, H, W) float images apex->base}."""
+    direction (LPS: the apex points left, anterior, inferior). Returns {frame_index: (S, H, W) float images apex->base}."""
     dss = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
     times = sorted({float(d.TriggerTime) for d in dss})
     out = {}
