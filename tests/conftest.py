@@ -33,3 +33,9 @@ def acdc_root() -> Path:
 @pytest.fixture(scope="session")
 def mobilenet_weights() -> Path:
     return ROOT / "stackcls" / "backbones" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5"
+
+
+@pytest.fixture(scope="session")
+def shared_mobilenet_weights() -> Path:
+    """The project's own copy of the Keras file, independent of the packaged one."""
+    return _shared("weights/mobilenet_2_5_224_tf_no_top.h5")

@@ -193,15 +193,15 @@ def _values(model):
             for n, layer in keras_layers(model).items()}
 
 
-def test_packaged_mobilenet_needs_no_network_or_cache(no_network, mobilenet_weights):
+def test_packaged_mobilenet_needs_no_network_or_cache(no_network, shared_mobilenet_weights):
     """weights=imagenet for MobileNet 0.25 is the packaged file: no network, no cache written,
     the same arrays as loading the shared copy of the Keras file explicitly."""
     wf = B.spec("mobilenet").weight_file(224, alpha=0.25)
     assert D.fetch(wf) == D.PACKAGED_DIR / wf.fname
     assert D.file_digest(D.PACKAGED_DIR / wf.fname, "sha256") == \
-        D.file_digest(mobilenet_weights, "sha256") == wf.file_hash
+        D.file_digest(shared_mobilenet_weights, "sha256") == wf.file_hash
     packaged = B.create("mobilenet", weights="imagenet", alpha=0.25)
-    shared = B.create("mobilenet", weights=mobilenet_weights)
+    shared = B.create("mobilenet", weights=shared_mobilenet_weights)
     a, b = _values(packaged), _values(shared)
     assert a.keys() == b.keys() and len(a) == 54
     for k in a:
