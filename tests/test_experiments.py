@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose as hydra_compose, initialize
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from experiments.report import main as report
 from stackcls import backbones
 from stackcls.inference import load_model
-from stackcls.study.config import Study, compose
+from stackcls.study.config import Study, compose, register
 from stackcls.study.data import make_backbone
 from stackcls.study.run import RunConfigMismatch, run
 from stackcls.sweep import SimulatedInterrupt
@@ -37,10 +38,18 @@ def check_metrics(m):
     assert sum(map(sum, m["confusion"])) == m["n_slices"]
 
 
+def without_timing(o):
+    if isinstance(o, dict):
+        return {k: without_timing(v) for k, v in o.items() if k not in ("timing", "total_seconds")}
+    return o
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose(TINY + [f"run_dir={run_dir}", "fail_after_jobs=1"])
+    register()
+    with initialize(version_base="1.3", config_path=None):  # the config as Hydra hands it over
+        cfg = hydra_compose("study", overrides=TINY + [f"run_dir={run_dir}", "fail_after_jobs=1"])
     with pytest.raises(SimulatedInterrupt):
         run(cfg)
     done = sorted((run_dir / "depth0" / "cv").glob("*.npz"))
@@ -124,6 +133,21 @@ def test_imagenet_unavailable_falls_back_loudly(monkeypatch, capsys):
         _, desc = make_backbone(Study(backbone="mobilenet", weights="imagenet", seed=0), 32)
     assert desc == "random (imagenet unavailable)"
     assert "RANDOM" in capsys.readouterr().err
+
+
+def test_rerun_reuses_everything_and_the_stamp_decides_the_stack_head(tiny_run):
+    run_dir, res, _, _ = tiny_run
+    heads = [run_dir / d / "stack" / "config.json" for d in ("depth0", "depth1")]
+    stamps = [f.stat().st_mtime_ns for f in heads]
+    again = run(compose(TINY + [f"run_dir={run_dir}"]))
+    assert without_timing(again) == without_timing(res)
+    assert [f.stat().st_mtime_ns for f in heads] == stamps          # loaded, not retrained
+    # the stack head's settings are not part of the run's identity: they retrain only it
+    changed = run(compose(TINY + [f"run_dir={run_dir}", "protocol.stack.epochs=3"]))
+    assert all(f.stat().st_mtime_ns != t for f, t in zip(heads, stamps))
+    assert json.loads((run_dir / "depth1" / "stack" / "protocol.json").read_text())["epochs"] == 3
+    assert changed["depths"]["1"]["test"]["slice"] == res["depths"]["1"]["test"]["slice"]
+    assert changed["depths"]["1"]["stack_head"]["selected"]["epochs"] <= 3
 
 
 def test_cli_composes_overrides():
