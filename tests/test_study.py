@@ -9,7 +9,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from stackcls.explain import gradcam_cells
 from stackcls.stack_model import StackHeadConfig
-from stackcls.study.config import PAPER, QUICK, Study, as_plain, compose, identity
+from stackcls.study.config import PAPER, QUICK, as_plain, compose, identity
 from stackcls.study.report import MODE_ROWS, metric_rows, results_markdown, summary_table
 from stackcls.study.settings import Depth0, Depth1, Scratch, plan, vmapped
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from hydra import compose as hydra_compose, initialize
@@ -151,10 +151,9 @@ def _writable(node: DictConfig) -> DictConfig:
     """Frozen dataclasses give read-only nodes, which Hydra could not merge overrides into; the
     composed config still turns back into the frozen classes (OmegaConf.to_object)."""
     OmegaConf.set_readonly(node, False)
-    if not node._is_missing():
-        for _, v in node.items_ex(resolve=False):
-            if isinstance(v, DictConfig):
-                _writable(v)
+    for _, v in node.items_ex(resolve=False):
+        if isinstance(v, DictConfig):
+            _writable(v)
     return node
 
 

@@ -27,6 +27,7 @@ from stackcls.metrics import confusion_matrix
 from stackcls.models import build_classifier
 from stackcls.preprocess import stack_arrays
 from stackcls.progress import set_enabled as set_progress
+from stackcls.stack import CLASSES
 from stackcls.study.config import Study, as_plain, as_study, identity
 from stackcls.study.data import input_size, load_data, make_backbone
 from stackcls.study.evaluation import Evaluated, evaluate_setting, ordered
@@ -35,7 +36,6 @@ from stackcls.study.settings import plan, stage_inputs, vmapped
 from stackcls.sweep import run_setting
 
 SCHEMA_VERSION = 1
-CLASSES = ["OAP", "IN", "OBS"]
 
 
 class RunConfigMismatch(ValueError):
@@ -84,7 +84,7 @@ def run(cfg) -> dict:
     backbone, weights = make_backbone(study, size)
     model = build_classifier(backbone, size, seed)
     save_config = dict(backbone=study.backbone, input_size=size, keep=study.data.keep, weights=weights,
-                       options={}, preprocess=model.preprocess_mode, classes=CLASSES)
+                       options={}, preprocess=model.preprocess_mode, classes=list(CLASSES))
     settings = plan(study.backbone, study.depth)
     inputs = stage_inputs(model, tr, te, p, seed, {s.stage for s in settings})
 
