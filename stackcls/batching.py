@@ -20,12 +20,14 @@ def n_rows(tree) -> int:
     return int(jax.tree.leaves(tree)[0].shape[0])
 
 
-def map_chunks(fn: Callable, inputs, chunk: int | None, *, with_index: bool = False, bar=None):
+def map_chunks(fn: Callable, inputs, chunk: int | None, *, with_index: bool = False, bar=None,
+               pad: bool = True):
     """fn(chunk_inputs[, chunk_number]) over `inputs` (a pytree of arrays with N leading rows).
 
     chunk None: one call on the whole input, unpadded. Otherwise every call gets exactly `chunk`
     rows (a short input is padded too: one compiled shape whatever N). with_index: fn also gets the
-    chunk's number (0, 1, ...), e.g. to derive a PRNG key per chunk. bar: a progress bar to update
+    chunk's number (0, 1, ...), e.g. to derive a PRNG key per chunk. pad=False: a short last chunk
+    runs at its own size (a second compile; only where a caller's results were recorded so). bar: a progress bar to update
     by the rows done. Returns fn's output pytree with N rows (device arrays).
     """
     n = n_rows(inputs)
@@ -38,13 +40,13 @@ def map_chunks(fn: Callable, inputs, chunk: int | None, *, with_index: bool = Fa
     for i, s in enumerate(range(0, n, chunk)):
         piece = jax.tree.map(lambda a: a[s:s + chunk], inputs)
         k = n_rows(piece)
-        if k < chunk:   # one compiled shape: repeat the last row
+        if k < chunk and pad:   # one compiled shape: repeat the last row
             piece = jax.tree.map(
                 lambda a: jnp.concatenate([jnp.asarray(a), jnp.repeat(jnp.asarray(a)[-1:], chunk - k, 0)]), piece)
         else:
             piece = jax.tree.map(jnp.asarray, piece)
         out = fn(piece, i) if with_index else fn(piece)
-        parts.append(jax.tree.map(lambda a: a[:k], out) if k < chunk else out)
+        parts.append(jax.tree.map(lambda a: a[:k], out) if k < chunk and pad else out)
         if bar is not None:
             bar.update(k)
     return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
