@@ -27,8 +27,8 @@ def map_chunks(fn: Callable, inputs, chunk: int | None, *, with_index: bool = Fa
     chunk None: one call on the whole input, unpadded. Otherwise every call gets exactly `chunk`
     rows (a short input is padded too: one compiled shape whatever N). with_index: fn also gets the
     chunk's number (0, 1, ...), e.g. to derive a PRNG key per chunk. pad=False: a short last chunk
-    runs at its own size (a second compile; only where a caller's results were recorded so). bar: a progress bar to update
-    by the rows done. Returns fn's output pytree with N rows (device arrays).
+    runs at its own size (a second compile; only where a caller's recorded results ran it so).
+    bar: a progress bar to update by the rows done. Returns fn's output pytree with N rows (device arrays).
     """
     n = n_rows(inputs)
     if chunk is None:
