@@ -87,7 +87,8 @@ def pooled_features(model: Classifier, carries, views: bool = False, chunk: int 
 
     lead = jax.tree.leaves(carries)[0].shape[:2]
     flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), carries) if views else carries
-    out = map_chunks(lambda c: run(state, c), flat, chunk)
+    # unpadded last chunk: the recorded results (and so the selections made on them) were computed so
+    out = map_chunks(lambda c: run(state, c), flat, chunk, pad=False)
     return out.reshape(lead + out.shape[1:]) if views else out
 
 
