@@ -20,9 +20,7 @@ Convolutional settings are vmapped only on accelerators (XLA:CPU runs vmapped co
 per-job kernels as slow grouped convolutions). Every job's randomness derives from (seed, job
 name), so grouping does not change the draws. The step and the validation are written once
 (`_EpochFns`); an epoch drives them with `lax.scan` or, for convolutions on CPU, from Python.
-
-`sequence_trainer` is the stack head's loop (stack_model.py): full-batch AdamW, one step per
-epoch, all folds x learning rates vmapped in one call.
+`sequence_trainer` is the stack head's loop (stack_model.py).
 """
 
 from __future__ import annotations
@@ -97,8 +95,7 @@ class _EpochFns:
     def __init__(self, trainer: "Trainer", n_batches: int):
         self.graphdef, self.stage, self.B, self.C = trainer.graphdef, trainer.stage, trainer.B, trainer.C
         self.decay, self.tx, self.rot = trainer.decay, trainer.tx, trainer.pool.rotate_deg
-        self.per_job_stats = trainer.per_job_stats
-        self.n_batches = n_batches
+        self.per_job_stats, self.n_batches = trainer.per_job_stats, n_batches
 
     def _stats(self, stats, shared):
         return stats if self.per_job_stats else shared["stats"]
