@@ -24,7 +24,6 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from stackcls.atomic import write_json
 
@@ -75,6 +74,9 @@ class DirectionModel:
 def fit_direction(features: Sequence[np.ndarray], subjects: Sequence[str], seed: int = 0) -> DirectionModel:
     """Fit on stacks ordered apex -> base (each is also used reversed). C is chosen by leave-
     subjects-out CV, so a subject's ED and ES stacks never sit on both sides of a split."""
+    # scikit-learn costs 2-5 s to import here; only training needs it, not every load_model
+    from sklearn.linear_model import LogisticRegression
+
     feats = [np.asarray(f, np.float32) for f in features]
     if len(feats) < 2:
         raise ValueError(f"fit_direction: need at least 2 stacks, got {len(feats)}")
