@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from stackcls.progress import bar as tqdm
 from stackcls.stack import CLASS_INDEX, Stack
 
 
@@ -163,7 +164,6 @@ def stack_arrays(stacks: Sequence[Stack], size, keep: float = 0.6, progress: boo
     """
     if len(stacks) == 0:
         raise ValueError("stack_arrays: no stacks given")
-    from stackcls.progress import bar as tqdm
 
     xs, ys, si, sl, subj = [], [], [], [], []
     it = tqdm(stacks, desc="preprocess", unit="stack", disable=not progress or len(stacks) < 20)

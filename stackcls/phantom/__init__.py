@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from stackcls.phantom.render import SubjectData, render_subject
+from stackcls.progress import bar as tqdm
 
 # Bump when the generator's output changes: old caches are then ignored, never reused.
 VERSION = "3"
@@ -66,7 +67,6 @@ def generate(out: Path, n_subjects: int, seed: int = 0, matrix_scale: float = 1.
     workers = max(1, min(workers, n_subjects // 3 or 1))
     jobs = [(seed, i, str(out / "dicom"), matrix_scale) for i in range(n_subjects)]
     t0 = time.perf_counter()
-    from stackcls.progress import bar as tqdm
     bar = dict(total=n_subjects, desc="phantom subjects", unit="subj", disable=not progress,
                file=sys.stderr)
     if workers == 1:
