@@ -1,11 +1,19 @@
-"""Writing files so that an interruption never leaves half of one: every writer of the package
-(labels CSV, JSON records, CV job records, predictions) goes through `replace_atomically`."""
+"""Writing files safely: every writer of the package goes through this module.
+
+- `replace_atomically`: an interruption never leaves half a file (labels CSV, JSON records, CV job
+  records, predictions); an existing file keeps its permissions, and a symlink keeps pointing at
+  the file it names (the target is replaced, not the link).
+- `safe_name` / `inside`: a name read from a file (PatientID, series, phase) is hostile until made
+  safe; no output may land outside the folder it was meant for.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -16,10 +24,17 @@ import numpy as np
 def replace_atomically(path, mode: str = "w", **open_kw):
     """Open a temp file beside `path` for writing; on success it is flushed, fsynced and renamed
     over `path`; on any error it is removed and `path` is left as it was."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))           # through symlinks: replace the file they name
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        keep = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:                       # a new file gets the usual 0666 & ~umask
+        umask = os.umask(0)
+        os.umask(umask)
+        keep = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, keep)                         # mkstemp makes 0600
         with os.fdopen(fd, mode, **open_kw) as f:
             yield f
             f.flush()
@@ -29,6 +44,26 @@ def replace_atomically(path, mode: str = "w", **open_kw):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(*parts) -> str:
+    """A file name from untrusted parts: anything but letters, digits, '.', '_' and '-' becomes
+    '_', no '..', no leading or trailing dot, dash or '_' (no hidden files, no option-like names),
+    at most 120 characters."""
+    name = re.sub(r"\.{2,}", "_", "_".join(_UNSAFE.sub("_", str(p)) for p in parts))
+    return re.sub(r"_{2,}", "_", name).strip("._-")[:120] or "_"
+
+
+def inside(folder, name) -> Path:
+    """folder / name, refused (ValueError) if it would resolve outside `folder`."""
+    root = Path(os.path.realpath(folder))
+    target = Path(os.path.realpath(root / name))
+    if target != root and root not in target.parents:
+        raise ValueError(f"refusing to write {name!r}: it resolves outside {root}")
+    return target
 
 
 def _jsonable(o):

@@ -19,9 +19,10 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from stackcls.inference import load_model
+from stackcls.atomic import inside, safe_name
 from stackcls.decode import in_range
 from stackcls.explain import gradcam
+from stackcls.inference import load_model
 from stackcls.io import load_labels, load_stacks, save_labels
 from stackcls.predict import predict_stack
 from stackcls.progress import bar as tqdm
@@ -390,6 +391,7 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
             view.show_cam = cam
             view.draw()
             s = session.stack
-            view.save(save / f"{s.subject}_{s.phase}{'_gradcam' if cam else ''}.png")
+            # subject and phase come from the files: made safe, and kept inside `save`
+            view.save(inside(save, safe_name(s.subject, s.phase, *(["gradcam"] if cam else [])) + ".png"))
     print(f"wrote {2 * len(stacks)} figures to {save}")
     return 0

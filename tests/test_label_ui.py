@@ -19,6 +19,7 @@ from stackcls.io import load_stacks
 from stackcls.label_ui import LabelSession, StackView, review_command, stack_gradcam
 from stackcls.models import build_classifier
 from stackcls.stack import Stack
+from test_io_dicom import make_series   # the DICOM series writer of the reader's tests
 
 
 def make_stacks(n_stacks=3, n_slices=6, size=24):
@@ -163,3 +164,11 @@ def test_review_figures_render_headless_with_gradcam(tmp_path):
     cam = plt.imread(out / pngs[1])
     assert plain.shape == cam.shape and np.abs(plain - cam).max() > 0.1
     assert labels.read_text() == before      # reviewing never rewrites the user's labels
+
+
+def test_review_with_a_hostile_patient_id_writes_only_inside_the_output_folder(tmp_path):
+    make_series(tmp_path / "study", n_slices=5, patient="../../../escaped/pwn")
+    out = tmp_path / "a" / "b" / "review"
+    assert review_command(tmp_path / "study", model=tiny_run(tmp_path), save=out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["escaped_pwn_ED.png", "escaped_pwn_ED_gradcam.png"]
+    assert not list(tmp_path.rglob("escaped"))            # no folder made from the name, anywhere

@@ -54,6 +54,7 @@ def load_labels(path) -> list[LabelRow]:
             if len(rec) < len(header):
                 raise StackReadError(path, f"line {i}: {len(rec)} fields, header has {len(header)}")
             v = {c: rec[j].strip() for c, j in col.items()}
+            v["subject"], v["phase"] = _uncell(v["subject"]), _uncell(v["phase"])
             if not v["subject"] or not v["phase"]:
                 raise StackReadError(path, f"line {i}: empty subject or phase")
             try:
@@ -100,6 +101,20 @@ def rows_of(items) -> list[LabelRow]:
     return rows
 
 
+# Spreadsheets execute a cell that starts with one of these; the usual defence writes a leading
+# apostrophe, which `load_labels` removes again, so names round-trip unchanged.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value) -> str:
+    v = str(value)
+    return "'" + v if v.startswith(FORMULA_START) else v
+
+
+def _uncell(v: str) -> str:
+    return v[1:] if v.startswith("'") and v[1:].startswith(FORMULA_START) else v
+
+
 def save_labels(stacks_or_rows, path) -> Path:
     """Write labelled stacks (unlabelled ones are left out) or rows (LabelRow, dicts with the
     COLUMNS keys, or 5-tuples) as a labels CSV. Atomic (`stackcls.atomic`): a temp file in the same
@@ -110,7 +125,8 @@ def save_labels(stacks_or_rows, path) -> Path:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(COLUMNS)
         for r in rows:
-            w.writerow([r.subject, "" if r.frame is None else r.frame, r.phase, r.slice, r.label])
+            w.writerow([csv_cell(r.subject), "" if r.frame is None else r.frame, csv_cell(r.phase),
+                        r.slice, r.label])
     return path
 
 

@@ -43,18 +43,27 @@ class RunConfigMismatch(ValueError):
 
 
 def check_run_dir(run_dir: Path, study: Study) -> None:
-    """A new run_dir records the configuration (run.json); an existing one must hold the same."""
+    """An existing run_dir must hold the same configuration (run.json). Checked before any work;
+    run.json itself is written by `start_run_dir` once the data has loaded, so a run that fails
+    on a wrong data.root leaves nothing that would refuse the corrected rerun."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run_dir={run_dir} is a file, not a folder")
     f = run_dir / "run.json"
-    ident = identity(study)
     if not f.is_file():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(f, dict(identity=ident, config=as_plain(study)))
         return
+    ident = identity(study)
     old = json.loads(f.read_text()).get("identity")
     if old != ident:
         raise RunConfigMismatch(
             f"{run_dir} holds a run with a different configuration:\n  there: {old}\n  now:   "
             f"{ident}\nchoose another run_dir (or delete that one) to start afresh")
+
+
+def start_run_dir(run_dir: Path, study: Study) -> None:
+    f = run_dir / "run.json"
+    if not f.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(f, dict(identity=identity(study), config=as_plain(study)))
 
 
 def _counts(stacks: list, arrays: dict) -> str:
@@ -71,6 +80,7 @@ def run(cfg) -> dict:
     run_dir = Path(study.run_dir).expanduser().absolute()
     check_run_dir(run_dir, study)
     p, seed = study.protocol, study.seed
+    settings = plan(study.backbone, study.depth)      # a bad backbone or depth fails here, at once
     size = input_size(study)
     print(f"[run] {study.backbone} depth={study.depth} data={study.data.name} protocol={p.name} "
           f"seed={seed} -> {run_dir}")
@@ -78,6 +88,7 @@ def run(cfg) -> dict:
     train_stacks, test_stacks = load_data(study)
     tr = stack_arrays(train_stacks, size, study.data.keep)
     te = stack_arrays(test_stacks, size, study.data.keep)
+    start_run_dir(run_dir, study)
     print(f"[data] train {_counts(train_stacks, tr)}, test {_counts(test_stacks, te)}; class counts train "
           f"{np.bincount(tr['y'], minlength=3).tolist()} test {np.bincount(te['y'], minlength=3).tolist()}")
 
@@ -85,7 +96,6 @@ def run(cfg) -> dict:
     model = build_classifier(backbone, size, seed)
     save_config = dict(backbone=study.backbone, input_size=size, keep=study.data.keep, weights=weights,
                        options={}, preprocess=model.preprocess_mode, classes=list(CLASSES))
-    settings = plan(study.backbone, study.depth)
     inputs = stage_inputs(model, tr, te, p, seed, {s.stage for s in settings})
 
     trained: dict[str, dict] = {}
