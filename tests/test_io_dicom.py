@@ -8,6 +8,8 @@ the code under test. The blood pool (a bright central disk) is smallest at phase
 import glob
 import os
 import shutil
+import time
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -15,11 +17,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, MRImageStorage, generate_uid)
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit,
+                         MRImageStorage, generate_uid)
 
 from stackcls.io import StackReadError, load_stacks, scan
 from stackcls.io.dicom import _native_pixels
 from stackcls.io.geometry import APEX_DIRECTION, estimate_es
+from stackcls.io.limits import max_file_bytes
 
 H = W = 32
 
@@ -317,3 +321,114 @@ def test_fast_pixel_path_matches_pydicom():
             used += 1
             np.testing.assert_array_equal(fast, ref, err_msg=f)
     assert used >= 3
+
+
+# --- hardening (issue 13): decompression bombs (item 3) and bad geometry (item 8) ---
+
+
+def edit(path, **values):
+    """Rewrite header values of a written file (strings go in raw, e.g. 'nan')."""
+    ds = pydicom.dcmread(path)
+    for tag, v in values.items():
+        if v is None:
+            delattr(ds, tag)
+        else:
+            setattr(ds, tag, v)
+    ds.save_as(path)
+
+
+def test_deflated_bomb_is_skipped_without_inflating(tmp_path, monkeypatch):
+    # an 8 MB image of zeros deflates to a few KB; the limit (2 MB here) is hit while counting the
+    # inflated bytes in 1 MB chunks, so neither the dataset nor the image is ever held in memory
+    make_series(tmp_path, n_slices=3)
+    bomb = write_mr(tmp_path / "bomb", iop=[1, 0, 0, 0, 1, 0], ipp=[0, 0, 0], trigger=0.0,
+                    pixels=np.zeros((2048, 2048), np.uint16), ts=DeflatedExplicitVRLittleEndian,
+                    series="1.6")
+    assert os.path.getsize(bomb) < 100_000
+    monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "2")
+    tracemalloc.start()
+    res = scan(tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    ((p, r),) = res.skipped
+    assert p == str(bomb) and "deflated DICOM dataset" in r and "per-file limit of 2.0 MB" in r
+    assert "STACKCLS_MAX_FILE_MB" in r and len(res.stacks) == 1 and peak < 6e6
+    monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "64")  # within the limit: read, and a 1-slice series
+    assert "single-slice" in dict(scan(tmp_path).skipped)[str(bomb)]
+
+
+def test_declared_size_checked_before_decoding(tmp_path, monkeypatch):
+    files = make_series(tmp_path, n_slices=4)
+    edit(files[0], Rows=30000, Columns=30000)  # 3.6 GB as float32, a few KB of pixel data
+    t0 = time.perf_counter()
+    res = scan(tmp_path)
+    assert time.perf_counter() - t0 < 5 and max_file_bytes() == 512 << 20
+    ((p, r),) = res.skipped
+    assert p == str(files[0]) and "declared image 30000 x 30000" in r and "per-file limit" in r
+    assert truth(res.stacks[0])[0] == [1, 2, 3]
+    monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "0.001")  # 1 KB: even a 32 x 32 slice is too big
+    assert {"file size on disk" in r for _, r in scan(tmp_path).skipped} == {True}
+    monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "lots")
+    with pytest.raises(ValueError, match="STACKCLS_MAX_FILE_MB='lots'"):
+        scan(tmp_path)
+
+
+def test_per_stack_limit_skips_the_whole_series(tmp_path, monkeypatch):
+    small = make_series(tmp_path / "a", n_slices=4, series="1.9.1")  # 4 x 4 KB decoded
+    big = make_series(tmp_path / "b", n_slices=8, series="1.9.2")    # 8 x 4 KB
+    monkeypatch.setenv("STACKCLS_MAX_STACK_MB", "0.02")               # 20 KB
+    res = scan(tmp_path)
+    (st,) = res.stacks
+    assert st.meta["series_uid"] == "1.9.1" and sorted(st.sources) == sorted(map(str, small))
+    assert sorted(p for p, _ in res.skipped) == sorted(map(str, big))
+    assert all("per-stack limit" in r and "STACKCLS_MAX_STACK_MB" in r for _, r in res.skipped)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize("value", ["nan", "inf", "-1e300"])
+def test_bad_position_skips_the_slice_and_keeps_the_order(tmp_path, value):
+    files = make_series(tmp_path, n_slices=6)
+    edit(files[1], ImagePositionPatient=[value, "0", "0"])
+    res = scan(tmp_path)
+    ((p, r),) = res.skipped
+    assert p == str(files[1]) and "bad ImagePositionPatient" in r
+    (st,) = res.stacks
+    assert truth(st)[0] == [0, 2, 3, 4, 5] and np.all(np.isfinite(st.positions))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS", "ignore:.*different phase counts")
+@pytest.mark.parametrize("tag, value, reason", [
+    ("PixelSpacing", ["nan", "1.5"], "bad PixelSpacing"),
+    ("PixelSpacing", ["0", "1.5"], "bad PixelSpacing"),
+    ("PixelSpacing", ["1.5", "-1.5"], "bad PixelSpacing"),
+    ("RescaleSlope", "nan", "bad RescaleSlope"),
+    ("RescaleSlope", "1e30", "bad RescaleSlope"),
+    ("RescaleSlope", "0", "bad RescaleSlope"),
+    ("RescaleIntercept", "inf", "bad RescaleIntercept"),
+    ("RescaleIntercept", "-1e12", "bad RescaleIntercept"),
+    ("TriggerTime", "nan", "bad TriggerTime"),
+    ("ImageOrientationPatient", ["nan", "0", "0", "0", "1", "0"], "degenerate ImageOrientation"),
+])
+def test_bad_header_values_skip_the_file(tmp_path, tag, value, reason):
+    files = make_series(tmp_path, n_slices=4, n_phases=3)
+    edit(files[4], **{tag: value})
+    res = scan(tmp_path, phases="all")
+    ((p, r),) = [(p, r) for p, r in res.skipped if reason in r]
+    assert p == str(files[4])
+    for st in res.stacks:
+        assert np.all(np.isfinite(st.images)) and st.spacing[0] == 1.5 and np.all(np.isfinite(st.positions))
+        assert str(files[4]) not in st.sources
+
+
+def test_series_without_uid_are_not_merged(tmp_path):
+    # same patient, study, geometry and image size: only the folder / SeriesDescription differ
+    a = make_series(tmp_path / "a", n_slices=5, seed=1, drop=("SeriesInstanceUID",))
+    b = make_series(tmp_path / "b", n_slices=5, seed=2, drop=("SeriesInstanceUID",))
+    c = make_series(tmp_path / "b", n_slices=5, seed=3, drop=("SeriesInstanceUID",))
+    for f in c:
+        edit(f, SeriesDescription="cine sax repeat")
+    with pytest.warns(UserWarning, match="grouped by folder"):
+        res = scan(tmp_path)
+    assert not res.skipped and len(res.stacks) == 3
+    assert sorted(sorted(st.sources) for st in res.stacks) == sorted(sorted(map(str, x)) for x in (a, b, c))
+    assert all(truth(st)[0] == list(range(5)) for st in res.stacks)

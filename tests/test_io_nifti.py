@@ -1,6 +1,9 @@
 """NIfTI reading: 3-D / 4-D files, affine geometry, the ACDC layout, and the real ACDC stacks."""
 
 import csv
+import gzip
+import time
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
@@ -175,3 +178,48 @@ def test_acdc_real_all_stacks_with_labels(acdc_root):
     raw = nib.load(st.meta["file"]).get_fdata()
     np.testing.assert_allclose(st.images, np.moveaxis(raw, 2, 0)[::-1], atol=1e-6)
     assert st.images.dtype == np.float32 and st.images.max() > 1.0
+
+
+# --- hardening (issue 13, item 3): decompression bombs ---
+
+
+def lying_header(path, shape=(30000, 30000, 100), vox_offset=352, data=b"\0" * 4000):
+    """A .nii.gz whose header declares `shape` (int16) but holds only `data`."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.int16)
+    hdr["vox_offset"] = vox_offset
+    with gzip.open(path, "wb") as f:
+        f.write(hdr.binaryblock + b"\0" * 4 + data)
+    return path
+
+
+def test_declared_nifti_size_checked_before_decoding(tmp_path):
+    bomb = lying_header(tmp_path / "bomb.nii.gz")
+    save(tmp_path / "ok.nii.gz", volume(5))
+    t0 = time.perf_counter()
+    tracemalloc.start()
+    res = scan(tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert time.perf_counter() - t0 < 5 and peak < 50e6 and len(res.stacks) == 1
+    ((p, r),) = res.skipped
+    assert p == str(bomb) and "declared NIfTI shape (30000, 30000, 100)" in r
+    assert "per-file limit of 512.0 MB" in r and "STACKCLS_MAX_FILE_MB" in r
+
+
+def test_nifti_header_extension_offset_checked(tmp_path):
+    # extensions are read up to vox_offset before any shape could be checked
+    bomb = lying_header(tmp_path / "ext.nii.gz", shape=(8, 8, 4), vox_offset=4e12)
+    ((p, r),) = scan(tmp_path).skipped
+    assert p == str(bomb) and "vox_offset" in r and "per-file limit" in r
+
+
+def test_nifti_limit_is_configurable(tmp_path, monkeypatch):
+    p = save(tmp_path / "subj.nii.gz", volume(6))  # 24 x 20 x 6 float32 = 11.5 KB decoded
+    monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "0.005")  # 5 KB: more than the file, less decoded
+    assert p.stat().st_size < 5000
+    ((q, r),) = scan(p).skipped
+    assert q == str(p) and "declared NIfTI shape (24, 20, 6)" in r and "11.2 KB, over the per-file limit of 5.1 KB" in r
+    monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "0.02")
+    assert len(scan(p).stacks) == 1

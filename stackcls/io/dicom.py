@@ -1,7 +1,9 @@
 """DICOM cine short-axis series -> Stacks ordered apex to base.
 
 Files are found by content, not by name (any file under a folder; extensions are not trusted).
-Grouping: (PatientID or StudyInstanceUID, SeriesInstanceUID, image size, slice orientation).
+Grouping: (PatientID or StudyInstanceUID, SeriesInstanceUID, image size, slice orientation); a
+file without SeriesInstanceUID is grouped by its folder, SeriesNumber and SeriesDescription instead.
+Headers are checked before any pixel is decoded (dicom_header.py: size limits, geometry, rescale).
 Within a group: slice position = ImagePositionPatient . normal (normal = row x col of
 ImageOrientationPatient); phases are ranked by TriggerTime at every position (InstanceNumber only as
 a warned fallback); the apex end comes from LPS geometry (see geometry.apex_to_base), never from
@@ -15,12 +17,13 @@ from collections import defaultdict
 
 import numpy as np
 
+from stackcls.io import dicom_header as hdr
 from stackcls.io.errors import StackReadError
 from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
+from stackcls.io.limits import StackBudget, decoded_bytes
 from stackcls.progress import bar as tqdm
 from stackcls.stack import Stack
 
-GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 POSITION_TOL_MM = 0.1    # two images closer than this along the normal are at the same position
 TRIGGER_TOL_MS = 0.5     # two images at one position closer than this in time are duplicates
 ORIENT_COS_TOL = 0.9998  # ~1.1 degrees: normals closer than this belong to one stack
@@ -47,6 +50,7 @@ class DicomSlice:
     subject: str
     study: str
     series: str
+    group: str  # SeriesInstanceUID, or folder + SeriesNumber + SeriesDescription without one
     series_description: str
     shape: tuple[int, int]
     ipp: np.ndarray
@@ -68,16 +72,6 @@ def _looks_like_raw_dataset(path: str) -> bool:
     except OSError:
         return False
     return len(head) == 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00"
-
-
-def _float_list(ds, tag, n):
-    v = ds.get(tag)
-    if v is None or v == "" or (hasattr(v, "__len__") and len(v) != n):
-        return None
-    try:
-        return [float(x) for x in (v if n > 1 else [v])]
-    except (TypeError, ValueError):
-        return None
 
 
 def _native_pixels(ds) -> np.ndarray | None:
@@ -104,13 +98,17 @@ def _native_pixels(ds) -> np.ndarray | None:
     return arr
 
 
-def read_slice(path) -> DicomSlice:
-    """Read one DICOM file into a DicomSlice; raises StackReadError(path, reason) if unusable."""
+def read_slice(path, budget: StackBudget | None = None) -> DicomSlice:
+    """Read one DICOM file into a DicomSlice; raises StackReadError(path, reason) if unusable.
+    Sizes are checked before decoding (limits.py); `budget` caps the decoded bytes per series."""
     # imported on the first DICOM read: pydicom takes ~0.8 s, and NIfTI-only users never need it
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import _read_file_meta_info, read_preamble
 
     path = str(path)
+    hdr.check_file_size(path)
+    hdr.check_deflated(path, read_preamble, _read_file_meta_info)
     try:
         ds = pydicom.dcmread(path, force=False)
     except InvalidDicomError:
@@ -124,22 +122,20 @@ def read_slice(path) -> DicomSlice:
     except Exception as e:  # noqa: BLE001
         raise StackReadError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
     try:
-        return _slice_from_dataset(path, ds)
+        return _slice_from_dataset(path, ds, budget)
     except StackReadError:
         raise
     except Exception as e:  # noqa: BLE001 - pydicom parses values lazily: bad bytes surface here
         raise StackReadError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
 
 
-def _slice_from_dataset(path: str, ds) -> DicomSlice:
-    sop_class = ds.get("SOPClassUID")
-    if not sop_class and getattr(ds, "file_meta", None) is not None:  # e.g. DICOMDIR
-        sop_class = ds.file_meta.get("MediaStorageSOPClassUID")
-    kind = getattr(sop_class, "name", None) or (str(sop_class) if sop_class else "unknown SOP class")
+def _slice_from_dataset(path: str, ds, budget: StackBudget | None = None) -> DicomSlice:
+    kind = hdr.sop_kind(ds)
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise StackReadError(path, f"float pixel data ({kind}) is not supported")
         raise StackReadError(path, f"not an image: {kind} without pixel data")
+    hdr.check_declared_size(path, ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise StackReadError(path, f"multi-frame image ({frames} frames, {kind}): only classic "
@@ -148,22 +144,17 @@ def _slice_from_dataset(path: str, ds) -> DicomSlice:
     if spp != 1:
         raise StackReadError(path, f"colour image ({spp} samples per pixel, "
                                    f"{ds.get('PhotometricInterpretation', '?')}): not a grey-level slice")
-    missing = [t for t in GEOMETRY_TAGS if t not in ds or ds[t].value in (None, "", [])]
-    if missing:
-        raise StackReadError(path, f"missing geometry tag(s) {', '.join(missing)} ({kind}): cannot "
-                                   "place the slice in a stack")
-    ipp = _float_list(ds, "ImagePositionPatient", 3)
-    iop = _float_list(ds, "ImageOrientationPatient", 6)
-    ps = _float_list(ds, "PixelSpacing", 2)
-    if ipp is None or iop is None or ps is None:
-        raise StackReadError(path, "malformed geometry tag(s): ImagePositionPatient needs 3 numbers, "
-                                   "ImageOrientationPatient 6, PixelSpacing 2")
-    row, col = np.array(iop[:3]), np.array(iop[3:])
-    normal = np.cross(row, col)
-    nn = np.linalg.norm(normal)
-    if not (np.isfinite(nn) and nn > 0.5):
-        raise StackReadError(path, f"degenerate ImageOrientationPatient {iop}")
-    normal = normal / nn
+    ipp, normal, ps = hdr.geometry(path, ds)
+    slope, intercept = hdr.rescale(path, ds)
+    trig = hdr.trigger_time(path, ds)
+    shape = (int(ds.Rows), int(ds.Columns))
+    subject = str(ds.get("PatientID", "") or "").strip() or str(ds.get("StudyInstanceUID", "") or "")
+    subject = subject or "unknown"
+    study = str(ds.get("StudyInstanceUID", "") or "")
+    group = hdr.series_group(path, ds)
+    if budget is not None:
+        budget.charge(path, (subject, study, group, shape), f"series {group} of {subject}",
+                      decoded_bytes(shape[0] * shape[1], int(ds.get("BitsAllocated", 0) or 0) / 8))
     try:
         arr = _native_pixels(ds)
         if arr is None:
@@ -176,33 +167,21 @@ def _slice_from_dataset(path: str, ds) -> DicomSlice:
                                        f"decoder: {hint} ({type(e).__name__}: {e})") from None
         raise StackReadError(path, f"unreadable pixel data, truncated or corrupt? "
                                    f"({type(e).__name__}: {e})") from None
-    shape = (int(ds.Rows), int(ds.Columns))
     if arr.shape != shape:
         raise StackReadError(path, f"pixel data shape {arr.shape} != Rows x Columns {shape}")
-    slope = ds.get("RescaleSlope", 1)
-    intercept = ds.get("RescaleIntercept", 0)
-    slope = 1.0 if slope in (None, "") else float(slope)
-    intercept = 0.0 if intercept in (None, "") else float(intercept)
-    image = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    trig = ds.get("TriggerTime")
+    image = arr.astype(np.float32)  # in place from here: one float32 copy per file at most
+    image *= np.float32(slope)
+    image += np.float32(intercept)
+    if not np.all(np.isfinite(image)):
+        raise StackReadError(path, "pixel values are not finite after RescaleSlope/Intercept")
     inst = ds.get("InstanceNumber")
-    thick = ds.get("SliceThickness")
-    subject = str(ds.get("PatientID", "") or "").strip() or str(ds.get("StudyInstanceUID", "") or "")
     return DicomSlice(
-        path=path,
-        subject=subject or "unknown",
-        study=str(ds.get("StudyInstanceUID", "") or ""),
-        series=str(ds.get("SeriesInstanceUID", "") or ""),
+        path=path, subject=subject, study=study,
+        series=str(ds.get("SeriesInstanceUID", "") or ""), group=group,
         series_description=str(ds.get("SeriesDescription", "") or ""),
-        shape=shape,
-        ipp=np.array(ipp),
-        normal=normal,
-        pixel_spacing=(ps[0], ps[1]),
-        thickness=None if thick in (None, "") else float(thick),
-        trigger=None if trig in (None, "") else float(trig),
-        instance=None if inst in (None, "") else int(inst),
-        sop=str(ds.get("SOPInstanceUID", "") or ""),
-        image=image,
+        shape=shape, ipp=ipp, normal=normal, pixel_spacing=ps, thickness=hdr.thickness(ds),
+        trigger=trig, instance=None if inst in (None, "") else int(inst),
+        sop=str(ds.get("SOPInstanceUID", "") or ""), image=image,
     )
 
 
@@ -210,7 +189,7 @@ def _groups(slices: list[DicomSlice]) -> list[list[DicomSlice]]:
     """Split by (subject, series, image size), then by slice orientation (normals within ~1 deg)."""
     by_key = defaultdict(list)
     for s in slices:
-        by_key[(s.subject, s.study, s.series, s.shape)].append(s)
+        by_key[(s.subject, s.study, s.group, s.shape)].append(s)
     out = []
     for key in sorted(by_key, key=str):
         clusters: list[tuple[np.ndarray, list]] = []
@@ -251,7 +230,7 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
     for group in _groups(slices):
         g0 = group[0]
         normal = g0.normal
-        where = f"series {g0.series or '?'} of {g0.subject}"
+        where = f"series {g0.group} of {g0.subject}"
         d = np.array([float(s.ipp @ normal) for s in group])
         # cluster positions along the normal
         order = np.argsort(d, kind="stable")
@@ -286,6 +265,11 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
             timeline[p] = kept
         n_phases = max(len(v) for v in timeline.values())
         meta_warn = []
+        if not g0.series:
+            msg = (f"{where}: grouped by folder, SeriesNumber, SeriesDescription and orientation; "
+                   "two series sharing all four would be merged")
+            meta_warn.append(msg)
+            warns.append(msg)
         if not use_trigger and n_phases > 1:
             msg = (f"{where}: TriggerTime missing, cine phases ordered by InstanceNumber")
             meta_warn.append(msg)
@@ -355,15 +339,20 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
 def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True):
     """Read DICOM files (any order) into stacks. Returns (stacks, skipped, warnings)."""
     files = [str(f) for f in files]
-    slices, skipped = [], []
+    slices, skipped, budget = [], [], StackBudget()
     it = tqdm(files, desc="reading DICOM", unit="file", leave=False,
               disable=not progress or len(files) < 200)
     for f in it:
         try:
-            slices.append(read_slice(f))
+            slices.append(read_slice(f, budget))
         except StackReadError as e:
             skipped.append((e.path, e.reason))
         except OSError as e:
             skipped.append((f, f"cannot read file ({e.strerror or e})"))
+    if budget.over:  # a series over the per-stack limit is dropped whole, not loaded in part
+        for s in slices:
+            if (why := budget.over.get((s.subject, s.study, s.group, s.shape))) is not None:
+                skipped.append((s.path, why))
+        slices = [s for s in slices if (s.subject, s.study, s.group, s.shape) not in budget.over]
     stacks, skipped2, warns = stacks_from_slices(slices, phases=phases, es=es)
     return stacks, skipped + skipped2, warns

@@ -12,13 +12,18 @@ Spacing always comes from pixdim.
 
 from __future__ import annotations
 
+import gzip
+import math
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from stackcls.io.errors import StackReadError
 from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
+from stackcls.io.limits import check_file, decoded_bytes
 from stackcls.stack import Stack
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -39,14 +44,44 @@ def nifti_stem(path) -> str:
     return name
 
 
+def _check_offset(path) -> None:
+    """vox_offset from the raw header, before nibabel reads the header extensions up to it (a
+    gzipped header can declare gigabytes of extensions in a few hundred KB)."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read(176)
+    except (OSError, EOFError, zlib.error):
+        return  # nibabel reports the unreadable file
+    if len(raw) < 176:
+        return
+    for end in "<>":
+        size = struct.unpack(end + "i", raw[:4])[0]
+        if size in (348, 540):
+            off = (struct.unpack(end + "f", raw[108:112])[0] if size == 348
+                   else struct.unpack(end + "q", raw[168:176])[0])
+            check_file(path, off if math.isfinite(off) else math.inf, "NIfTI header with vox_offset "
+                       f"{off:g} (header extensions read up to it)")
+            return
+
+
 def _load(path):
     # imported on the first NIfTI read: nibabel takes ~0.6 s, and DICOM-only users never need it
     import nibabel as nib
 
+    check_file(path, Path(path).stat().st_size, "file size on disk")
+    _check_offset(path)
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
+        shape = tuple(int(n) for n in img.header.get_data_shape())
+        itemsize = img.get_data_dtype().itemsize
     except Exception as e:  # noqa: BLE001 - nibabel raises many types for a bad file
+        raise StackReadError(path, f"unreadable NIfTI ({type(e).__name__}: {e})") from None
+    check_file(path, decoded_bytes(math.prod(shape), itemsize),  # before anything is decompressed
+               f"declared NIfTI shape {shape} at {itemsize} byte(s) per voxel")
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))  # applies scl_slope / scl_inter
+    except Exception as e:  # noqa: BLE001
         raise StackReadError(path, f"unreadable NIfTI ({type(e).__name__}: {e})") from None
     return img, data
 

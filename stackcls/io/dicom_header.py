@@ -1,0 +1,164 @@
+"""DICOM header checks done before any pixel is decoded: size limits (decompression bombs), slice
+geometry, rescale values, trigger time, and the series key used for grouping.
+
+Each check raises StackReadError(path, reason) for the one file; the scan skips that file and goes
+on. A value that would place or order a slice (ImagePositionPatient, ImageOrientationPatient,
+TriggerTime) is never replaced by a guess: a non-finite or absurd value skips the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import numpy as np
+
+from stackcls.io.errors import StackReadError
+from stackcls.io.limits import check_file, decoded_bytes
+
+GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+DEFLATED = "1.2.840.10008.1.2.1.99"
+MAX_POSITION_MM = 1e5        # |ImagePositionPatient| beyond 100 m is not a patient coordinate
+MAX_PIXEL_SPACING_MM = 1e3
+MAX_ABS_SLOPE = 1e6          # float32 pixels stay finite and meaningful within these
+MAX_ABS_INTERCEPT = 1e7
+_CHUNK = 1 << 20
+
+
+def check_file_size(path: str) -> None:
+    """Refuse a file larger on disk than the per-file limit before reading it."""
+    check_file(path, os.path.getsize(path), "file size on disk")
+
+
+def check_deflated(path: str, read_preamble, read_file_meta) -> None:
+    """Deflated Explicit VR Little Endian compresses the whole dataset, and pydicom inflates it all
+    at once on read: inflate it here first, in bounded chunks, counting (not keeping) the bytes."""
+    with open(path, "rb") as f:
+        try:
+            read_preamble(f, False)
+            meta = read_file_meta(f)
+        except Exception:  # noqa: BLE001 - not a DICOM file / bad meta: dcmread says why
+            return
+        if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+            return
+        d = zlib.decompressobj(-zlib.MAX_WBITS)
+        total, buf = 0, f.read(_CHUNK)
+        try:
+            while buf and not d.eof:
+                total += len(d.decompress(buf, _CHUNK))
+                check_file(path, total, "deflated DICOM dataset (inflated so far)")
+                buf = d.unconsumed_tail or f.read(_CHUNK)
+        except zlib.error:
+            return  # corrupt stream: dcmread reports it
+
+
+def check_declared_size(path: str, ds) -> None:
+    """Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated/8, from the header."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if min(rows, cols, frames, spp, bits) < 0:
+        raise StackReadError(path, f"negative size in the header (Rows {rows}, Columns {cols}, "
+                                   f"NumberOfFrames {frames}, SamplesPerPixel {spp}, "
+                                   f"BitsAllocated {bits})")
+    check_file(path, decoded_bytes(rows * cols * frames * spp, bits / 8),
+               f"declared image {rows} x {cols} x {frames} frame(s) x {spp} sample(s) at {bits} "
+               "bits")
+
+
+def float_list(ds, tag, n):
+    v = ds.get(tag)
+    if v is None or v == "" or (hasattr(v, "__len__") and len(v) != n):
+        return None
+    try:
+        return [float(x) for x in (v if n > 1 else [v])]
+    except (TypeError, ValueError):
+        return None
+
+
+def geometry(path: str, ds):
+    """(ImagePositionPatient, unit normal, PixelSpacing) checked, or StackReadError."""
+    missing = [t for t in GEOMETRY_TAGS if t not in ds or ds[t].value in (None, "", [])]
+    if missing:
+        raise StackReadError(path, f"missing geometry tag(s) {', '.join(missing)} ({sop_kind(ds)}): "
+                                   "cannot place the slice in a stack")
+    ipp = float_list(ds, "ImagePositionPatient", 3)
+    iop = float_list(ds, "ImageOrientationPatient", 6)
+    ps = float_list(ds, "PixelSpacing", 2)
+    if ipp is None or iop is None or ps is None:
+        raise StackReadError(path, "malformed geometry tag(s): ImagePositionPatient needs 3 numbers, "
+                                   "ImageOrientationPatient 6, PixelSpacing 2")
+    if not all(math.isfinite(v) and abs(v) <= MAX_POSITION_MM for v in ipp):
+        raise StackReadError(path, f"bad ImagePositionPatient {ipp} (NaN, infinite or beyond "
+                                   f"{MAX_POSITION_MM:g} mm): cannot place the slice in a stack")
+    if not all(math.isfinite(v) and 0 < v <= MAX_PIXEL_SPACING_MM for v in ps):
+        raise StackReadError(path, f"bad PixelSpacing {ps} (must be finite, > 0 and at most "
+                                   f"{MAX_PIXEL_SPACING_MM:g} mm)")
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    with np.errstate(all="ignore"):
+        normal = np.cross(row, col)
+        nn = np.linalg.norm(normal)
+    if not (np.all(np.isfinite(iop)) and np.isfinite(nn) and nn > 0.5):
+        raise StackReadError(path, f"degenerate ImageOrientationPatient {iop}")
+    return np.array(ipp), normal / nn, (ps[0], ps[1])
+
+
+def _number(path: str, ds, tag: str, default):
+    v = ds.get(tag)
+    if v in (None, ""):
+        return default
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise StackReadError(path, f"{tag} {str(v)[:40]!r} is not a number") from None
+
+
+def rescale(path: str, ds) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept): finite, slope non-zero and within +-1e6, intercept within
+    +-1e7."""
+    slope = _number(path, ds, "RescaleSlope", 1.0)
+    intercept = _number(path, ds, "RescaleIntercept", 0.0)
+    if not (math.isfinite(slope) and 0 < abs(slope) <= MAX_ABS_SLOPE):
+        raise StackReadError(path, f"bad RescaleSlope {slope:g} (must be finite, non-zero and "
+                                   f"within +-{MAX_ABS_SLOPE:g})")
+    if not (math.isfinite(intercept) and abs(intercept) <= MAX_ABS_INTERCEPT):
+        raise StackReadError(path, f"bad RescaleIntercept {intercept:g} (must be finite and within "
+                                   f"+-{MAX_ABS_INTERCEPT:g})")
+    return slope, intercept
+
+
+def trigger_time(path: str, ds) -> float | None:
+    """TriggerTime in ms, None when absent; a NaN or infinite value would misorder phases."""
+    t = _number(path, ds, "TriggerTime", None)
+    if t is not None and not math.isfinite(t):
+        raise StackReadError(path, f"bad TriggerTime {t:g}: cannot order the cine phases")
+    return t
+
+
+def thickness(ds) -> float | None:
+    """SliceThickness in mm, None when absent or unusable (it is never used for order)."""
+    try:
+        t = _number("", ds, "SliceThickness", None)
+    except StackReadError:
+        return None
+    return t if t is not None and math.isfinite(t) and t > 0 else None
+
+
+def series_group(path: str, ds) -> str:
+    """SeriesInstanceUID, or for a file without one a key that keeps apart what is likely apart:
+    the file's folder, SeriesNumber and SeriesDescription (slice orientation splits further)."""
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return uid
+    return (f"no SeriesInstanceUID: folder {os.path.dirname(os.path.abspath(path))}, SeriesNumber "
+            f"{str(ds.get('SeriesNumber', '') or '?')}, SeriesDescription "
+            f"{str(ds.get('SeriesDescription', '') or '')!r}")
+
+
+def sop_kind(ds) -> str:
+    sop_class = ds.get("SOPClassUID")
+    if not sop_class and getattr(ds, "file_meta", None) is not None:  # e.g. DICOMDIR
+        sop_class = ds.file_meta.get("MediaStorageSOPClassUID")
+    return getattr(sop_class, "name", None) or (str(sop_class) if sop_class else "unknown SOP class")
