@@ -4,15 +4,16 @@
 CSV atomically after every change, so a crash or Ctrl-C never loses a label. `stackcls review DATA
 --model RUN` adds the model's probabilities, its ordered prediction and a Grad-CAM overlay.
 
-The state (`LabelSession`) is plain Python and is what the tests drive; `StackView` only draws it
-and turns key/mouse events into session calls.
+The state (`stackcls.label_session.LabelSession`: the label table, its CSV, merging with another
+writer) is plain Python and is what the tests drive; `StackView` only draws it and turns key/mouse
+events into session calls. Both commands load the ES frame that the labels CSV names.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,13 +21,16 @@ import numpy as np
 from PIL import Image
 
 from stackcls.atomic import inside, safe_name
-from stackcls.decode import in_range
 from stackcls.explain import gradcam
 from stackcls.inference import load_model
-from stackcls.io import load_labels, load_stacks, save_labels
+from stackcls.io import es_frames, load_labels, load_stacks
+from stackcls.label_session import LabelsConflictError, LabelSession
 from stackcls.predict import predict_stack
 from stackcls.progress import bar as tqdm
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
+
+__all__ = ["LabelSession", "StackView", "Review", "review_stack", "stack_gradcam",
+           "label_command", "review_command"]
 
 COLORS = {"OAP": "#4c72b0", "IN": "#55a868", "OBS": "#c44e52", None: "#888888"}
 
@@ -43,122 +47,6 @@ keys
   g              toggle the Grad-CAM overlay (review mode)
   h or ?         show / hide this help
 every change is saved to the labels CSV at once (write, then rename)"""
-
-
-# -------------------------------------------------------------------------------------- State
-
-Key = tuple[str, str]  # (subject, phase)
-
-
-@dataclass
-class LabelSession:
-    """Stacks plus the label table, saved to `labels_path` after every change.
-
-    The table keeps every row of the CSV, also rows of stacks not shown in this session, so a
-    session never drops labels that it did not load.
-    """
-
-    stacks: list[Stack]
-    labels_path: Path
-    index: int = 0
-    selected: int = 0
-    rows: dict[tuple[str, str, int], tuple[int | None, str]] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.labels_path = Path(self.labels_path)
-        if not self.stacks:
-            raise ValueError("no stacks to label")
-        if self.labels_path.exists():
-            # load_labels raises with file and line on a malformed CSV; we never overwrite it.
-            for r in load_labels(self.labels_path):
-                self.rows[(r.subject, r.phase, int(r.slice))] = (r.frame, r.label)
-        # Labels already attached to the stacks (e.g. by load_stacks(labels=...)) count too.
-        for s in self.stacks:
-            if s.labels is not None:
-                for sid, lab in zip(s.slice_ids, s.labels):
-                    self.rows.setdefault((s.subject, s.phase, sid), (s.frame, lab))
-        self.index = self.first_unlabelled(start=0)
-        if self.index is None:
-            self.index = 0
-
-    # -- queries ------------------------------------------------------------------------------
-    @property
-    def stack(self) -> Stack:
-        return self.stacks[self.index]
-
-    def labels_of(self, i: int | None = None) -> list[str | None]:
-        s = self.stacks[self.index if i is None else i]
-        return [self.rows.get((s.subject, s.phase, sid), (None, None))[1] for sid in s.slice_ids]
-
-    def is_labelled(self, i: int) -> bool:
-        return all(l is not None for l in self.labels_of(i))
-
-    def progress(self) -> tuple[int, int]:
-        return sum(self.is_labelled(i) for i in range(len(self.stacks))), len(self.stacks)
-
-    def first_unlabelled(self, start: int) -> int | None:
-        n = len(self.stacks)
-        for k in range(n):
-            i = (start + k) % n
-            if not self.is_labelled(i):
-                return i
-        return None
-
-    # -- edits (each one is saved at once) ----------------------------------------------------
-    def set_label(self, slice_pos: int, label: str) -> None:
-        if label not in CLASS_INDEX:
-            raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}")
-        s = self.stack
-        self.rows[(s.subject, s.phase, s.slice_ids[slice_pos])] = (s.frame, label)
-        self.save()
-
-    def set_first_in(self, slice_pos: int) -> None:
-        """Apical boundary: slices apical of `slice_pos` become OAP; the basal boundary stays where
-        it is (or at the last slice if there is none yet, until the user sets it)."""
-        rng = in_range(self.labels_of())
-        last = rng[1] if rng else self.stack.n_slices - 1
-        self.set_range(slice_pos, max(last, slice_pos))
-
-    def set_last_in(self, slice_pos: int) -> None:
-        """Basal boundary: slices basal of `slice_pos` become OBS."""
-        rng = in_range(self.labels_of())
-        first = rng[0] if rng else 0
-        self.set_range(min(first, slice_pos), slice_pos)
-
-    def set_range(self, first: int, last: int) -> None:
-        """Both boundaries at once: OAP before `first`, IN from `first` to `last`, OBS after."""
-        s = self.stack
-        for k, sid in enumerate(s.slice_ids):
-            lab = "OAP" if k < first else "IN" if k <= last else "OBS"
-            self.rows[(s.subject, s.phase, sid)] = (s.frame, lab)
-        self.save()
-
-    def clear(self) -> None:
-        s = self.stack
-        for sid in s.slice_ids:
-            self.rows.pop((s.subject, s.phase, sid), None)
-        self.save()
-
-    # -- navigation ---------------------------------------------------------------------------
-    def go(self, i: int) -> None:
-        self.index = int(i) % len(self.stacks)
-        self.selected = min(self.selected, self.stack.n_slices - 1)
-
-    def next_unlabelled(self) -> bool:
-        i = self.first_unlabelled(self.index + 1)
-        if i is None:
-            return False
-        self.go(i)
-        return True
-
-    # -- persistence --------------------------------------------------------------------------
-    def save(self) -> None:
-        """The whole table, written atomically by `save_labels`."""
-        rows = [
-            {"subject": sub, "frame": frame, "phase": ph, "slice": sl, "label": lab}
-            for (sub, ph, sl), (frame, lab) in sorted(self.rows.items())
-        ]
-        save_labels(rows, self.labels_path)
 
 
 # -------------------------------------------------------------- Model outputs for review mode
@@ -298,17 +186,17 @@ class StackView:
         keymap = {"o": "OAP", "1": "OAP", "i": "IN", "2": "IN", "b": "OBS", "3": "OBS"}
         self.message = ""
         if key in keymap:
-            sess.set_label(sess.selected, keymap[key])
+            self._edit(sess.set_label, sess.selected, keymap[key])
         elif key == "right":
             sess.selected = min(sess.selected + 1, n - 1)
         elif key == "left":
             sess.selected = max(sess.selected - 1, 0)
         elif key == "a":
-            sess.set_first_in(sess.selected)
+            self._edit(sess.set_first_in, sess.selected)
         elif key == "z":
-            sess.set_last_in(sess.selected)
+            self._edit(sess.set_last_in, sess.selected)
         elif key == "x":
-            sess.clear()
+            self._edit(sess.clear)
         elif key == "n":
             sess.go(sess.index + 1)
         elif key == "p":
@@ -329,11 +217,21 @@ class StackView:
             return
         k = self.axes.index(event.inaxes)
         self.session.selected = k
+        self.message = ""
         if event.button == 1:
-            self.session.set_first_in(k)
+            self._edit(self.session.set_first_in, k)
         elif event.button == 3:
-            self.session.set_last_in(k)
+            self._edit(self.session.set_last_in, k)
         self.draw()
+
+    def _edit(self, fn, *args) -> None:
+        """An edit of the session; a save it refuses (the CSV changed on disk and cannot be read)
+        is shown in the window and on stderr instead of escaping the event loop."""
+        try:
+            fn(*args)
+        except LabelsConflictError as e:
+            self.message = f"NOT SAVED: {e}"
+            print(f"error: {e}", file=sys.stderr)
 
     def save(self, path: Path) -> None:
         self.fig.savefig(path, dpi=110)
@@ -341,8 +239,13 @@ class StackView:
 
 # ----------------------------------------------------------------------------------- Commands
 
-def _load(data: Path) -> list[Stack]:
-    stacks = load_stacks(data)
+def _load(data: Path, labels: Path | None = None) -> list[Stack]:
+    """The stacks of `data`; the ES frame of a subject is the one the labels CSV names (if it names
+    one), else the estimate, so labels are shown on the images they were made on. The rows are not
+    attached here (`load_stacks(labels=)` would refuse a CSV still being labelled): the session
+    reads them, keyed by frame."""
+    es = es_frames(load_labels(labels)) if labels is not None and Path(labels).exists() else {}
+    stacks = load_stacks(data, es=es or None)
     if not stacks:
         raise SystemExit(f"{data}: no stacks found (try `stackcls inspect {data}`)")
     return stacks
@@ -352,7 +255,7 @@ def label_command(data: Path, labels: Path) -> int:
     import matplotlib.pyplot as plt   # see StackView.__init__
 
     try:
-        session = LabelSession(_load(data), labels)
+        session = LabelSession(_load(data, labels), labels)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -370,7 +273,11 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
     import matplotlib.pyplot as plt   # only after the backend is chosen
 
     m = load_model(model)
-    stacks = _load(data)
+    try:
+        stacks = _load(data, labels)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # Review never writes labels unless the user edits them; without a CSV, edits go to a scratch
     # file next to the figures (or the run dir), never over anything that exists.
     lab_path = labels if labels is not None else (save or Path(model)) / "review_labels.csv"

@@ -1,6 +1,8 @@
 """The labelling UI, driven headlessly with synthetic key and mouse events (Agg backend)."""
 
 import csv
+import os
+import time
 
 import matplotlib
 
@@ -15,8 +17,10 @@ from matplotlib.backend_bases import KeyEvent, MouseEvent
 from stackcls import backbones
 from stackcls.checkpoint import save_model
 from stackcls.inference import load_model
-from stackcls.io import load_stacks
-from stackcls.label_ui import LabelSession, StackView, review_command, stack_gradcam
+from stackcls import label_ui
+from stackcls.io import load_labels, load_stacks
+from stackcls.label_session import LabelsConflictError, LabelSession
+from stackcls.label_ui import StackView, label_command, review_command, stack_gradcam
 from stackcls.models import build_classifier
 from stackcls.stack import Stack
 from test_io_dicom import make_series   # the DICOM series writer of the reader's tests
@@ -125,6 +129,122 @@ def test_unreadable_csv_is_reported_and_left_untouched(tmp_path):
     with pytest.raises(ValueError, match="labels.csv"):
         LabelSession(make_stacks(), path)
     assert path.read_text() == garbage
+
+
+# ------------------------------------------------------ frames, two writers, stale temp files
+
+HEADER = "subject,frame,phase,slice,label\n"
+
+
+def rows_csv(subject, frame, phase, labels):
+    return "".join(f"{subject},{'' if frame is None else frame},{phase},{k},{lab}\n"
+                   for k, lab in enumerate(labels))
+
+
+def csv_rows(path):
+    return {(r.subject, r.frame, r.phase, r.slice, r.label) for r in load_labels(path)}
+
+
+def test_es_rows_of_two_frames_survive_a_save_unchanged(tmp_path):
+    path = tmp_path / "labels.csv"
+    f5 = ["OAP", "IN", "IN", "IN", "OBS", "OBS"]
+    f7 = ["OAP", "OAP", "IN", "IN", "IN", "OBS"]
+    path.write_text(HEADER + rows_csv("subj00", 5, "ES", f5) + rows_csv("subj00", 7, "ES", f7))
+    before = csv_rows(path)
+    es = make_stacks(1)[0]
+    es.phase, es.frame = "ES", 7
+    s = LabelSession([make_stacks(1)[0], es], path)
+    assert s.labels_of(1) == f7                    # the stack's own frame, not frame 5
+    s.set_label(0, "OAP")                          # an edit of the ED stack
+    assert csv_rows(path) == before | {("subj00", 0, "ED", 0, "OAP")}
+    s.go(1)
+    s.set_label(0, "IN")                           # an edit of frame 7 leaves frame 5 alone
+    assert {r for r in csv_rows(path) if r[1] == 5} == {r for r in before if r[1] == 5}
+    assert ("subj00", 7, "ES", 0, "IN") in csv_rows(path)
+
+
+def test_label_shows_the_labels_on_the_es_frame_the_csv_names(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    cine = (rng.random((20, 20, 5, 8)) * 100).astype(np.float32)
+    cine += np.arange(8, dtype=np.float32)[None, None, None, :] * 1000   # frames tell themselves apart
+    nii = tmp_path / "case07.nii.gz"
+    nib.save(nib.Nifti1Image(cine, np.eye(4)), nii)
+    estimated = next(s.frame for s in load_stacks(nii) if s.phase == "ES")
+    named = 3 if estimated != 3 else 5
+    es_labels = ["OAP", "IN", "IN", "OBS", "OBS"]
+    path = tmp_path / "labels.csv"
+    path.write_text(HEADER + rows_csv("case07", named, "ES", es_labels))
+    seen = {}
+    monkeypatch.setattr(label_ui, "StackView", lambda session: seen.setdefault("s", session))
+    monkeypatch.setattr(plt, "show", lambda: None)
+    assert label_command(nii, path) == 0
+    sess = seen["s"]
+    i = next(k for k, st in enumerate(sess.stacks) if st.phase == "ES")
+    es = sess.stacks[i]
+    assert es.frame == named and es.images.min() >= named * 1000 and es.images.max() < (named + 1) * 1000
+    assert sess.labels_of(i) == es_labels
+    sess.go(i)
+    sess.set_label(4, "IN")                        # the next save keeps the CSV loadable
+    es2 = next(s for s in load_stacks(nii, labels=path) if s.phase == "ES")
+    assert es2.frame == named and es2.labels == es_labels[:4] + ["IN"]
+
+
+def test_two_sessions_on_one_csv_keep_every_row_of_both(tmp_path):
+    path = tmp_path / "labels.csv"
+    a = LabelSession(make_stacks(), path)
+    b = LabelSession(make_stacks(), path)
+    a.set_range(1, 3)                              # a: stack 0
+    b.go(1)
+    b.set_range(2, 4)                              # b: stack 1; a's rows must survive
+    a.go(2)
+    a.set_label(0, "OAP")                          # then both on stack 2, different slices
+    b.go(2)
+    b.set_label(5, "OBS")
+    a.set_label(1, "IN")
+    saved = read_csv(path)
+    assert [saved[("subj00", "ED", k)] for k in range(6)] == ["OAP", "IN", "IN", "IN", "OBS", "OBS"]
+    assert [saved[("subj01", "ED", k)] for k in range(6)] == ["OAP", "OAP", "IN", "IN", "IN", "OBS"]
+    assert {k: saved[("subj02", "ED", k)] for k in (0, 1, 5)} == {0: "OAP", 1: "IN", 5: "OBS"}
+    assert len(saved) == 15
+    assert a.labels_of(1) == b.labels_of(1)        # a now sees b's stack too
+    b.clear()                                      # b's own stack: b wins, a's slices 0/1 were there
+    assert not any(k[0] == "subj02" for k in read_csv(path)) and len(read_csv(path)) == 12
+
+
+def test_a_changed_csv_that_cannot_be_read_is_never_overwritten(tmp_path):
+    path = tmp_path / "labels.csv"
+    s = LabelSession(make_stacks(), path)
+    s.set_label(0, "OAP")
+    good = path.read_text()
+    garbage = "subject;frame\n\x00 written by someone else\n"
+    path.write_text(garbage)
+    with pytest.raises(LabelsConflictError, match="labels.csv.*NOT saved"):
+        s.set_label(1, "IN")
+    assert path.read_text() == garbage
+    v = StackView(s, figure=plt.figure())
+    key(v, "b")                                    # the window says so instead of crashing
+    assert "NOT SAVED" in v.message and path.read_text() == garbage
+    plt.close(v.fig)
+    path.write_text(good)                          # fixed by hand: the next save has every edit
+    s.set_label(2, "IN")
+    assert read_csv(path) == {("subj00", "ED", 0): "OBS", ("subj00", "ED", 1): "IN",
+                              ("subj00", "ED", 2): "IN"}
+
+
+def test_a_save_removes_stale_temp_files_of_its_csv(tmp_path):
+    path = tmp_path / "labels.csv"
+    stale, fresh = tmp_path / ".labels.csv.k2j4_x9a.tmp", tmp_path / ".labels.csv.q7w8e9r0.tmp"
+    others = [tmp_path / ".other.csv.k2j4_x9a.tmp", tmp_path / ".labels.csv.notmine.tmp",
+              tmp_path / "labels.csv.k2j4_x9a.tmp"]
+    for f in [stale, fresh, *others]:
+        f.write_text("half a save")
+    old = time.time() - 120
+    for f in [stale, *others]:
+        os.utime(f, (old, old))
+    s = LabelSession(make_stacks(), path)
+    s.set_label(0, "IN")
+    assert not stale.exists()
+    assert fresh.exists() and all(f.exists() for f in others)   # a save in progress; not ours
 
 
 # ----------------------------------------------------------------------------- review mode

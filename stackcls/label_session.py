@@ -1,0 +1,266 @@
+"""The labelling session's state: stacks, the label table and its CSV (the UI only draws it).
+
+The table is keyed by (subject, phase, frame, slice), frame None when unknown, and holds every row
+of the CSV, also rows of stacks, subjects or frames that this session does not show, so a save
+never drops a label it did not load. A stack reads the rows of its own frame (and frameless rows);
+a stack whose frame is unknown reads the rows of the one frame its (subject, phase) has.
+
+Every change is saved at once, atomically (`save_labels` -> `stackcls.atomic.replace_atomically`).
+Two sessions (two `stackcls label` processes) may work on one CSV: the session remembers the file's
+(mtime_ns, size, sha256) at load and after each save; if the file changed on disk in between, the
+save re-reads it and applies only this session's pending edits on top, so every row of the other
+writer survives except the slices this session has just changed. A changed file that cannot be read
+is never overwritten: the save is refused with a message naming the file. Saves of sessions on one
+machine are serialised by an advisory lock on the CSV's folder, so none can slip in between the
+check and the rename. Temp files that an interrupted save left beside the CSV are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock, the compare-and-merge still runs
+    fcntl = None
+
+from stackcls.decode import in_range
+from stackcls.io import load_labels, save_labels
+from stackcls.stack import CLASS_INDEX, CLASSES, Stack
+
+Row = tuple[str, str, "int | None", int]  # (subject, phase, frame, slice)
+STALE_TMP_S = 60.0  # a temp file of the CSV older than this belongs to a save that died
+
+
+class LabelsConflictError(ValueError):
+    """The labels CSV changed on disk and cannot be merged; nothing was written."""
+
+
+def file_state(path) -> tuple[int, int, str] | None:
+    """(mtime_ns, size, sha256) of the file `path` names (through symlinks), None if absent."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, digest
+
+
+def read_table(path) -> tuple[dict, tuple | None]:
+    """The labels CSV as {(subject, phase): {(frame, slice): label}} plus the file state it was
+    read at (read again if the file changed while it was read). Raises StackReadError (a
+    ValueError naming the file and line) on a malformed CSV."""
+    for _ in range(5):
+        before = file_state(path)
+        if before is None:
+            return {}, None
+        table: dict = {}
+        for r in load_labels(path):
+            table.setdefault((r.subject, r.phase), {})[(r.frame, int(r.slice))] = r.label
+        if file_state(path) == before:
+            return table, before
+    raise LabelsConflictError(f"{path}: keeps changing while it is read; try again")
+
+
+def stale_temps(path, age: float = STALE_TMP_S) -> list[Path]:
+    """Temp files that `replace_atomically` made for `path` (`.{name}.XXXXXXXX.tmp` beside the file
+    it names) and that are older than `age` seconds: left by a save that was killed."""
+    real = Path(os.path.realpath(path))
+    pattern = re.compile(re.escape(f".{real.name}.") + r"[a-z0-9_]{8}\.tmp")  # mkstemp's names
+    old = time.time() - age
+    out = []
+    with contextlib.suppress(OSError), os.scandir(real.parent) as it:
+        for e in it:
+            with contextlib.suppress(OSError):
+                if (pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+                        and e.stat(follow_symlinks=False).st_mtime < old):
+                    out.append(Path(e.path))
+    return out
+
+
+@contextlib.contextmanager
+def folder_lock(path):
+    """Advisory exclusive lock on the folder of the file `path` names (the CSV itself is replaced
+    by a rename, so it cannot carry the lock); a no-op where flock is missing or refused."""
+    fd = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(os.path.dirname(os.path.realpath(path)) or ".", os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+
+@dataclass
+class LabelSession:
+    """Stacks plus the label table, saved to `labels_path` after every change."""
+
+    stacks: list[Stack]
+    labels_path: Path
+    index: int = 0
+    selected: int = 0
+    table: dict = field(default_factory=dict)  # (subject, phase) -> {(frame, slice): label}
+    _pending: dict = field(default_factory=dict, init=False, repr=False)  # Row -> label | None
+    _state: tuple | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.labels_path = Path(self.labels_path)
+        if not self.stacks:
+            raise ValueError("no stacks to label")
+        # read_table raises with file and line on a malformed CSV; we never overwrite it.
+        self.table, self._state = read_table(self.labels_path)
+        # Labels already attached to the stacks (e.g. by load_stacks(labels=...)) count too.
+        for s in self.stacks:
+            if s.labels is not None:
+                have = self.labels_of_stack(s)
+                fr = self.frame_of(s)
+                for sid, lab, old in zip(s.slice_ids, s.labels, have):
+                    if old is None:
+                        self._put((s.subject, s.phase, fr, sid), lab)
+        self.index = self.first_unlabelled(start=0)
+        if self.index is None:
+            self.index = 0
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def stack(self) -> Stack:
+        return self.stacks[self.index]
+
+    def frame_of(self, s: Stack) -> int | None:
+        """The frame under which the stack's rows are kept: its own, else the one frame that rows
+        of its (subject, phase) name, else None."""
+        if s.frame is not None:
+            return s.frame
+        frames = {f for f, _ in self.table.get((s.subject, s.phase), {}) if f is not None}
+        return frames.pop() if len(frames) == 1 else None
+
+    def labels_of_stack(self, s: Stack) -> list[str | None]:
+        grp = self.table.get((s.subject, s.phase), {})
+        fr = self.frame_of(s)
+        return [grp.get((fr, sid), grp.get((None, sid))) for sid in s.slice_ids]
+
+    def labels_of(self, i: int | None = None) -> list[str | None]:
+        return self.labels_of_stack(self.stacks[self.index if i is None else i])
+
+    def is_labelled(self, i: int) -> bool:
+        return all(l is not None for l in self.labels_of(i))
+
+    def progress(self) -> tuple[int, int]:
+        return sum(self.is_labelled(i) for i in range(len(self.stacks))), len(self.stacks)
+
+    def first_unlabelled(self, start: int) -> int | None:
+        n = len(self.stacks)
+        for k in range(n):
+            i = (start + k) % n
+            if not self.is_labelled(i):
+                return i
+        return None
+
+    def rows(self) -> list[dict]:
+        """The whole table as label rows, sorted (frameless rows first)."""
+        out = [
+            {"subject": sub, "frame": fr, "phase": ph, "slice": sl, "label": lab}
+            for (sub, ph), grp in self.table.items() for (fr, sl), lab in grp.items()
+        ]
+        return sorted(out, key=lambda r: (r["subject"], r["phase"],
+                                          -1 if r["frame"] is None else r["frame"], r["slice"]))
+
+    # -- edits (each one is saved at once) ----------------------------------------------------
+    def _put(self, row: Row, label: str | None) -> None:
+        grp = self.table.setdefault(row[:2], {})
+        if label is None:
+            grp.pop(row[2:], None)
+        else:
+            grp[row[2:]] = label
+        self._pending[row] = label
+
+    def _set_slices(self, labels: dict[int, str | None]) -> None:
+        """slice position -> label (None clears) on the current stack, under its frame; a
+        frameless row of the same slice is folded into it."""
+        s = self.stack
+        fr = self.frame_of(s)
+        grp = self.table.get((s.subject, s.phase), {})
+        for k, lab in labels.items():
+            sid = s.slice_ids[k]
+            if fr is not None and (None, sid) in grp:
+                self._put((s.subject, s.phase, None, sid), None)
+            self._put((s.subject, s.phase, fr, sid), lab)
+        self.save()
+
+    def set_label(self, slice_pos: int, label: str) -> None:
+        if label not in CLASS_INDEX:
+            raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}")
+        self._set_slices({slice_pos: label})
+
+    def set_first_in(self, slice_pos: int) -> None:
+        """Apical boundary: slices apical of `slice_pos` become OAP; the basal boundary stays where
+        it is (or at the last slice if there is none yet, until the user sets it)."""
+        rng = in_range(self.labels_of())
+        last = rng[1] if rng else self.stack.n_slices - 1
+        self.set_range(slice_pos, max(last, slice_pos))
+
+    def set_last_in(self, slice_pos: int) -> None:
+        """Basal boundary: slices basal of `slice_pos` become OBS."""
+        rng = in_range(self.labels_of())
+        first = rng[0] if rng else 0
+        self.set_range(min(first, slice_pos), slice_pos)
+
+    def set_range(self, first: int, last: int) -> None:
+        """Both boundaries at once: OAP before `first`, IN from `first` to `last`, OBS after."""
+        self._set_slices({k: "OAP" if k < first else "IN" if k <= last else "OBS"
+                          for k in range(self.stack.n_slices)})
+
+    def clear(self) -> None:
+        self._set_slices({k: None for k in range(self.stack.n_slices)})
+
+    # -- navigation ---------------------------------------------------------------------------
+    def go(self, i: int) -> None:
+        self.index = int(i) % len(self.stacks)
+        self.selected = min(self.selected, self.stack.n_slices - 1)
+
+    def next_unlabelled(self) -> bool:
+        i = self.first_unlabelled(self.index + 1)
+        if i is None:
+            return False
+        self.go(i)
+        return True
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the table; if another writer changed the CSV since this session last read or
+        wrote it, merge first (their rows, then this session's pending edits on top)."""
+        path = self.labels_path
+        with folder_lock(path):
+            now = file_state(path)
+            if now is not None and now != self._state:
+                try:
+                    disk, _ = read_table(path)
+                except (ValueError, OSError) as e:
+                    raise LabelsConflictError(
+                        f"{path} was changed by another program and cannot be read ({e}); NOT "
+                        "saved and left as it is: fix or move it, your edits are kept in this "
+                        "session and saved with the next change") from e
+                for (sub, ph, fr, sl), lab in self._pending.items():
+                    grp = disk.setdefault((sub, ph), {})
+                    if lab is None:
+                        grp.pop((fr, sl), None)
+                    else:
+                        grp[(fr, sl)] = lab
+                self.table = disk
+            # (a CSV deleted on disk is written again from this session's whole table)
+            save_labels(self.rows(), path)
+            self._state = file_state(path)  # under the lock: no other session wrote in between
+            self._pending.clear()
+            for tmp in stale_temps(path):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
