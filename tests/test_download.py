@@ -1,13 +1,22 @@
 """Where ImageNet weight files come from: the registry's declarations, the file shipped in the
-package, the caches, and the download (against a loopback HTTP server; no internet needed)."""
+package, the caches, and the download (against a loopback HTTP server, allowed by the test-only
+STACKCLS_TEST_LOOPBACK_HTTP=1; no internet needed). Supply chain: https only, no downgrade by
+redirect, pinned hashes checked on download and on every cached use, unpinned files warned about
+and checked to be Keras HDF5 weight files."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import inspect
+import io
 import threading
 import urllib.request
+import warnings
+from pathlib import Path
+
+import h5py
 
 import jax
 import numpy as np
@@ -24,6 +33,21 @@ MD5 = hashlib.md5(BODY).hexdigest()
 SHA = hashlib.sha256(BODY).hexdigest()
 
 
+def _h5_bytes() -> bytes:
+    """A minimal legacy Keras weight file, as bytes (what an unpinned download must look like)."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.attrs["layer_names"] = [b"dense"]
+        g = f.create_group("dense")
+        g.attrs["weight_names"] = [b"dense/kernel:0"]
+        g["dense/kernel:0"] = np.ones((2, 3), "f4")
+    return buf.getvalue()
+
+
+H5 = _h5_bytes()
+H5_SHA = hashlib.sha256(H5).hexdigest()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     hits: list = []
 
@@ -33,6 +57,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body, length = BODY, len(BODY)
         elif self.path == "/truncated.h5":
             body, length = BODY[:100_000], len(BODY)  # promises more than it sends
+        elif self.path == "/weights.h5":
+            body, length = H5, len(H5)
+        elif self.path.startswith("/redirect/"):  # /redirect/<target URL without "http://">
+            self.send_response(302)
+            self.send_header("Location", "http://" + self.path[len("/redirect/"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.close_connection = True
+            return
         elif self.path == "/corrupt.h5":
             body = bytearray(BODY)
             body[1234] ^= 0xFF
@@ -66,19 +99,31 @@ def dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     monkeypatch.setenv("STACKCLS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("STACKCLS_OFFLINE", raising=False)
+    monkeypatch.setenv(D.LOOPBACK_HTTP_ENV, "1")  # the loopback server speaks plain http
+    monkeypatch.setattr(D, "_WARNED", set())
     return tmp_path / "keras" / "models", tmp_path / "cache" / "weights"
 
 
-@pytest.mark.parametrize("file_hash", [MD5, SHA, None])
-def test_good_download_then_cached(server, dirs, file_hash):
+@pytest.mark.parametrize("kind", ["md5", "sha256", "unpinned"])
+def test_good_download_then_cached(server, dirs, kind):
     _, cache = dirs
-    wf = D.WeightFile("w.h5", server + "/good.h5", file_hash)
+    path, body, file_hash = {"md5": ("/good.h5", BODY, MD5), "sha256": ("/good.h5", BODY, SHA),
+                             "unpinned": ("/weights.h5", H5, None)}[kind]
+    wf = D.WeightFile("w.h5", server + path, file_hash)
+    assert wf.verified == (file_hash is not None)
     Handler.hits.clear()
-    p = D.fetch(wf, progress=False)
-    assert p == cache / "w.h5" and p.read_bytes() == BODY
-    assert D.fetch(wf, progress=False) == p
-    assert Handler.hits == ["/good.h5"]  # second call served from the cache
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        p = D.fetch(wf, progress=False)
+        assert p == cache / "w.h5" and p.read_bytes() == body
+        assert D.fetch(wf, progress=False) == p
+    assert Handler.hits == [path]  # second call served from the cache
     assert sorted(x.name for x in cache.iterdir()) == ["w.h5"]  # no temp files left
+    unverified = [str(x.message) for x in w if x.category is D.UnverifiedWeightsWarning]
+    if file_hash is None:  # once, naming the file and its sha256 so that it can be pinned
+        assert len(unverified) == 1 and "w.h5" in unverified[0] and H5_SHA in unverified[0]
+    else:
+        assert unverified == []
 
 
 def test_keras_cache_comes_first(server, dirs):
@@ -91,7 +136,7 @@ def test_keras_cache_comes_first(server, dirs):
 
 
 @pytest.mark.parametrize("path,match", [("/truncated.h5", "truncated"),
-                                        ("/corrupt.h5", "does not match the published md5"),
+                                        ("/corrupt.h5", "does not match its pinned md5"),
                                         ("/missing.h5", "HTTP 404")])
 def test_bad_downloads_leave_nothing(server, dirs, path, match):
     _, cache = dirs
@@ -100,12 +145,75 @@ def test_bad_downloads_leave_nothing(server, dirs, path, match):
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
-def test_corrupt_cached_file_is_refused(dirs):
+@pytest.mark.parametrize("file_hash", [SHA, None], ids=["pinned", "unpinned"])
+def test_junk_cached_file_is_refused_offline(dirs, monkeypatch, file_hash):
+    """Pinned: checked against its hash; unpinned: must be a Keras HDF5 weight file. Offline,
+    a clear error naming the file (left in place)."""
     _, cache = dirs
     cache.mkdir(parents=True)
     (cache / "w.h5").write_bytes(BODY[:-1])
-    with pytest.raises(D.WeightsUnavailableError, match=r"w\.h5 does not match.*delete it"):
-        D.fetch(D.WeightFile("w.h5", "http://127.0.0.1:9/w.h5", SHA))
+    monkeypatch.setenv("STACKCLS_OFFLINE", "1")
+    match = "does not match its pinned sha256" if file_hash else "is not a readable HDF5 file"
+    with pytest.raises(D.WeightsUnavailableError, match=rf"weights/w\.h5 {match}.*delete it"):
+        D.fetch(D.WeightFile("w.h5", "https://127.0.0.1:9/w.h5", file_hash))
+    assert (cache / "w.h5").read_bytes() == BODY[:-1]
+
+
+@pytest.mark.parametrize("file_hash", [SHA, None], ids=["pinned", "unpinned"])
+def test_junk_cached_file_is_replaced_online(server, dirs, file_hash):
+    """Online, junk in our cache is deleted (with a warning) and downloaded again; junk in
+    Keras's cache is ignored, not deleted."""
+    keras_models, cache = dirs
+    for d in (keras_models, cache):
+        d.mkdir(parents=True)
+        (d / "w.h5").write_bytes(b"junk")
+    path, body = ("/good.h5", BODY) if file_hash else ("/weights.h5", H5)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        p = D.fetch(D.WeightFile("w.h5", server + path, file_hash), progress=False)
+    assert p == cache / "w.h5" and p.read_bytes() == body
+    said = [str(x.message) for x in w if x.category is UserWarning]
+    assert said[0].startswith(f"{keras_models / 'w.h5'} ") and "ignoring it" in said[0]
+    assert said[1].startswith(f"{cache / 'w.h5'} ") and "deleted it" in said[1]
+    assert (keras_models / "w.h5").read_bytes() == b"junk"
+
+
+def test_unpinned_download_must_be_hdf5(server, dirs):
+    _, cache = dirs
+    with pytest.raises(D.WeightsUnavailableError, match=r"good\.h5 is not a readable HDF5 file"):
+        D.fetch(D.WeightFile("w.h5", server + "/good.h5"), progress=False)
+    assert list(cache.iterdir()) == []
+
+
+def test_http_is_refused_before_connecting(server, dirs, monkeypatch):
+    """https only: without the test override, and for any host but 127.0.0.1 with it."""
+    Handler.hits.clear()
+    monkeypatch.delenv(D.LOOPBACK_HTTP_ENV)
+    with pytest.raises(D.WeightsUnavailableError, match=r"refusing to download http://127.*https only"):
+        D.fetch(D.WeightFile("w.h5", server + "/good.h5", SHA), progress=False)
+    monkeypatch.setenv(D.LOOPBACK_HTTP_ENV, "1")
+    local = server.replace("127.0.0.1", "localhost")
+    with pytest.raises(D.WeightsUnavailableError, match="https only"):
+        D.fetch(D.WeightFile("w.h5", local + "/good.h5", SHA), progress=False)
+    assert Handler.hits == []
+
+
+def test_redirect_to_http_is_refused(server, dirs):
+    """A redirect is followed only to a URL that may be fetched itself (loopback server: to
+    http://localhost, which the test override does not allow), and never from https to http."""
+    _, cache = dirs
+    Handler.hits.clear()
+    target = server.replace("http://127.0.0.1", "localhost") + "/good.h5"
+    with pytest.raises(D.WeightsUnavailableError, match=r"http://localhost.*redirected from.*https only"):
+        D.fetch(D.WeightFile("w.h5", server + "/redirect/" + target, SHA), progress=False)
+    assert Handler.hits == ["/redirect/" + target]  # the target was never requested
+    assert list(cache.iterdir()) == []
+    handler = D._HttpsOnlyRedirects()
+    req = urllib.request.Request("https://example.org/w.h5")
+    with pytest.raises(D.WeightsUnavailableError, match="redirected from https://example.org"):
+        handler.redirect_request(req, io.BytesIO(), 302, "Found", {}, server + "/good.h5")
+    new = handler.redirect_request(req, io.BytesIO(), 302, "Found", {}, "https://example.org/x.h5")
+    assert new.full_url == "https://example.org/x.h5"
 
 
 def test_offline_error_says_where_to_put_the_file(dirs, monkeypatch):
@@ -113,6 +221,7 @@ def test_offline_error_says_where_to_put_the_file(dirs, monkeypatch):
     wf = B.spec("vgg16").weight_file()
     # nothing listens on port 9 of the loopback interface: connection refused
     wf = D.WeightFile(wf.fname, "http://127.0.0.1:9/" + wf.fname, wf.file_hash)
+    assert wf.verified
     with pytest.raises(D.WeightsUnavailableError) as e:
         D.fetch(wf, progress=False)
     msg = str(e.value)
@@ -154,6 +263,30 @@ def test_weight_file_names_follow_keras():
         [("mobilenet", "mobilenet_2_5_224_tf_no_top.h5", 64)]
 
 
+def test_verified_flag_names_every_unpinned_file():
+    """Every declared file is pinned (verified) except the 45 MobileNet/MobileNetV2 files for
+    which Keras publishes no hash and we hold no copy; all are https."""
+    files = [(n, f) for n in B.names() for f in B.spec(n).pretrained]
+    assert all(f.url.startswith("https://") for _, f in files)
+    unverified = [(n, f.fname) for n, f in files if not f.verified]
+    assert len(unverified) == 45 and len(files) == 46 + 7
+    assert {n for n, _ in unverified} == {"mobilenet", "mobilenet_v2"}
+    assert ("mobilenet", "mobilenet_2_5_224_tf_no_top.h5") not in unverified
+
+
+def test_pinned_md5s_are_published_by_keras():
+    """Each md5 we pin appears in Keras's application sources (read as text; no keras import)."""
+    found = importlib.util.find_spec("keras")
+    if found is None:
+        pytest.skip("keras (optional test extra) is not installed")
+    apps = Path(found.origin).parent / "src" / "applications"
+    text = "".join(p.read_text() for p in apps.glob("*.py"))
+    md5s = [f for n in B.names() for f in B.spec(n).pretrained if f.verified and not f.packaged]
+    assert len(md5s) == 7
+    for f in md5s:
+        assert len(f.file_hash) == 32 and f'"{f.file_hash}"' in text, f.fname
+
+
 def test_weight_files_are_the_ones_keras_downloads():
     """URLs and md5s as Keras's own application modules state them."""
     keras = pytest.importorskip("keras")  # optional test extra; the rest of the module runs without
@@ -185,6 +318,7 @@ def no_network(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("network access")
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", refuse)
     return tmp_path
 
 
@@ -232,7 +366,9 @@ def test_create_imagenet_uses_keras_cache(dirs, mobilenet_weights):
     keras_models, _ = dirs
     keras_models.mkdir(parents=True)
     (keras_models / "mobilenet_2_5_128_tf_no_top.h5").symlink_to(mobilenet_weights)
-    m = B.create("mobilenet", weights="imagenet", input_size=128)
+    with pytest.warns(D.UnverifiedWeightsWarning, match="mobilenet_2_5_128_tf_no_top.h5: no "
+                      "pinned hash.*sha256 " + D.file_digest(mobilenet_weights, "sha256")):
+        m = B.create("mobilenet", weights="imagenet", input_size=128)
     assert m.input_size == 128
     leaves = jax.tree.leaves(nnx.state(m, nnx.Param))
     shared = jax.tree.leaves(nnx.state(B.create("mobilenet", weights=mobilenet_weights), nnx.Param))

@@ -200,3 +200,75 @@ def test_not_hdf5_and_missing(tmp_path):
         pass
     with pytest.raises(WeightsError, match="not a Keras weight file"):
         read_keras_weights(tmp_path / "empty.h5")
+
+
+# Hostile files (issue 13, item 4): only float datasets stored in the file itself are read.
+
+def _reads(monkeypatch):
+    """Names of the datasets whose data h5py reads from now on."""
+    seen, orig = [], h5py.Dataset.__getitem__
+
+    def getitem(self, *a, **k):
+        seen.append(self.name)
+        return orig(self, *a, **k)
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
+    return seen
+
+
+def test_external_storage_is_refused_unread(real_layers, tmp_path, monkeypatch):
+    """A dataset whose raw data lives in another local file (HDF5 external storage) would make
+    the loader read that file: refused, and no data of it is read."""
+    kernel = real_layers[0].weights[0][1]
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(kernel.astype("<f4").tobytes())  # a loadable payload: fails without the fix
+    p = write_legacy(tmp_path / "ext.h5", real_layers)
+    with h5py.File(p, "r+") as f:
+        g = f["conv1"]
+        del g["conv1/kernel:0"]
+        g.create_dataset("conv1/kernel:0", shape=kernel.shape, dtype="<f4",
+                         external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
+    reads = _reads(monkeypatch)
+    m = B.create("mobilenet", weights=None)
+    with pytest.raises(WeightsError, match=r"ext\.h5: layer 'conv1' weight 'conv1/kernel:0' "
+                                           r"\(dataset /conv1/conv1/kernel:0\) has external storage"):
+        load_keras_weights(m, p)
+    assert "/conv1/conv1/kernel:0" not in reads
+
+
+def test_virtual_dataset_and_external_link_are_refused(real_layers, tmp_path):
+    kernel = real_layers[0].weights[0][1]
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["k"] = kernel
+    p = write_legacy(tmp_path / "vds.h5", real_layers)
+    with h5py.File(p, "r+") as f:
+        del f["conv1"]["conv1/kernel:0"]
+        layout = h5py.VirtualLayout(shape=kernel.shape, dtype=kernel.dtype)
+        layout[...] = h5py.VirtualSource(str(other), "k", shape=kernel.shape)
+        f["conv1"].create_virtual_dataset("conv1/kernel:0", layout)
+    with pytest.raises(WeightsError, match=r"vds\.h5: .*conv1/kernel:0.* virtual dataset"):
+        read_keras_weights(p)
+    p = write_legacy(tmp_path / "link.h5", real_layers)
+    with h5py.File(p, "r+") as f:
+        del f["conv1"]["conv1/kernel:0"]
+        f["conv1"]["conv1"]["kernel:0"] = h5py.ExternalLink(str(other), "k")
+    with pytest.raises(WeightsError, match=r"link\.h5: .*conv1/kernel:0.* external link"):
+        read_keras_weights(p)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "complex64", "bool"])
+def test_non_float_weights_are_refused(real_layers, tmp_path, dtype):
+    """Integer/complex/bool arrays would be cast silently (complex: imaginary part dropped)."""
+    real_layers[0].weights[0] = ("kernel", real_layers[0].weights[0][1].astype(dtype))
+    _load_error(tmp_path, real_layers,
+                rf"bad\.h5: layer 'conv1' .*dataset /conv1/conv1/kernel:0\) has dtype {dtype}")
+
+
+def test_absurd_declared_shape_is_refused(real_layers, tmp_path):
+    p = write_legacy(tmp_path / "huge.h5", real_layers)
+    with h5py.File(p, "r+") as f:
+        del f["conv1"]["conv1/kernel:0"]
+        f["conv1"].create_dataset("conv1/kernel:0", shape=(1 << 15, 1 << 15), dtype="f4",
+                                  chunks=(64, 64))  # nothing written: a few KB on disk
+    with pytest.raises(WeightsError, match=r"huge\.h5: .*declares shape \(32768, 32768\)"):
+        read_keras_weights(p)

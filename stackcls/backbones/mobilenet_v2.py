@@ -95,7 +95,9 @@ class MobileNetV2(Backbone):
         return relu6(b.bn(b.conv(x), train))
 
 
-# keras.applications picks the file by alpha and rows (Keras publishes no hashes for them).
+# keras.applications picks the file by alpha and rows. Keras publishes no hashes for them and
+# we hold no copy: all 30 are unpinned (`verified` False; download.py checks they are Keras HDF5
+# weight files and warns once with each one's sha256).
 PRETRAINED = tuple(
     keras_file(f"mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}"
                "_no_top.h5", alpha=alpha, rows=rows)

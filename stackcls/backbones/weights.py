@@ -15,6 +15,11 @@ for `.weights.h5`. Every weight of the file must be used, every variable of the 
 every shape equal, weight names must be those Keras uses for that slot, and layer names that are
 not Keras auto-names (`conv2d_7`) must agree; any violation raises WeightsError naming the file,
 the layer and the weight. Nothing is assigned unless everything matches.
+
+Hostile files: a weight is read only from a plain dataset stored inside the file itself. External
+links, datasets with external storage (raw data in another file, which HDF5 would read) and
+virtual datasets are refused before any data is read, and so are non-float dtypes (integer,
+bool, complex, compound: Keras weights are float) and datasets over MAX_ELEMENTS elements.
 """
 
 from __future__ import annotations
@@ -33,6 +38,38 @@ from stackcls.backbones import layers as L
 
 class WeightsError(ValueError):
     pass
+
+
+# Largest weight array accepted (elements): VGG16's fc1, the largest Keras Applications array,
+# has 102.8 M; 2**28 (1 GiB as float32) refuses a header declaring absurd shapes before allocation.
+MAX_ELEMENTS = 1 << 28
+
+
+def _array(parent: h5py.Group, key: str, path: Path, what: str) -> np.ndarray:
+    """parent[key] as an array, refusing anything but a float dataset stored inside `path`."""
+    where = f"{path}: {what}"
+    if isinstance(parent.get(key, getlink=True), h5py.ExternalLink):
+        raise WeightsError(f"{where} is an external link to another file; refused")
+    ds = parent[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise WeightsError(f"{where} is not a dataset")
+    where = f"{path}: {what} (dataset {ds.name})"
+    if ds.file.filename != parent.file.filename:
+        raise WeightsError(f"{where} lives in another file ({ds.file.filename}); refused")
+    if ds.is_virtual:
+        raise WeightsError(f"{where} is a virtual dataset (data from other files); refused")
+    if ds.external:
+        raise WeightsError(f"{where} has external storage ({[e[0] for e in ds.external]}); "
+                           "refused")
+    if ds.dtype.kind != "f":
+        raise WeightsError(f"{where} has dtype {ds.dtype}, not floating point; refused")
+    if ds.size > MAX_ELEMENTS:
+        raise WeightsError(f"{where} declares shape {ds.shape} ({ds.size} elements, more than "
+                           f"{MAX_ELEMENTS}); refused")
+    try:
+        return np.asarray(ds[()])
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{where} could not be read ({e})") from e
 
 
 @dataclass
@@ -81,7 +118,7 @@ def _read_legacy(group: h5py.Group, path: Path) -> list[FileLayer]:
         for wn in wnames:
             if wn not in g:
                 raise WeightsError(f"{path}: layer {lname!r} lists weight {wn!r} but has no such dataset")
-            ws.append((_short(wn, lname), np.asarray(g[wn])))
+            ws.append((_short(wn, lname), _array(g, wn, path, f"layer {lname!r} weight {wn!r}")))
         n_datasets = []
         g.visititems(lambda k, o: n_datasets.append(k) if isinstance(o, h5py.Dataset) else None)
         if len(n_datasets) != len(wnames):
@@ -100,7 +137,7 @@ def _read_weights_h5(f: h5py.File, path: Path) -> list[FileLayer]:
             raise WeightsError(f"{path}: nested layer {key!r} (sub-layers {list(g.keys())}) is not "
                                "supported; save the backbone itself, not a model containing it")
         v = g["vars"]
-        ws = [(str(i), np.asarray(v[str(i)])) for i in range(len(v))]
+        ws = [(str(i), _array(v, str(i), path, f"layer {key!r} var {i}")) for i in range(len(v))]
         m = re.match(r"^(.*?)(?:_(\d+))?$", key)
         out.append(FileLayer(_s(v.attrs.get("name", key)), ws, m.group(1), int(m.group(2) or 0)))
     return out
