@@ -337,22 +337,31 @@ def edit(path, **values):
     ds.save_as(path)
 
 
-def test_deflated_bomb_is_skipped_without_inflating(tmp_path, monkeypatch):
-    # an 8 MB image of zeros deflates to a few KB; the limit (2 MB here) is hit while counting the
-    # inflated bytes in 1 MB chunks, so neither the dataset nor the image is ever held in memory
+@pytest.mark.parametrize("bloat", ["pixels", "private element"])
+def test_deflated_bomb_is_skipped_without_inflating(tmp_path, monkeypatch, bloat):
+    # 8 MB of zeros deflates to a few KB. "pixels": a 2048 x 2048 image, refused from the header
+    # elements parsed out of the first inflated MiB; "private element": an 8 MB element in front of
+    # a 32 x 32 image, refused while the inflated bytes are counted in 1 MiB chunks. Neither the
+    # dataset nor the image is ever held in memory.
     make_series(tmp_path, n_slices=3)
+    big = bloat == "pixels"
     bomb = write_mr(tmp_path / "bomb", iop=[1, 0, 0, 0, 1, 0], ipp=[0, 0, 0], trigger=0.0,
-                    pixels=np.zeros((2048, 2048), np.uint16), ts=DeflatedExplicitVRLittleEndian,
-                    series="1.6")
+                    pixels=np.zeros((2048, 2048) if big else (32, 32), np.uint16),
+                    ts=DeflatedExplicitVRLittleEndian, series="1.6")
+    if not big:
+        ds = pydicom.dcmread(bomb)
+        ds.add_new(0x00091010, "OB", bytes(8 << 20))
+        ds.save_as(bomb)
     assert os.path.getsize(bomb) < 100_000
-    monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "2")
+    monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "6")
     tracemalloc.start()
     res = scan(tmp_path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     ((p, r),) = res.skipped
-    assert p == str(bomb) and "deflated DICOM dataset" in r and "per-file limit of 2.0 MB" in r
-    assert "STACKCLS_MAX_FILE_MB" in r and len(res.stacks) == 1 and peak < 6e6
+    why = "declared image 2048 x 2048" if big else "deflated DICOM dataset"
+    assert p == str(bomb) and why in r and "per-file limit of 6.0 MB" in r
+    assert "STACKCLS_MAX_FILE_MB" in r and len(res.stacks) == 1 and peak < 5e6
     monkeypatch.setenv("STACKCLS_MAX_FILE_MB", "64")  # within the limit: read, and a 1-slice series
     assert "single-slice" in dict(scan(tmp_path).skipped)[str(bomb)]
 

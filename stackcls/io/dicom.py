@@ -104,11 +104,11 @@ def read_slice(path, budget: StackBudget | None = None) -> DicomSlice:
     # imported on the first DICOM read: pydicom takes ~0.8 s, and NIfTI-only users never need it
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 
     path = str(path)
     hdr.check_file_size(path)
-    hdr.check_deflated(path, read_preamble, _read_file_meta_info)
+    hdr.check_deflated(path, read_preamble, _read_file_meta_info, read_dataset)
     try:
         ds = pydicom.dcmread(path, force=False)
     except InvalidDicomError:

@@ -8,6 +8,7 @@ TriggerTime) is never replaced by a guess: a non-finite or absurd value skips th
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import zlib
@@ -31,10 +32,18 @@ def check_file_size(path: str) -> None:
     check_file(path, os.path.getsize(path), "file size on disk")
 
 
-def check_deflated(path: str, read_preamble, read_file_meta) -> None:
+def check_deflated(path: str, read_preamble, read_file_meta, read_dataset) -> None:
     """Deflated Explicit VR Little Endian compresses the whole dataset, and pydicom inflates it all
-    at once on read: inflate it here first, in bounded chunks, counting (not keeping) the bytes."""
+    at once on read. Inflate it here first, in bounded chunks, counting (not keeping) the bytes;
+    the header elements before the pixel data (the first MiB inflated) are parsed on the way, so
+    the declared image size is checked before the pixels are inflated at all."""
     with open(path, "rb") as f:
+        head = f.read(144)  # fast path: the meta group length says where to look for the UID
+        if len(head) == 144 and head[128:138] == b"DICM\x02\x00\x00\x00UL":
+            n = int.from_bytes(head[140:144], "little")
+            if n < 65536 and DEFLATED.encode() not in f.read(n):
+                return
+        f.seek(0)
         try:
             read_preamble(f, False)
             meta = read_file_meta(f)
@@ -43,14 +52,33 @@ def check_deflated(path: str, read_preamble, read_file_meta) -> None:
         if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
             return
         d = zlib.decompressobj(-zlib.MAX_WBITS)
-        total, buf = 0, f.read(_CHUNK)
+        total, buf, head = 0, f.read(_CHUNK), None
         try:
             while buf and not d.eof:
-                total += len(d.decompress(buf, _CHUNK))
+                out = d.decompress(buf, _CHUNK)
+                total += len(out)
+                if head is None:
+                    head = out
+                    _check_head(path, head, read_dataset)
                 check_file(path, total, "deflated DICOM dataset (inflated so far)")
                 buf = d.unconsumed_tail or f.read(_CHUNK)
         except zlib.error:
             return  # corrupt stream: dcmread reports it
+
+
+def _check_head(path: str, head: bytes, read_dataset) -> None:
+    """Declared size from the elements in front of PixelData; a header that does not parse from
+    this much is left to the full read (whose size the inflated-bytes count bounds)."""
+    try:
+        ds = read_dataset(io.BytesIO(head), False, True,
+                          stop_when=lambda tag, vr, length: tag >= 0x7FE00010)
+        if "Rows" not in ds or "Columns" not in ds:
+            return
+        check_declared_size(path, ds)
+    except StackReadError:
+        raise
+    except Exception:  # noqa: BLE001 - a value that does not parse here: the full read says why
+        return
 
 
 def check_declared_size(path: str, ds) -> None:
