@@ -6,6 +6,8 @@ every variable, the classifier's backbone included, so restoring never needs the
 file). `config.json` is written last, atomically: a folder without it is not a saved model, so an
 interrupted save is never mistaken for a finished one. Loading a run directory's models for
 prediction is `stackcls.inference.load_model`.
+
+A malformed `config.json` or checkpoint raises `ModelFileError` (a ValueError) naming the file.
 """
 
 from __future__ import annotations
@@ -20,8 +22,31 @@ from flax import nnx
 
 from stackcls import backbones
 from stackcls.atomic import write_json
+from stackcls.io.errors import ModelFileError
 from stackcls.models import Classifier, build_classifier
 from stackcls.stack_model import StackHead, StackModel
+
+
+def _read_config(path: Path) -> dict:
+    f = path / "config.json"
+    try:
+        blob = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{f}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{f}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict):
+        raise ModelFileError(f"{f}: expected a JSON object, got {type(blob).__name__}")
+    return blob
+
+
+def _restore(path: Path, abs_state):
+    try:
+        return ocp.StandardCheckpointer().restore(path / "state", abs_state)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged or foreign checkpoint
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelFileError(f"{path / 'state'}: checkpoint does not restore (damaged, or not the "
+                             f"architecture config.json describes; {type(e).__name__}: {why})") from None
 
 
 def _save(path, module: nnx.Module, config: dict) -> Path:
@@ -65,12 +90,16 @@ def restore_model(path) -> tuple[Classifier, dict]:
     path = Path(path).absolute()
     if not is_saved(path):
         raise FileNotFoundError(f"{path}: not a saved model (needs config.json and state/)")
-    config = json.loads((path / "config.json").read_text())
+    config = _read_config(path)
     # concrete build (the ports initialise on the host, which eval_shape cannot trace); the
     # restored arrays replace every variable
-    graphdef, state0 = nnx.split(rebuild(config))
+    try:
+        graphdef, state0 = nnx.split(rebuild(config))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(f"{path / 'config.json'}: does not describe a classifier "
+                             f"({type(e).__name__}: {e})") from None
     abs_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state0)
-    state = ocp.StandardCheckpointer().restore(path / "state", abs_state)
+    state = _restore(path, abs_state)
     return nnx.merge(graphdef, state), config
 
 
@@ -84,10 +113,15 @@ def load_stack_model(path) -> StackModel:
     path = Path(path).absolute()
     if not is_saved(path):
         raise FileNotFoundError(f"{path}: not a saved stack model (needs config.json and state/)")
-    blob = json.loads((path / "config.json").read_text())
-    c = blob["config"]
-    abstract = nnx.eval_shape(lambda: StackHead(c["in_features"], c["hidden"], c["dropout"],
-                                                c.get("residual", False), rngs=nnx.Rngs(0)))
+    blob = _read_config(path)
+    try:
+        c = blob["config"]
+        abstract = nnx.eval_shape(lambda: StackHead(int(c["in_features"]), int(c["hidden"]),
+                                                    float(c["dropout"]), bool(c.get("residual", False)),
+                                                    rngs=nnx.Rngs(0)))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(f"{path / 'config.json'}: does not describe a stack head "
+                             f"({type(e).__name__}: {e})") from None
     graphdef, abs_state = nnx.split(abstract)
-    state = ocp.StandardCheckpointer().restore(path / "state", abs_state)
+    state = _restore(path, abs_state)
     return StackModel(nnx.merge(graphdef, state), c, blob.get("info"))

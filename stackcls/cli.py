@@ -1,7 +1,12 @@
 """The `stackcls` console command. Argument parsing, plus `stackcls predict`'s presentation (the
 terminal summary, the JSON file, the figure pages). Every other subcommand calls one function of
 the module that owns the work. The work's modules are imported inside the functions that need
-them: JAX and the readers take seconds to import, and `stackcls --help` stays instant."""
+them: JAX and the readers take seconds to import, and `stackcls --help` stays instant.
+
+File names need not be UTF-8: every path printed or written to JSON goes through
+`io.errors.printable` (b"bad\\xff" -> `bad\\xff`), and `main` sets stdout/stderr to escape
+whatever else would not encode, so a strict UTF-8 terminal never ends a command in a traceback.
+A malformed run directory or input file ends the command with one line, "error: FILE: reason"."""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+# light (no JAX, no pydicom/nibabel: ~50 ms): the error types and `printable` every command uses
+from stackcls.io.errors import ModelFileError, StackReadError, printable
 
 FIGURE_ROWS = 16           # stacks per figure page
 
@@ -36,6 +44,22 @@ def _label(a):
 def _review(a):
     from stackcls.label_ui import review_command
     return review_command(a.data, model=a.model, labels=a.labels, save=a.save)
+
+
+def _err(msg) -> None:
+    print(printable(f"error: {msg}"), file=sys.stderr)
+
+
+def _printable_tree(obj):
+    """Every string of a JSON-bound tree through `printable` (a lone surrogate from a non-UTF-8
+    file name is not a string other JSON readers accept)."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {_printable_tree(k): _printable_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_printable_tree(v) for v in obj]
+    return obj
 
 
 def _short(source: str) -> str:
@@ -75,48 +99,51 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
 
     path = Path(path)
     if not path.exists():
-        print(f"error: {path}: no such file or folder", file=sys.stderr)
+        _err(f"{path}: no such file or folder")
         return 2
     try:
         m = as_model(model)
+    except (ModelFileError, FileNotFoundError) as e:    # the message starts with the file
+        _err(e)
+        return 2
     except Exception as e:  # noqa: BLE001 - report any loading failure as a message, not a trace
-        print(f"error: cannot load model {model}: {e}", file=sys.stderr)
+        _err(f"cannot load model {model}: {e}")
         return 2
     if mode not in MODES:
-        print(f"error: mode must be one of {MODES}, got {mode!r}", file=sys.stderr)
+        _err(f"mode must be one of {MODES}, got {mode!r}")
         return 2
     if mode == "stack" and getattr(m, "stack_head", None) is None:
-        print(f"error: model {model} has no stack head (trained without one); use --mode slice_ordered",
-              file=sys.stderr)
+        _err(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
         return 2
     res = scan(path)
     for p, why in res.skipped:
-        print(f"skipped {p}: {why}", file=sys.stderr)
+        print(printable(f"skipped {p}: {why}"), file=sys.stderr)
     if not res.stacks:
-        print(f"error: {path}: no stack found", file=sys.stderr)
+        _err(f"{path}: no stack found")
         return 1
     preds, imgs, failed = [], [], []
     for st in res.stacks:
         try:
             pred = predict_stack(st, m, mode=mode)
         except ValueError as e:
-            print(f"skipped {st.key}: {e}", file=sys.stderr)
+            print(printable(f"skipped {st.key}: {e}"), file=sys.stderr)
             failed.append(dict(stack=st.key, reason=str(e)))
             continue
-        print(_summary(pred))
+        print(printable(_summary(pred)))
         preds.append(pred)
         imgs.append(st.images)
     if json_out is not None:
         blob = dict(model=str(model), mode=mode, stacks=[p.to_dict() for p in preds],
                     skipped=[dict(path=str(p), reason=str(r)) for p, r in res.skipped] + failed)
-        print(f"wrote {write_json(json_out, blob)}")
+        print(printable(f"wrote {write_json(json_out, _printable_tree(blob))}"))
     if figure_out is not None and preds:
         # one row per stack; large trees are split into pages OUT.png, OUT-2.png, ...
         figure_out = Path(figure_out)
         for k in range(0, len(preds), FIGURE_ROWS):
             page = figure_out if k == 0 else figure_out.with_name(
                 f"{figure_out.stem}-{k // FIGURE_ROWS + 1}{figure_out.suffix or '.png'}")
-            print(f"wrote {figures.predictions(preds[k:k + FIGURE_ROWS], imgs[k:k + FIGURE_ROWS], page)}")
+            done = figures.predictions(preds[k:k + FIGURE_ROWS], imgs[k:k + FIGURE_ROWS], page)
+            print(printable(f"wrote {done}"))
     return 0 if preds else 1
 
 
@@ -157,13 +184,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _escape_unencodable(*streams) -> None:
+    """Print what a stream cannot encode as backslash escapes instead of raising (a strict UTF-8
+    terminal and a file name that is not UTF-8: warnings and library messages included)."""
+    for stream in streams:
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):   # not a TextIOWrapper, or already in use
+            pass
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _escape_unencodable(sys.stdout, sys.stderr)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (StackReadError, ModelFileError, FileNotFoundError) as e:   # each names its file
+        _err(e)
+        return 2
     return int(rc or 0)
 
 

@@ -33,7 +33,7 @@ from flax import nnx
 
 from stackcls.augment import random_rotation
 from stackcls.batching import map_chunks
-from stackcls.checkpoint import is_saved, load_stack_model, restore_model
+from stackcls.checkpoint import ModelFileError, is_saved, load_stack_model, restore_model
 from stackcls.direction import FILE as DIRECTION_FILE
 from stackcls.direction import DirectionModel
 from stackcls.models import Classifier
@@ -156,7 +156,8 @@ def setting_dirs(run_dir) -> dict[str, Path]:
 def load_model(run_dir, setting: str | None = None, stack: bool = True) -> TrainedModel:
     """The final model of a run directory: the deepest setting present (depth1 > depth0 >
     scratch) unless `setting` names one, with its stack head when one was trained (and stack is
-    true) and its direction model when one was fitted. A saved model folder loads as itself."""
+    true) and its direction model when one was fitted. A saved model folder loads as itself.
+    Malformed files raise `ModelFileError` (stackcls.io.errors) naming the file."""
     run_dir = Path(run_dir)
     if is_saved(run_dir) and not (run_dir / "final").exists():
         model, config = restore_model(run_dir)
@@ -175,5 +176,8 @@ def load_model(run_dir, setting: str | None = None, stack: bool = True) -> Train
     if stack and (d / "stack" / "config.json").is_file():
         head = load_stack_model(d / "stack")
     if (d / "stack" / DIRECTION_FILE).is_file():
-        direction = DirectionModel.load(d / "stack")
+        try:
+            direction = DirectionModel.load(d / "stack")
+        except ValueError as e:          # its message names the file
+            raise ModelFileError(str(e)) from None
     return TrainedModel(model, config, head, d, direction)

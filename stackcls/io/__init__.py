@@ -15,12 +15,13 @@ without any stack (`load_stacks`), and for a bad labels CSV.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
 from stackcls.io import dicom as dcm
 from stackcls.io import nifti as nii
-from stackcls.io.errors import ScanResult, StackReadError
+from stackcls.io.errors import ScanResult, StackReadError, os_reason
 from stackcls.io.labels import (COLUMNS, LabelRow, attach_labels, es_frames, load_labels, rows_of,
                                 save_labels)
 from stackcls.stack import Stack
@@ -33,27 +34,65 @@ _NOT_IMAGES = {".csv", ".md", ".txt", ".json", ".cfg", ".yaml", ".yml", ".png", 
                ".py", ".pdf", ".html", ".xml", ".log", ".zip", ".npz", ".npy", ".h5"}
 
 
+def _unreadable(path) -> str | None:
+    """Why a file cannot be opened (permission denied, symlink loop, not a regular file...), or
+    None. Said as such, before a reader would call the file corrupt; a FIFO or device (say, a link
+    to /dev/zero) is never opened at all."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file (a FIFO, socket or device)"
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return os_reason(e)
+    return None
+
+
 def _split_folder(folder: Path):
-    """Walk a folder: ACDC patient folders, NIfTI files, candidate DICOM files, ignored files."""
-    acdc, nifti, dicom, ignored = [], [], [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    """Walk a folder: ACDC patient folders, NIfTI files, candidate DICOM files, ignored files, and
+    skipped ones (files that cannot be opened, folders that cannot be listed, symlink loops).
+    Symlinked folders are followed; each real folder is read once."""
+    acdc, nifti, dicom, ignored, skipped = [], [], [], [], []
+
+    def unlisted(e: OSError):       # os.walk would pass over a folder it cannot list in silence
+        skipped.append((str(e.filename or folder), f"folder not read: {os_reason(e)}"))
+
+    seen = {}                       # real path -> the path it was read under
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlisted, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            first = seen[real]
+            if os.path.commonpath([os.path.abspath(first), os.path.abspath(dirpath)]) == \
+                    os.path.abspath(first):
+                skipped.append((dirpath, f"symlink loop (leads back to {first}); not followed"))
+            else:
+                ignored.append((dirpath, f"same folder as {first} (symlink); read once"))
+            continue
+        seen[real] = dirpath
+        for d in sorted(d for d in dirnames if d.startswith(".")):
+            ignored.append((os.path.join(dirpath, d), "hidden folder (not searched)"))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         if "Info.cfg" in filenames and any(nii.is_nifti(f) for f in filenames):
             acdc.append(Path(dirpath))
             # an ACDC patient folder holds no further images
+            ignored += [(os.path.join(dirpath, d), "folder inside an ACDC patient folder (not "
+                                                  "searched)") for d in dirnames]
             dirnames[:] = []
             continue
         for f in sorted(filenames):
             if f.startswith("."):
                 continue
             p = os.path.join(dirpath, f)
-            if nii.is_nifti(f):
-                nifti.append(p)
-            elif Path(f).suffix.lower() in _NOT_IMAGES:
+            if Path(f).suffix.lower() in _NOT_IMAGES and not nii.is_nifti(f):
                 ignored.append((p, f"not an image ({Path(f).suffix} file)"))
+            elif (why := _unreadable(p)) is not None:
+                skipped.append((p, why))
+            elif nii.is_nifti(f):
+                nifti.append(p)
             else:
                 dicom.append(p)
-    return acdc, nifti, dicom, ignored
+    return acdc, nifti, dicom, ignored, skipped
 
 
 def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = True) -> ScanResult:
@@ -84,10 +123,10 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = Tru
 
     if isinstance(source, (list, tuple)):
         files = [str(f) for f in source]
-        missing = [f for f in files if not os.path.isfile(f)]
-        for f in missing:
-            skipped.append((f, "no such file"))
-        files = [f for f in files if f not in missing]
+        bad = {f: why for f in files if (why := _unreadable(f)) is not None}
+        skipped += bad.items()
+        missing = list(bad)
+        files = [f for f in files if f not in bad]
         for f in (f for f in files if nii.is_nifti(f)):
             nifti_file(f)
         st, sk, warns = dcm.scan_dicom([f for f in files if not nii.is_nifti(f)], phases, es,
@@ -99,17 +138,21 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = Tru
     else:
         source = Path(source)
         if not source.exists():
-            raise StackReadError(source, "no such file or folder")
+            raise StackReadError(source, _unreadable(source) if source.is_symlink()
+                                 else "no such file or folder")
         if source.is_file():
-            if nii.is_nifti(source):
+            if (why := _unreadable(source)) is not None:
+                skipped.append((str(source), why))
+            elif nii.is_nifti(source):
                 nifti_file(source)
             else:
                 st, sk, warns = dcm.scan_dicom([source], phases, es, progress)
                 stacks += st
                 skipped += sk
         else:
-            acdc, niftis, dicoms, ignored = _split_folder(source)
-            if not (acdc or niftis or dicoms or ignored):
+            acdc, niftis, dicoms, ignored, unread = _split_folder(source)
+            skipped += unread
+            if not (acdc or niftis or dicoms or ignored or unread):
                 skipped.append((str(source), "empty folder: no files found (searched recursively)"))
             for folder in acdc:
                 st, sk, ig = nii.read_acdc_patient(folder, phases)

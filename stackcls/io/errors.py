@@ -8,8 +8,33 @@ path, an empty folder, no stack at all for `load_stacks`), or for an unreadable 
 from __future__ import annotations
 
 import dataclasses
+import errno
 
 from stackcls.stack import Stack
+
+
+def printable(text) -> str:
+    """`text` safe to print to any UTF-8 stream and to store in JSON: bytes of a non-UTF-8 file name
+    (which Python keeps as lone surrogates, e.g. b"bad\\xff" -> "bad\\udcff") become a visible
+    `\\xff`; everything else is unchanged."""
+    text = str(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:                      # a surrogate no file name can hold
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_OS_REASONS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.ELOOP: "symlink loop (too many levels of symbolic links)",
+               errno.ENOENT: "no such file (or a broken symlink)",
+               errno.ENAMETOOLONG: "file name too long"}
+
+
+def os_reason(e: OSError) -> str:
+    """A short reason for an OSError met while opening a file or listing a folder."""
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return _OS_REASONS.get(e.errno) or f"cannot read ({e.strerror or type(e).__name__})"
 
 
 class StackReadError(ValueError):
@@ -19,6 +44,11 @@ class StackReadError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class ModelFileError(ValueError):
+    """A saved model's files (a run directory's config.json, checkpoint, direction.json) are
+    malformed; the message starts with the file. Raised by `checkpoint` and `inference.load_model`."""
 
 
 @dataclasses.dataclass

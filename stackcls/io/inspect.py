@@ -1,4 +1,5 @@
-"""`stackcls inspect PATH [--labels CSV]`: what the readers make of a folder or file."""
+"""`stackcls inspect PATH [--labels CSV]`: what the readers make of a folder or file. Every line
+goes through `printable`: a non-UTF-8 file name prints as `bad\\xff.dcm`, never a crash."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 from collections import Counter
 
 from stackcls.io import scan
-from stackcls.io.errors import StackReadError
+from stackcls.io.errors import StackReadError, printable
 
 _SHORT = {"OAP": "OAP", "IN": "IN", "OBS": "OBS"}
 
@@ -39,21 +40,21 @@ def inspect_command(path, labels=None) -> int:
     try:
         res = scan(path, labels=labels)
     except StackReadError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(printable(f"error: {e}"), file=sys.stderr)
         return 1
     for st in res.stacks:
-        print(describe(st))
+        print(printable(describe(st)))
     n_lab = sum(st.labels is not None for st in res.stacks)
     print(f"{len(res.stacks)} stack(s) from {len({s.subject for s in res.stacks})} subject(s)"
           + (f", {n_lab} labelled" if labels is not None else ""))
     if res.ignored:
         kinds = Counter(why for _, why in res.ignored)
-        print("ignored: " + ", ".join(f"{n} {why}" for why, n in kinds.most_common()))
+        print(printable("ignored: " + ", ".join(f"{n} {why}" for why, n in kinds.most_common())))
     if res.skipped:
         print(f"skipped {len(res.skipped)} file(s):")
         for p, why in res.skipped:
-            print(f"  {p}: {why}")
+            print(printable(f"  {p}: {why}"))
     if not res.stacks:
-        print(f"error: {path}: no stack found", file=sys.stderr)
+        print(printable(f"error: {path}: no stack found"), file=sys.stderr)
         return 1
     return 0

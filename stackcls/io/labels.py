@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from stackcls.atomic import replace_atomically
-from stackcls.io.errors import StackReadError
+from stackcls.io.errors import StackReadError, os_reason
 from stackcls.stack import CLASSES, Stack
 
 COLUMNS = ("subject", "frame", "phase", "slice", "label")
@@ -29,12 +29,30 @@ class LabelRow(NamedTuple):
     line: int = 0  # line in the CSV it came from (0 when built in memory)
 
 
+def _check_utf8(path: Path) -> None:
+    """A labels CSV is UTF-8 text (a BOM is allowed): say so, naming the line, instead of a
+    UnicodeDecodeError from the middle of the csv module."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StackReadError(path, f"cannot read labels CSV: {os_reason(e)}") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise StackReadError(path, "not UTF-8 text (UTF-16? it holds NUL bytes); save it as UTF-8 CSV")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise StackReadError(path, f"line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}; "
+                                   "latin-1/Windows-1252?); save it as UTF-8 CSV") from None
+
+
 def load_labels(path) -> list[LabelRow]:
-    """Read and validate a labels CSV; errors name the file and line."""
+    """Read and validate a labels CSV (UTF-8); errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise StackReadError(path, "labels CSV not found")
-    with open(path, newline="") as f:
+    _check_utf8(path)
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -121,7 +139,7 @@ def save_labels(stacks_or_rows, path) -> Path:
     folder is renamed over `path`, so a failure never leaves a half-written or emptied file."""
     path = Path(path)
     rows = rows_of(stacks_or_rows)
-    with replace_atomically(path, "w", newline="") as f:
+    with replace_atomically(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(COLUMNS)
         for r in rows:
