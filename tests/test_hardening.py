@@ -99,3 +99,7 @@ def test_run_refuses_bad_configuration_before_writing_anything(tmp_path):
     (run_dir / "run.json").write_text('{"identity": {"backbone": "vgg16"}}')
     with pytest.raises(RunConfigMismatch):
         run(compose([f"run_dir={run_dir}"]))
+
+    (run_dir / "run.json").write_text("{not json")
+    with pytest.raises(RunConfigMismatch, match="run.json: not a readable run record"):
+        run(compose([f"run_dir={run_dir}"]))

@@ -52,7 +52,11 @@ def check_run_dir(run_dir: Path, study: Study) -> None:
     if not f.is_file():
         return
     ident = identity(study)
-    old = json.loads(f.read_text()).get("identity")
+    try:
+        old = json.loads(f.read_text()).get("identity")
+    except (OSError, ValueError, AttributeError) as e:
+        raise RunConfigMismatch(f"{f}: not a readable run record ({type(e).__name__}: {e}); choose "
+                                "another run_dir (or delete that one) to start afresh") from None
     if old != ident:
         raise RunConfigMismatch(
             f"{run_dir} holds a run with a different configuration:\n  there: {old}\n  now:   "
