@@ -393,6 +393,16 @@ def test_per_stack_limit_skips_the_whole_series(tmp_path, monkeypatch):
     assert all("per-stack limit" in r and "STACKCLS_MAX_STACK_MB" in r for _, r in res.skipped)
 
 
+def test_sparse_series_cine_within_the_stack_limit(tmp_path, monkeypatch):
+    # 6 positions x 1 phase plus 6 phases at the apex: 12 small files (48 KB decoded), but the
+    # (phases, positions, H, W) cine for the ES estimate would be 6 x 6 images (144 KB)
+    files = make_series(tmp_path, n_slices=6) + make_series(tmp_path, n_slices=1, n_phases=6, seed=1)
+    monkeypatch.setenv("STACKCLS_MAX_STACK_MB", "0.05")  # 51.2 KB
+    res = scan(tmp_path)
+    assert not res.stacks and sorted(p for p, _ in res.skipped) == sorted(map(str, files))
+    assert sum("6 phases x 6 positions" in r and "144.0 KB" in r for _, r in res.skipped) == 11
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
 @pytest.mark.parametrize("value", ["nan", "inf", "-1e300"])
 def test_bad_position_skips_the_slice_and_keeps_the_order(tmp_path, value):

@@ -20,7 +20,7 @@ import numpy as np
 from stackcls.io import dicom_header as hdr
 from stackcls.io.errors import StackReadError
 from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
-from stackcls.io.limits import StackBudget, decoded_bytes
+from stackcls.io.limits import StackBudget, decoded_bytes, max_stack_bytes, mb
 from stackcls.progress import bar as tqdm
 from stackcls.stack import Stack
 
@@ -264,6 +264,14 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
                                         f"as {prev.path} in {where}; kept that one"))
             timeline[p] = kept
         n_phases = max(len(v) for v in timeline.values())
+        grid = n_phases * len(centers) * g0.shape[0] * g0.shape[1] * 4  # the (T, S, H, W) cine
+        if grid > (limit := max_stack_bytes()):  # a sparse grid: few files, a huge cine
+            for s in (s for items in timeline.values() for s in items):  # duplicates: said above
+                skipped.append((s.path, f"{where}: {n_phases} phases x {len(centers)} positions of "
+                                        f"{g0.shape[0]} x {g0.shape[1]} need {mb(grid)} as a cine, "
+                                        f"over the per-stack limit of {mb(limit)} (set "
+                                        "STACKCLS_MAX_STACK_MB to raise it): the series is skipped"))
+            continue
         meta_warn = []
         if not g0.series:
             msg = (f"{where}: grouped by folder, SeriesNumber, SeriesDescription and orientation; "

@@ -58,8 +58,8 @@ def decoded_bytes(n_values: int, stored_bytes_per_value: float) -> int:
 
 
 def mb(nbytes: float) -> str:
-    """Bytes for a message: MB (MiB) from 0.1 MB up, KB below."""
-    return f"{nbytes / MIB:,.1f} MB" if nbytes >= MIB / 10 else f"{nbytes / 1024:,.1f} KB"
+    """Bytes for a message: MB (MiB) from 1 MB up, KB below."""
+    return f"{nbytes / MIB:,.1f} MB" if nbytes >= MIB else f"{nbytes / 1024:,.1f} KB"
 
 
 def check_file(path, nbytes: int, what: str) -> None:

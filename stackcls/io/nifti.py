@@ -69,7 +69,11 @@ def _load(path):
     # imported on the first NIfTI read: nibabel takes ~0.6 s, and DICOM-only users never need it
     import nibabel as nib
 
-    check_file(path, Path(path).stat().st_size, "file size on disk")
+    try:
+        size = Path(path).stat().st_size
+    except OSError as e:
+        raise StackReadError(path, f"cannot read file ({e.strerror or type(e).__name__})") from None
+    check_file(path, size, "file size on disk")
     _check_offset(path)
     try:
         img = nib.load(str(path))
