@@ -13,6 +13,7 @@ InstanceNumber, file names or SliceLocation (whose sign differs between scanners
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections import defaultdict
 
 import numpy as np
@@ -109,14 +110,20 @@ def read_slice(path, budget: StackBudget | None = None) -> DicomSlice:
     path = str(path)
     hdr.check_file_size(path)
     hdr.check_deflated(path, read_preamble, _read_file_meta_info, read_dataset)
+    # parsed from memory (the file size is capped above): a corrupt element length then reads what
+    # is there, where a file object would first allocate the length it claims (1.6 GB for one byte
+    # flipped in the meta group, found by tests/test_fuzz.py)
+    with open(path, "rb") as f:
+        data = io.BytesIO(f.read())
     try:
-        ds = pydicom.dcmread(path, force=False)
+        ds = pydicom.dcmread(data, force=False)
     except InvalidDicomError:
         if not _looks_like_raw_dataset(path):
             raise StackReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte "
                                        "preamble)") from None
         try:
-            ds = pydicom.dcmread(path, force=True)
+            data.seek(0)
+            ds = pydicom.dcmread(data, force=True)
         except Exception as e:  # noqa: BLE001 - any parser failure is a corrupt file
             raise StackReadError(path, f"corrupt DICOM ({type(e).__name__}: {e})") from None
     except Exception as e:  # noqa: BLE001
