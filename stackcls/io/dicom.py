@@ -64,15 +64,10 @@ class DicomSlice:
     image: np.ndarray
 
 
-def _looks_like_raw_dataset(path: str) -> bool:
+def _looks_like_raw_dataset(head: bytes) -> bool:
     """True for DICOM written without the 128-byte preamble + 'DICM' (old ACR-NEMA style files):
     they start with a little-endian group 0008 (or 0002) tag."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    return len(head) == 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00"
+    return len(head) >= 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00"
 
 
 def _native_pixels(ds) -> np.ndarray | None:
@@ -109,16 +104,17 @@ def read_slice(path, budget: StackBudget | None = None) -> DicomSlice:
 
     path = str(path)
     hdr.check_file_size(path)
-    hdr.check_deflated(path, read_preamble, _read_file_meta_info, read_dataset)
-    # parsed from memory (the file size is capped above): a corrupt element length then reads what
-    # is there, where a file object would first allocate the length it claims (1.6 GB for one byte
-    # flipped in the meta group, found by tests/test_fuzz.py)
+    # read once and parsed from memory (the file size is capped above): a corrupt element length
+    # then reads what is there, where a file object would first allocate the length it claims
+    # (1.6 GB for one byte flipped in the meta group, found by tests/test_fuzz.py)
     with open(path, "rb") as f:
         data = io.BytesIO(f.read())
+    hdr.check_deflated(path, data, read_preamble, _read_file_meta_info, read_dataset)
+    data.seek(0)
     try:
         ds = pydicom.dcmread(data, force=False)
     except InvalidDicomError:
-        if not _looks_like_raw_dataset(path):
+        if not _looks_like_raw_dataset(data.getbuffer()[:4].tobytes()):
             raise StackReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte "
                                        "preamble)") from None
         try:

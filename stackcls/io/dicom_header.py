@@ -32,38 +32,39 @@ def check_file_size(path: str) -> None:
     check_file(path, os.path.getsize(path), "file size on disk")
 
 
-def check_deflated(path: str, read_preamble, read_file_meta, read_dataset) -> None:
+def check_deflated(path: str, f, read_preamble, read_file_meta, read_dataset) -> None:
     """Deflated Explicit VR Little Endian compresses the whole dataset, and pydicom inflates it all
     at once on read. Inflate it here first, in bounded chunks, counting (not keeping) the bytes;
     the header elements before the pixel data (the first MiB inflated) are parsed on the way, so
-    the declared image size is checked before the pixels are inflated at all."""
-    with open(path, "rb") as f:
-        head = f.read(144)  # fast path: the meta group length says where to look for the UID
-        if len(head) == 144 and head[128:138] == b"DICM\x02\x00\x00\x00UL":
-            n = int.from_bytes(head[140:144], "little")
-            if n < 65536 and DEFLATED.encode() not in f.read(n):
-                return
-        f.seek(0)
-        try:
-            read_preamble(f, False)
-            meta = read_file_meta(f)
-        except Exception:  # noqa: BLE001 - not a DICOM file / bad meta: dcmread says why
+    the declared image size is checked before the pixels are inflated at all. `f`: the file's
+    bytes as a binary file object (read from its start; left wherever this stops)."""
+    f.seek(0)
+    head = f.read(144)  # fast path: the meta group length says where to look for the UID
+    if len(head) == 144 and head[128:138] == b"DICM\x02\x00\x00\x00UL":
+        n = int.from_bytes(head[140:144], "little")
+        if n < 65536 and DEFLATED.encode() not in f.read(n):
             return
-        if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
-            return
-        d = zlib.decompressobj(-zlib.MAX_WBITS)
-        total, buf, head = 0, f.read(_CHUNK), None
-        try:
-            while buf and not d.eof:
-                out = d.decompress(buf, _CHUNK)
-                total += len(out)
-                if head is None:
-                    head = out
-                    _check_head(path, head, read_dataset)
-                check_file(path, total, "deflated DICOM dataset (inflated so far)")
-                buf = d.unconsumed_tail or f.read(_CHUNK)
-        except zlib.error:
-            return  # corrupt stream: dcmread reports it
+    f.seek(0)
+    try:
+        read_preamble(f, False)
+        meta = read_file_meta(f)
+    except Exception:  # noqa: BLE001 - not a DICOM file / bad meta: dcmread says why
+        return
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, buf, head = 0, f.read(_CHUNK), None
+    try:
+        while buf and not d.eof:
+            out = d.decompress(buf, _CHUNK)
+            total += len(out)
+            if head is None:
+                head = out
+                _check_head(path, head, read_dataset)
+            check_file(path, total, "deflated DICOM dataset (inflated so far)")
+            buf = d.unconsumed_tail or f.read(_CHUNK)
+    except zlib.error:
+        return  # corrupt stream: dcmread reports it
 
 
 def _check_head(path: str, head: bytes, read_dataset) -> None:
