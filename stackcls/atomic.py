@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,23 @@ def replace_atomically(path, mode: str = "w", **open_kw):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+STALE_TMP_S = 60.0   # a temp file older than this belongs to a save that was killed, not a live one
+
+
+def remove_stale_temps(path, age: float = STALE_TMP_S) -> None:
+    """Delete the temp files `replace_atomically` made for `path` (`.{name}.XXXXXXXX.tmp`, mkstemp's
+    names, beside the file it names) that are older than `age` seconds: left by killed saves."""
+    real = Path(os.path.realpath(path))
+    pattern = re.compile(re.escape(f".{real.name}.") + r"[a-z0-9_]{8}\.tmp")
+    old = time.time() - age
+    with contextlib.suppress(OSError), os.scandir(real.parent) as it:
+        for e in it:
+            with contextlib.suppress(OSError):
+                if (pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+                        and e.stat(follow_symlinks=False).st_mtime < old):
+                    os.unlink(e.path)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

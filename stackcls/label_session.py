@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +28,12 @@ try:
 except ImportError:  # Windows: no advisory lock, the compare-and-merge still runs
     fcntl = None
 
+from stackcls.atomic import remove_stale_temps
 from stackcls.decode import in_range
 from stackcls.io import load_labels, save_labels
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
 
 Row = tuple[str, str, "int | None", int]  # (subject, phase, frame, slice)
-STALE_TMP_S = 60.0  # a temp file of the CSV older than this belongs to a save that died
 
 
 class LabelsConflictError(ValueError):
@@ -67,22 +65,6 @@ def read_table(path) -> tuple[dict, tuple | None]:
         if file_state(path) == before:
             return table, before
     raise LabelsConflictError(f"{path}: keeps changing while it is read; try again")
-
-
-def stale_temps(path, age: float = STALE_TMP_S) -> list[Path]:
-    """Temp files that `replace_atomically` made for `path` (`.{name}.XXXXXXXX.tmp` beside the file
-    it names) and that are older than `age` seconds: left by a save that was killed."""
-    real = Path(os.path.realpath(path))
-    pattern = re.compile(re.escape(f".{real.name}.") + r"[a-z0-9_]{8}\.tmp")  # mkstemp's names
-    old = time.time() - age
-    out = []
-    with contextlib.suppress(OSError), os.scandir(real.parent) as it:
-        for e in it:
-            with contextlib.suppress(OSError):
-                if (pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)
-                        and e.stat(follow_symlinks=False).st_mtime < old):
-                    out.append(Path(e.path))
-    return out
 
 
 @contextlib.contextmanager
@@ -261,6 +243,4 @@ class LabelSession:
             save_labels(self.rows(), path)
             self._state = file_state(path)  # under the lock: no other session wrote in between
             self._pending.clear()
-            for tmp in stale_temps(path):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            remove_stale_temps(path)
