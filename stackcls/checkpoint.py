@@ -125,3 +125,31 @@ def load_stack_model(path) -> StackModel:
     graphdef, abs_state = nnx.split(abstract)
     state = _restore(path, abs_state)
     return StackModel(nnx.merge(graphdef, state), c, blob.get("info"))
+
+
+def save_anatomy_model(path, ensemble, config: dict) -> Path:
+    """method=anatomy's fold models (stackcls.anatomy.Ensemble) and their config: backbone, number
+    of folds, the AnatomyConfig ("anatomy"), localise_size, selected epoch."""
+    for k in ("backbone", "folds", "anatomy"):
+        if k not in config:
+            raise ValueError(f"save_anatomy_model: config lacks {k!r}")
+    return _save(path, ensemble, config)
+
+
+def restore_anatomy_model(path):
+    """(Ensemble, config) saved by `save_anatomy_model`."""
+    from stackcls.anatomy import AnatomyConfig, Ensemble, build_net
+    path = Path(path).absolute()
+    if not is_saved(path):
+        raise FileNotFoundError(f"{path}: not a saved anatomy model (needs config.json and state/)")
+    config = _read_config(path)
+    try:
+        cfg = AnatomyConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                               for k, v in config["anatomy"].items()})
+        ens = Ensemble([build_net(config["backbone"], cfg) for _ in range(int(config["folds"]))])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(f"{path / 'config.json'}: does not describe an anatomy model "
+                             f"({type(e).__name__}: {e})") from None
+    graphdef, state0 = nnx.split(ens)
+    abs_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state0)
+    return nnx.merge(graphdef, _restore(path, abs_state)), config

@@ -137,7 +137,8 @@ class TrainedModel:
     def input_size(self) -> int:
         return int(self.config["input_size"])
 
-    def preprocess(self, images) -> np.ndarray:
+    def preprocess(self, images, spacing=None) -> np.ndarray:
+        """The paper's input: a fixed fraction of the pixels, whatever their size (spacing unused)."""
         return to_model_input(images, self.input_size, keep=float(self.config.get("keep", 0.6)))
 
     def slice_outputs(self, x):

@@ -9,7 +9,7 @@ holding one stack; a list of the DICOM files of one stack in any order (outputs 
 list); a NIfTI file (outputs follow the file's slice index); or an array (S, H, W) with
 orientation="apex_to_base" | "base_to_apex" | "unknown".
 `model`: a run directory (loaded with `stackcls.inference.load_model`) or a loaded model with
-`.preprocess(images (S, H, W))`, `.slice_outputs(x) -> (penultimate (S, 256), probs (S, 3))`,
+`.preprocess(images (S, H, W), spacing=(row, col, slice) mm or None)`, `.slice_outputs(x) -> (penultimate (S, 256), probs (S, 3))`,
 `.stack_head` (a `stackcls.stack_model.StackModel` or None) and optionally `.direction` (a
 `stackcls.direction.DirectionModel`).
 
@@ -171,7 +171,7 @@ def _compiled(model, mode: str):
 # ----------------------------------------------------------------------------- predict_stack
 
 def predict_stack(stack, model, mode: str = "stack", orientation: str | None = None,
-                  phase: str | None = None) -> Prediction:
+                  phase: str | None = None, spacing=None) -> Prediction:
     """Labels, probabilities and IN range of one stack (see the module docstring).
 
     orientation: for arrays, required ("apex_to_base" | "base_to_apex" | "unknown"); for Stacks and
@@ -186,7 +186,9 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
         raise ValueError("predict_stack: this model has no stack head (trained without one); "
                          "use mode='slice_ordered' or 'slice'")
     w = resolve_stack_input(stack, orientation, phase)
-    x = model.preprocess(w.images)
+    if spacing is not None:
+        w.spacing = tuple(float(v) for v in spacing)
+    x = model.preprocess(w.images, spacing=w.spacing)
     out = _compiled(model, mode)(x)
     p_f, p_r, lab_f, lab_r, s_f, s_r, dir_logit = (np.asarray(v) for v in out)
     s_f, s_r, dir_logit = float(s_f), float(s_r), float(dir_logit)

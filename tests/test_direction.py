@@ -64,7 +64,7 @@ class GradientModel:
     def __init__(self, direction=None):
         self.direction = direction
 
-    def preprocess(self, images):
+    def preprocess(self, images, spacing=None):
         return np.asarray(images, np.float32)[..., None]
 
     def slice_outputs(self, x):

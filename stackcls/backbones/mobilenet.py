@@ -58,6 +58,17 @@ class MobileNet(Backbone):
     def last_block(self, x, train=False):
         return self.block_last.block(x, train)
 
+    def pyramid(self, x, train=False):
+        """Feature maps at strides 2, 4, 8, 16, 32 (the encoder of method=anatomy's decoder):
+        each the last output before the resolution halves, and the last block's output."""
+        x = relu6(self.conv1_bn(self.conv1(x), train))
+        taps = []
+        for b in self.blocks:
+            if b.stride == 2:
+                taps.append(x)
+            x = b(x, train)
+        return taps + [self.last_block(x, train)]
+
 
 # Keras trained 4 widths x 4 input sizes; keras.applications picks the file by alpha and rows.
 _ALPHA_TAGS = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}

@@ -22,6 +22,7 @@ from hydra import compose as hydra_compose, initialize
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from stackcls.anatomy import AnatomyConfig
 from stackcls.stack_model import StackHeadConfig
 
 
@@ -95,6 +96,27 @@ class StackStage(StackHeadConfig):
 
 
 @dataclass(frozen=True)
+class AnatomyStage(AnatomyConfig):
+    """method=anatomy (stackcls.anatomy): the network's training, its cross-validation and its
+    stack head. The K fold models are kept and averaged at test time (an ensemble), so the CV that
+    selects the epoch count also yields the model: no sixth training on all stacks.
+
+    eval_every: validation (the whole test-time pipeline on the held-out fold) every so many
+    epochs; the epoch count with the best mean validation exact-range rate is selected.
+    stack: the stack head over the slice evidence; selected on exact range, classes weighted, so
+    that "every slice IN" cannot win the selection (issue 10, item 4)."""
+
+    eval_every: int = 5
+    localise_size: int = 256            # first pass: the whole image at SPACING_MM, to find the heart
+    stack: StackStage = StackStage(epochs=300, learning_rates=(3e-3, 1e-3), select="exact",
+                                   class_weight="sqrt", residual=True)
+
+    def net(self) -> AnatomyConfig:
+        return AnatomyConfig(**{f.name: getattr(self, f.name)
+                                for f in dataclasses.fields(AnatomyConfig)})
+
+
+@dataclass(frozen=True)
 class Protocol:
     """Ho & Kim 2021: 5-fold patient-level CV per learning rate, 50 epochs, batch 32, SGD Nesterov
     0.9, decay 1e-6, OAP/OBS oversampled 6x, rotation +-45 degrees. Meant for a GPU."""
@@ -113,6 +135,7 @@ class Protocol:
     rotation: float = 45.0
     learning_rates: LearningRates = LearningRates()
     stack: StackStage = StackStage(epochs=300, learning_rates=(3e-3, 1e-3))
+    anatomy: AnatomyStage = AnatomyStage()
 
 
 PAPER = Protocol()
@@ -122,18 +145,26 @@ QUICK = dataclasses.replace(
     PAPER, name="quick", synthetic_subjects=Subjects(train=10, test=6),
     image_size={"default": 96, "vgg16": 64}, views=2, epochs=4,
     learning_rates=LearningRates(depth0=(1e-2, 1e-3), depth1=(1e-3,), scratch=(1e-2,)),
-    stack=dataclasses.replace(PAPER.stack, epochs=60, learning_rates=(3e-3,)))
+    stack=dataclasses.replace(PAPER.stack, epochs=60, learning_rates=(3e-3,)),
+    anatomy=dataclasses.replace(PAPER.anatomy, size=64, canvas=96, epochs=4, eval_every=2,
+                                widths=(8, 12, 16, 24), localise_size=128,
+                                stack=dataclasses.replace(PAPER.anatomy.stack, epochs=60,
+                                                          learning_rates=(3e-3,))))
 PROTOCOLS = {"paper": PAPER, "quick": QUICK}
 
 
 # ----------------------------------------------------------------------------- the study
 
-RUN_DIR = "${oc.env:STACKCLS_RUNS,runs}/${backbone}_${data.name}_${protocol.name}_d${depth}_s${seed}"
+METHODS = ("paper", "anatomy")
+RUN_DIR = ("${oc.env:STACKCLS_RUNS,runs}/${backbone}_${data.name}_${protocol.name}"
+           "${stackcls_method_tag:${method}}_d${depth}_s${seed}")
 
 
 @dataclass(frozen=True)
 class Study:
     backbone: str = "mobilenet"         # any name of stackcls.backbones.names(); cbr_* train from scratch
+    method: str = "paper"               # paper: Ho & Kim's single-slice protocol (the benchmark);
+                                        # anatomy: mask-supervised encoder-decoder (stackcls.anatomy)
     depth: int = 1                      # 0: frozen backbone + head; 1: depth 0, then the last block too
     weights: Optional[str] = "imagenet"  # imagenet | none | PATH to a Keras weight file
     seed: int = 0
@@ -161,8 +192,15 @@ def _node(obj) -> DictConfig:
     return _writable(OmegaConf.structured(obj))
 
 
+def _method_tag(method: str) -> str:
+    """The run folder's name says the method unless it is the paper's (whose names stay as they were)."""
+    return "" if method == "paper" else f"_{method}"
+
+
 def register() -> None:
     """The presets (groups `data`, `protocol`) and the config `study` in Hydra's ConfigStore."""
+    if not OmegaConf.has_resolver("stackcls_method_tag"):
+        OmegaConf.register_new_resolver("stackcls_method_tag", _method_tag)
     cs = ConfigStore.instance()
     for name, d in DATA.items():
         cs.store(group="data", name=name, node=_node(d))
@@ -203,6 +241,10 @@ def identity(study: Study) -> dict:
     """The parts of a configuration that define a run's results (a resumed run must match them);
     the stack head's settings are checked where it is saved (changing them retrains only it)."""
     plain = as_plain(study)
-    return dict(backbone=plain["backbone"], depth=plain["depth"], weights=plain["weights"],
-                seed=plain["seed"], data=plain["data"],
-                protocol={k: v for k, v in plain["protocol"].items() if k != "stack"})
+    ident = dict(backbone=plain["backbone"], depth=plain["depth"], weights=plain["weights"],
+                 seed=plain["seed"], data=plain["data"],
+                 protocol={k: v for k, v in plain["protocol"].items() if k not in ("stack", "anatomy")})
+    if study.method != "paper":   # the paper's runs keep the identity they always had
+        ident["method"] = study.method
+        ident["anatomy"] = {k: v for k, v in plain["protocol"]["anatomy"].items() if k != "stack"}
+    return ident

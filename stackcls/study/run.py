@@ -28,7 +28,8 @@ from stackcls.models import build_classifier
 from stackcls.preprocess import stack_arrays
 from stackcls.progress import set_enabled as set_progress
 from stackcls.stack import CLASSES
-from stackcls.study.config import Study, as_plain, as_study, identity
+from stackcls.study.anatomy import run_anatomy
+from stackcls.study.config import METHODS, Study, as_plain, as_study, identity
 from stackcls.study.data import input_size, load_data, make_backbone
 from stackcls.study.evaluation import Evaluated, evaluate_setting, ordered
 from stackcls.study.report import results_markdown, summary_table
@@ -84,6 +85,10 @@ def run(cfg) -> dict:
     run_dir = Path(study.run_dir).expanduser().absolute()
     check_run_dir(run_dir, study)
     p, seed = study.protocol, study.seed
+    if study.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {study.method!r}")
+    if study.method == "anatomy":
+        return run_anatomy_study(study, run_dir, t_start)
     settings = plan(study.backbone, study.depth)      # a bad backbone or depth fails here, at once
     size = input_size(study)
     print(f"[run] {study.backbone} depth={study.depth} data={study.data.name} protocol={p.name} "
@@ -129,6 +134,45 @@ def run(cfg) -> dict:
     (run_dir / "results.md").write_text(results_markdown(results))
     print(summary_table(results))
     return results
+
+
+def run_anatomy_study(study: Study, run_dir: Path, t_start: float) -> dict:
+    """method=anatomy (stackcls.study.anatomy): one setting, rows as the paper's settings have."""
+    p = study.protocol
+    print(f"[run] {study.backbone} method=anatomy data={study.data.name} protocol={p.name} "
+          f"seed={study.seed} -> {run_dir}")
+    train_stacks, test_stacks = load_data(study)
+    with_masks = sum(getattr(s, "masks", None) is not None for s in train_stacks)
+    start_run_dir(run_dir, study)
+    print(f"[data] train {len(train_stacks)} stacks ({with_masks} with masks), test "
+          f"{len(test_stacks)} stacks")
+    weights = anatomy_weights(study)
+    row, ev, _ = run_anatomy(study, train_stacks, test_stacks, run_dir, weights)
+    results = dict(schema=SCHEMA_VERSION, backbone=study.backbone, method="anatomy",
+                   data=study.data.name, weights=str(study.weights), protocol=p.name,
+                   seed=study.seed, input_size=p.anatomy.size, depths={"anatomy": row},
+                   n_train=dict(stacks=len(train_stacks), slices=int(sum(s.n_slices for s in train_stacks)),
+                                with_masks=int(with_masks)),
+                   n_test=dict(stacks=len(test_stacks), slices=int(sum(s.n_slices for s in test_stacks))),
+                   device=jax.devices()[0].device_kind,
+                   timing=dict(total_seconds=round(time.perf_counter() - t_start, 3)))
+    write_json(run_dir / "results.json", results)
+    (run_dir / "results.md").write_text(results_markdown(results))
+    print(summary_table(results))
+    return results
+
+
+def anatomy_weights(study: Study):
+    """What the anatomy encoder starts from: "imagenet", None (random) or a Keras file path."""
+    w = study.weights
+    if w is None or str(w).lower() in ("none", "random", "null"):
+        return None
+    if str(w).lower() == "imagenet":
+        return "imagenet"
+    path = Path(w).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights={w}: no such file")
+    return path
 
 
 def write_figures(run_dir: Path, trained: dict, evaluated: dict, te: dict, seed: int) -> None:

@@ -1,0 +1,392 @@
+"""The anatomy model: the ImageNet backbone as the encoder of a light U-Net decoder that segments
+RV cavity / LV myocardium / LV cavity, trained jointly with the paper's slice classifier head.
+
+    x (N, n, n, 3) 0..255 -> backbone.pyramid -> [s2, s4, s8, s16, s32] feature maps
+        s32 -> GAP -> Dense 256 ReLU -> Dense 3        slice logits (the paper's head)
+        s32 ... s2 -> upsample + skip + 2 convs each   -> 4-class mask logits at s1
+    mask probabilities -> `evidence`: what the stack head reads besides the classifier
+
+Why masks: the labels are defined by anatomy (IN = the LV cavity is in the slice; OAP/OBS = which
+side of that range), and 40 patients' worth of slice labels are too few to learn the cavity from a
+3-way label alone; every pixel of a mask is supervision. Where a stack has no masks (a DICOM tree
+with only a labels CSV) its mask loss is simply absent.
+
+Training (`train`) samples a crop of `size` pixels from each slice's larger canvas (physical.py)
+with a random rotation, scale, flip, shift and gamma, all inside the jitted step; AdamW with a
+cosine schedule; the whole encoder trains, its BatchNorm layers in training mode (batch statistics,
+moving averages updated): grey MR images are far from ImageNet's statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from stackcls.batching import map_chunks
+from stackcls.models import Head, gap, preprocess_input
+from stackcls.physical import SPACING_MM
+from stackcls.progress import bar as tqdm
+
+N_MASK = 4                   # background, RV cavity, LV myocardium, LV cavity (ACDC's labels)
+EVIDENCE = ("lv_cavity_area", "lv_myocardium_area", "rv_cavity_area", "lv_cavity_peak",
+            "ring_closure", "cavity_inside_ring")
+_SECTORS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class AnatomyConfig:
+    size: int = 128              # model input, pixels at physical.SPACING_MM (192 mm)
+    canvas: int = 176            # training canvas around the heart: room for shifts and rotations
+    widths: tuple[int, ...] = (16, 24, 32, 48)   # decoder channels at strides 2, 4, 8, 16
+    epochs: int = 30
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+    mask_weight: float = 1.0
+    class_weight: str = "sqrt"   # slice loss: "sqrt" (1/sqrt(frequency)), "balanced" (1/frequency) or "none"
+    rotation: float = 45.0
+    shift_mm: float = 24.0
+    scale: float = 0.1
+
+
+class Decoder(nnx.Module):
+    def __init__(self, in_channels: list[int], widths, *, rngs: nnx.Rngs):
+        # in_channels: the pyramid's channels, shallow (s2) to deep (s32)
+        layers, prev = [], in_channels[-1]
+        for skip, w in reversed(list(zip(in_channels[:-1], widths))):
+            layers.append((nnx.Conv(prev + skip, w, (3, 3), rngs=rngs),
+                           nnx.Conv(w, w, (3, 3), rngs=rngs)))
+            prev = w
+        self.layers = nnx.List([nnx.List(l) for l in layers])
+        self.out = nnx.Conv(prev, N_MASK, (1, 1), rngs=rngs)
+
+    def __call__(self, pyramid, size: int):
+        x = pyramid[-1]
+        for (c1, c2), skip in zip(self.layers, reversed(pyramid[:-1])):
+            x = jax.image.resize(x, skip.shape[:3] + (x.shape[3],), "bilinear")
+            x = jax.nn.relu(c2(jax.nn.relu(c1(jnp.concatenate([x, skip], -1)))))
+        logits = self.out(x)
+        return jax.image.resize(logits, (x.shape[0], size, size, N_MASK), "bilinear")
+
+
+class AnatomyNet(nnx.Module):
+    def __init__(self, backbone, config: AnatomyConfig, *, rngs: nnx.Rngs):
+        if not hasattr(backbone, "pyramid"):
+            raise ValueError(f"method=anatomy needs a backbone with a feature pyramid; "
+                             f"{type(backbone).__name__} has none (use mobilenet)")
+        self.backbone = backbone
+        self.size = config.size
+        shapes = jax.eval_shape(lambda: backbone.pyramid(jnp.zeros((1, config.size, config.size, 3))))
+        chans = [s.shape[-1] for s in shapes]
+        self.decoder = Decoder(chans, config.widths, rngs=rngs)
+        self.head = Head(chans[-1], rngs=rngs)
+
+    def __call__(self, x, key=None, train: bool = False):
+        """(mask logits (N, n, n, 4), slice logits (N, 3), penultimate (N, 256)). train: the
+        encoder's BatchNorm layers normalise with batch statistics and update their moving ones
+        (ImageNet's statistics do not fit grey MR images; frozen, they slow fine-tuning down)."""
+        feats = self.backbone.pyramid(preprocess_input(x, self.backbone.preprocess), train)
+        f = gap(feats[-1])
+        pen = self.head.penultimate(f)
+        return self.decoder(feats, x.shape[1]), self.head(f, key), pen
+
+
+def evidence(mask_probs: jax.Array) -> jax.Array:
+    """Per-slice anatomy read off the mask probabilities (N, n, n, 4) -> (N, len(EVIDENCE)).
+
+    Areas are in cm^2 (log1p), so they mean the same whatever the input size. Ring closure: the
+    share of 16 angular sectors around the cavity (or, without one, the LV) centre in which some
+    myocardium is seen: a full ring marks a cut through the ventricle, a crescent the basal or
+    apical edge. cavity_inside_ring: how much of the cavity lies within the ring's radius, low when
+    the "cavity" is the outflow tract or an atrium opening beside the myocardium."""
+    p = mask_probs
+    n = p.shape[1]
+    px_cm2 = (SPACING_MM / 10.0) ** 2
+    area = jnp.sum(p, axis=(1, 2)) * px_cm2                            # (N, 4)
+    cav, myo = p[..., 3], p[..., 2]
+    peak = jnp.max(cav, axis=(1, 2))
+    rr, cc = jnp.meshgrid(jnp.arange(n, dtype=jnp.float32), jnp.arange(n, dtype=jnp.float32),
+                          indexing="ij")
+    w = cav + 0.2 * myo + 1e-6
+    wsum = jnp.sum(w, axis=(1, 2))
+    r0 = jnp.sum(w * rr, axis=(1, 2)) / wsum
+    c0 = jnp.sum(w * cc, axis=(1, 2)) / wsum
+    dr, dc = rr[None] - r0[:, None, None], cc[None] - c0[:, None, None]
+    dist = jnp.sqrt(dr ** 2 + dc ** 2) * SPACING_MM                     # mm
+    near = dist < 50.0
+    sector = jnp.floor((jnp.arctan2(dr, dc) + jnp.pi) / (2 * jnp.pi) * _SECTORS).astype(jnp.int32)
+    sector = jnp.clip(sector, 0, _SECTORS - 1)
+    onehot = jax.nn.one_hot(sector, _SECTORS)                           # (N, n, n, K)
+    seen = jnp.max(onehot * (myo * near)[..., None], axis=(1, 2))       # (N, K)
+    closure = jnp.mean(jnp.clip(seen * 2.0, 0.0, 1.0), axis=-1)
+    ring_r = jnp.sum(myo * dist, axis=(1, 2)) / (jnp.sum(myo, axis=(1, 2)) + 1e-3)
+    inside = jnp.sum(cav * (dist <= ring_r[:, None, None]), axis=(1, 2)) / (jnp.sum(cav, axis=(1, 2)) + 1e-3)
+    return jnp.stack([jnp.log1p(area[:, 3]), jnp.log1p(area[:, 2]), jnp.log1p(area[:, 1]),
+                      peak, closure, inside], axis=-1)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def _warp(img, coords):
+    """Bilinear sample of img (C, H, W, k) at coords (2, h, w); outside: 0."""
+    H, W = img.shape[:2]
+    r, c = coords
+    r0, c0 = jnp.floor(r), jnp.floor(c)
+    fr, fc = (r - r0)[..., None], (c - c0)[..., None]
+
+    def at(ri, ci):
+        ok = (ri >= 0) & (ri < H) & (ci >= 0) & (ci < W)
+        v = img[jnp.clip(ri, 0, H - 1).astype(jnp.int32), jnp.clip(ci, 0, W - 1).astype(jnp.int32)]
+        return v * ok[..., None]
+
+    return ((at(r0, c0) * (1 - fc) + at(r0, c0 + 1) * fc) * (1 - fr)
+            + (at(r0 + 1, c0) * (1 - fc) + at(r0 + 1, c0 + 1) * fc) * fr)
+
+
+def augment(key, canvas, onehot, cfg: AnatomyConfig):
+    """One training sample: a `cfg.size` crop of a canvas (C, C) and its one-hot mask (C, C, 4),
+    randomly rotated, scaled, flipped and shifted (the same map for both), and gamma-adjusted."""
+    ka, ks, kf, kt, kg = jax.random.split(key, 5)
+    C, n = canvas.shape[0], cfg.size
+    t = jnp.deg2rad(jax.random.uniform(ka, (), minval=-cfg.rotation, maxval=cfg.rotation))
+    s = jnp.exp(jax.random.uniform(ks, (), minval=-cfg.scale, maxval=cfg.scale))
+    flip = jnp.where(jax.random.bernoulli(kf), -1.0, 1.0)
+    shift = jax.random.uniform(kt, (2,), minval=-1, maxval=1) * cfg.shift_mm / SPACING_MM
+    o = jnp.arange(n, dtype=jnp.float32) - (n - 1) / 2.0
+    r, c = jnp.meshgrid(o, o * flip, indexing="ij")
+    src_r = s * (jnp.cos(t) * r - jnp.sin(t) * c) + (C - 1) / 2.0 + shift[0]
+    src_c = s * (jnp.sin(t) * r + jnp.cos(t) * c) + (C - 1) / 2.0 + shift[1]
+    both = jnp.concatenate([canvas[..., None], onehot], -1)
+    out = _warp(both, (src_r, src_c))
+    x = out[..., 0] / 255.0
+    gamma = jnp.exp(jax.random.uniform(kg, (), minval=-0.35, maxval=0.35))
+    x = jnp.clip(x, 0, 1) ** gamma * 255.0
+    target = out[..., 1:]
+    # pixels the warp took from outside the canvas are background
+    target = target.at[..., 0].add(1.0 - jnp.sum(target, -1))
+    return jnp.repeat(x[..., None], 3, -1), target
+
+
+def centre_crop(canvas: np.ndarray, size: int) -> np.ndarray:
+    C = canvas.shape[1]
+    o = (C - size) // 2
+    return canvas[:, o:o + size, o:o + size]
+
+
+# ----------------------------------------------------------------------------- training
+
+def _class_weights(y: np.ndarray, how: str) -> np.ndarray:
+    if how == "none":
+        return np.ones(3, np.float32)
+    n = np.bincount(y, minlength=3).astype(np.float64)
+    w = np.where(n > 0, len(y) / (3.0 * np.maximum(n, 1)), 0.0)
+    if how == "sqrt":      # rare classes up-weighted, but not 25-50x: that made the head collapse
+        w = np.sqrt(w)
+    return (w / w[np.bincount(y, minlength=3).argmax()]).astype(np.float32)
+
+
+def _losses(net, x, target, has_mask, y, cw, key):
+    seg, logits, _ = net(x, key, train=True)
+    logp = jax.nn.log_softmax(seg, -1)
+    ce = -jnp.sum(target * logp, -1).mean(axis=(1, 2))
+    p = jnp.exp(logp)
+    inter = jnp.sum(p * target, axis=(1, 2))[:, 1:]
+    denom = jnp.sum(p + target, axis=(1, 2))[:, 1:]
+    dice = 1.0 - jnp.sum(2 * inter + 1.0, 0) / jnp.sum(denom + 1.0, 0)   # batch soft Dice
+    m = has_mask.astype(jnp.float32)
+    nm = jnp.maximum(m.sum(), 1.0)
+    seg_loss = jnp.sum(ce * m) / nm + jnp.mean(dice) * (m.sum() > 0)
+    w = cw[y]
+    cls = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * w) / jnp.sum(w)
+    return seg_loss, cls
+
+
+_STEPS: dict = {}
+
+
+def _step_fn(graphdef, cfg: AnatomyConfig):
+    """The jitted training step of one architecture and config, compiled once and shared by every
+    fold and the final model (the data and the learning rate are arguments, not constants)."""
+    key = (graphdef, cfg)
+    if key in _STEPS:
+        return _STEPS[key]
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=cfg.learning_rate,
+                                               weight_decay=cfg.weight_decay)
+
+    @jax.jit
+    def step(params, stats, rest, opt_state, canvas, onehot, has_mask, y, cw, lr, key):
+        ka, kd = jax.random.split(key)
+        keys = jax.random.split(ka, canvas.shape[0])
+        x, t = jax.vmap(lambda k, c, o: augment(k, c, o, cfg))(keys, canvas, onehot)
+
+        def loss_fn(params):
+            m = nnx.merge(graphdef, params, stats, rest, copy=True)
+            seg, cls = _losses(m, x, t, has_mask, y, cw, kd)
+            return cfg.mask_weight * seg + cls, (seg, cls, nnx.state(m, nnx.BatchStat))
+
+        (loss, (seg, cls, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        opt_state.hyperparams["learning_rate"] = lr
+        updates, opt_state = tx.update(g, opt_state, params)
+        return (optax.apply_updates(params, updates), stats, opt_state,
+                jnp.stack([loss, seg, cls]))
+
+    _STEPS[key] = (tx, step)
+    return tx, step
+
+
+def train(net: AnatomyNet, data: dict, cfg: AnatomyConfig, seed: int = 0, desc: str = "anatomy",
+          eval_every: int = 0, on_eval=None) -> dict:
+    """Train `net` in place on data = dict(canvas (N, C, C) float32 0..255 grey, masks (N, C, C)
+    uint8, has_mask (N,) bool, y (N,) int). Every `eval_every` epochs (and after the last)
+    `on_eval(net, epoch)` is called with the weights of that epoch. Returns the loss history."""
+    canvas, masks = np.asarray(data["canvas"], np.float32), np.asarray(data["masks"], np.uint8)
+    has_mask, y = np.asarray(data["has_mask"], bool), np.asarray(data["y"], np.int32)
+    cw = jnp.asarray(_class_weights(y, cfg.class_weight))
+    N, B = len(y), cfg.batch_size
+    steps = max(1, math.ceil(N / B))
+    total = cfg.epochs * steps
+    graphdef, params, stats, rest = nnx.split(net, nnx.Param, nnx.BatchStat, ...)
+    tx, step = _step_fn(graphdef, cfg)
+    opt_state = tx.init(params)
+    key = jax.random.PRNGKey(seed)
+    rng = np.random.default_rng(seed)
+    history, t0, t = [], time.perf_counter(), 0
+    for epoch in tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False):
+        order = rng.permutation(N)
+        order = np.concatenate([order, rng.permutation(N)])[:steps * B]   # full batches only
+        losses = []
+        for b in range(steps):
+            i = np.sort(order[b * B:(b + 1) * B])
+            key, k = jax.random.split(key)
+            # cosine decay to 2 % of the peak over the whole run
+            lr = cfg.learning_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t / total)))
+            params, stats, opt_state, l = step(params, stats, rest, opt_state, canvas[i],
+                                        jax.nn.one_hot(masks[i], N_MASK, dtype=jnp.float32),
+                                        has_mask[i], y[i], cw, jnp.float32(lr), k)
+            losses.append(l)
+            t += 1
+        history.append(np.mean(np.stack(jax.device_get(losses)), 0).round(5).tolist())
+        if on_eval is not None and eval_every and ((epoch + 1) % eval_every == 0
+                                                   or epoch + 1 == cfg.epochs):
+            nnx.update(net, params, stats)
+            on_eval(net, epoch + 1)
+    nnx.update(net, params, stats)
+    return dict(loss=history, seconds=round(time.perf_counter() - t0, 1))
+
+
+def outputs(net: AnatomyNet, x, chunk: int = 32) -> dict:
+    """Inference over model inputs (N, n, n) grey or (N, n, n, 3): slice probs (N, 3), penultimate (N, 256),
+    evidence (N, E), LV probability map (N, n, n) (for localisation) as numpy."""
+    graphdef, state = nnx.split(net)
+
+    @jax.jit
+    def run(state, xb):
+        m = nnx.merge(graphdef, state, copy=True)
+        if xb.ndim == 3:                        # grey canvases: the backbones want RGB
+            xb = jnp.repeat(xb[..., None], 3, -1)
+        seg, logits, pen = m(xb)
+        p = jax.nn.softmax(seg, -1)
+        return jax.nn.softmax(logits, -1), pen, evidence(p), p[..., 2] + p[..., 3]
+
+    probs, pen, ev, lv = map_chunks(lambda xb: run(state, xb), jnp.asarray(x, jnp.float32), chunk)
+    return dict(probs=np.asarray(probs), pen=np.asarray(pen), evidence=np.asarray(ev),
+                lv=np.asarray(lv))
+
+
+# ----------------------------------------------------------------------------- the trained model
+
+class Ensemble(nnx.Module):
+    """The K fold models of a cross-validation, averaged at test time."""
+
+    def __init__(self, nets: list[AnatomyNet]):
+        self.nets = nnx.List(nets)
+
+
+def build_net(backbone: str, cfg: AnatomyConfig, weights=None, seed: int = 0) -> AnatomyNet:
+    """A fresh AnatomyNet; weights: None (random), "imagenet" or a Keras file. The backbone is
+    built at its own input size (which picks the ImageNet file) and runs at cfg.size: the
+    encoder is fully convolutional."""
+    from stackcls import backbones
+    bb = backbones.create(backbone, weights=weights, seed=seed)
+    return AnatomyNet(bb, cfg, rngs=nnx.Rngs(seed))
+
+
+def _ensemble_fn(ensemble: Ensemble):
+    """fn(state, x (N, n, n) grey) -> (probs, penultimate, evidence, lv map), each the mean over
+    the K models (vmapped over their stacked weights: one compiled call for the whole ensemble)."""
+    nets = list(ensemble.nets)
+    graphdef = nnx.graphdef(nets[0])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(n) for n in nets])
+
+    def one(state, x):
+        m = nnx.merge(graphdef, state, copy=True)
+        seg, logits, pen = m(jnp.repeat(x[..., None], 3, -1))
+        p = jax.nn.softmax(seg, -1)
+        return jax.nn.softmax(logits, -1), pen, evidence(p), p[..., 2] + p[..., 3]
+
+    def fn(state, x):
+        outs = jax.vmap(one, in_axes=(0, None))(state, jnp.asarray(x, jnp.float32))
+        return jax.tree.map(lambda a: a.mean(0), outs)
+
+    return fn, stacked
+
+
+@dataclasses.dataclass
+class AnatomyModel:
+    """method=anatomy's trained model, ready for `predict_stack` (the same duck type as
+    inference.TrainedModel): preprocess (physical normalisation with a localisation pass),
+    slice_outputs (slice evidence and probabilities), stack_head, direction."""
+
+    ensemble: Ensemble
+    config: dict
+    stack_head: object = None
+    path: object = None
+    direction: object = None
+
+    def __post_init__(self):
+        self.cfg = AnatomyConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                    for k, v in self.config["anatomy"].items()})
+        self.localise_size = int(self.config.get("localise_size", 256))
+        fn, self._state = _ensemble_fn(self.ensemble)
+        self._fn = fn
+        self._jit = jax.jit(fn)
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.size
+
+    def run(self, x, chunk: int = 32) -> dict:
+        """Ensemble outputs over grey model inputs (N, n, n), as numpy."""
+        out = map_chunks(lambda xb: self._jit(self._state, xb), jnp.asarray(x, jnp.float32), chunk)
+        return dict(zip(("probs", "pen", "evidence", "lv"), (np.asarray(a) for a in out)))
+
+    def preprocess(self, images, spacing=None) -> np.ndarray:
+        """(S, H, W) -> (S, n, n) grey model inputs at SPACING_MM, centred on the heart found by a
+        first pass over the whole image (the image centre when no LV is found)."""
+        return model_inputs(images, spacing, self.cfg, self.localise_size,
+                            lambda x: self.run(x)["lv"])[0]
+
+    def slice_outputs(self, x):
+        """(features (S, E): the slice evidence, probs (S, 3)); traceable, so predict_stack
+        compiles it with the stack head into one call."""
+        probs, _, ev, _ = self._fn(self._state, x)
+        return ev, probs
+
+
+def model_inputs(images, spacing, cfg: AnatomyConfig, localise_size: int, lv_map):
+    """Physical normalisation and localisation of one stack: (x (S, n, n), info). lv_map(x) gives
+    LV probability maps of grey canvases (one model's or an ensemble's)."""
+    from stackcls import physical
+    full, _, info = physical.canvas(images, spacing, localise_size)
+    centre = physical.heart_centre(lv_map(full), info["spacing"], info["centre"])
+    found = centre is not None
+    x, _, info = physical.canvas(images, spacing, cfg.canvas, centre)
+    info["localised"] = found
+    return centre_crop(x, cfg.size), info

@@ -1,0 +1,215 @@
+"""method=anatomy in the study: the mask-supervised encoder-decoder (stackcls.anatomy), cross-
+validated by patient, its fold models kept as the final ensemble, then the stack head over the
+slice evidence.
+
+    training stacks -> canvases at SPACING_MM around the heart (masks' LV centre; image centre
+                       without masks) -> K folds: train, and every `eval_every` epochs run the
+                       test-time pipeline (localise, crop, evidence) on the held-out fold
+    -> select the epoch count: mean validation exact-range rate of the ordered decoding of the
+       slice probabilities (ties: lower validation loss); "every slice IN" cannot win it
+    -> fold models at that epoch = the ensemble; their out-of-fold evidence trains the stack head
+       (selected on exact range too) and the direction model
+    -> test stacks through AnatomyModel: the same rows as the paper's settings
+
+Resuming: each fold's models at every evaluated epoch and its validation outputs are saved in
+anatomy/cv/fold<k>/ as they finish; a rerun loads them instead of training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from stackcls.anatomy import (EVIDENCE, AnatomyModel, Ensemble, build_net, model_inputs, outputs,
+                              train)
+from stackcls.atomic import savez, write_json
+from stackcls.checkpoint import (is_saved, restore_anatomy_model, save_anatomy_model, _restore,
+                                 _save)
+from stackcls.decode import decode_many
+from stackcls.metrics import stack_groups
+from stackcls.physical import canvas, mask_centre
+from stackcls.preprocess import patient_folds
+from stackcls.selection import select
+from stackcls.stack import CLASSES
+from stackcls.study.config import AnatomyStage, as_plain
+from stackcls.study.evaluation import Evaluated, evaluate_rows, orientation_withheld, stack_head
+
+NAME = "anatomy"
+
+
+def training_arrays(stacks, cfg: AnatomyStage) -> dict:
+    """Canvases of every training slice, centred on the stack's LV (from its masks; the image
+    centre for a stack without masks, whose slices then train the classifier only)."""
+    xs, ms, has, ys, si = [], [], [], [], []
+    for i, st in enumerate(stacks):
+        m = getattr(st, "masks", None)
+        centre = mask_centre(m) if m is not None else None
+        x, mm, _ = canvas(st.images, st.spacing, cfg.canvas, centre, m)
+        xs.append(x)
+        ms.append(mm if mm is not None else np.zeros(x.shape, np.uint8))
+        has.append(np.full(len(x), m is not None))
+        ys.append(st.label_indices())
+        si.append(np.full(len(x), i))
+    return dict(canvas=np.concatenate(xs), masks=np.concatenate(ms), has_mask=np.concatenate(has),
+                y=np.concatenate(ys).astype(np.int32), stack_index=np.concatenate(si))
+
+
+def stack_outputs(stacks, cfg: AnatomyStage, run) -> list[dict]:
+    """The test-time pipeline of one model (run: grey inputs -> outputs dict) on whole stacks."""
+    out = []
+    for st in stacks:
+        x, info = model_inputs(st.images, st.spacing, cfg.net(), cfg.localise_size,
+                               lambda a: run(a)["lv"])
+        o = run(x)
+        o["localised"] = info["localised"]
+        out.append(o)
+    return out
+
+
+def _exact(outs: list[dict], stacks) -> tuple[float, float]:
+    """(exact-range rate of the ordered decoding of the slice probabilities, mean slice CE)."""
+    lps = [np.log(np.clip(o["probs"], 1e-6, 1.0)) for o in outs]
+    labels = decode_many(lps)
+    ex = np.mean([np.array_equal(l, st.label_indices()) for l, st in zip(labels, stacks)])
+    ce = np.mean(np.concatenate([-lp[np.arange(len(lp)), st.label_indices()]
+                                 for lp, st in zip(lps, stacks)]))
+    return float(ex), float(ce)
+
+
+def _fold_dir(run_dir: Path, f: int) -> Path:
+    return run_dir / NAME / "cv" / f"fold{f}"
+
+
+def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights, seed: int,
+                   run_dir: Path) -> dict:
+    """Train the K fold models; per fold and evaluated epoch: the weights and the held-out stacks'
+    outputs. Returns dict(epochs, val (K, epochs) exact, loss, models {epoch: [K nets]},
+    oof {epoch: [per-stack outputs]})."""
+    subjects = np.array([st.subject for st in stacks])
+    splits = patient_folds(subjects, k=folds, seed=seed)
+    eval_epochs = sorted({e for e in range(cfg.eval_every, cfg.epochs + 1, cfg.eval_every)}
+                         | {cfg.epochs})
+    arrays = None
+    models = {e: [None] * folds for e in eval_epochs}
+    oof = {e: [None] * len(stacks) for e in eval_epochs}
+    val = np.zeros((folds, len(eval_epochs)))
+    loss = np.zeros((folds, len(eval_epochs)))
+    seconds = 0.0
+    for f, (tr_idx, va_idx) in enumerate(splits):
+        d = _fold_dir(run_dir, f)
+        va_stacks = [stacks[i] for i in va_idx]
+        done = d / "done.json"
+        if done.is_file():
+            rec = json.loads(done.read_text())
+            for j, e in enumerate(eval_epochs):
+                net = _restore_net(d / f"epoch{e}", backbone, cfg)
+                models[e][f] = net
+                z = np.load(d / f"epoch{e}" / "val.npz")
+                for k, i in enumerate(va_idx):
+                    oof[e][i] = {n: z[f"{n}{k}"] for n in ("probs", "evidence")}
+                val[f, j], loss[f, j] = rec["val"][j], rec["loss"][j]
+            seconds += rec["seconds"]
+            continue
+        if arrays is None:
+            arrays = training_arrays(stacks, cfg)
+        keep = np.isin(arrays["stack_index"], tr_idx)
+        data = {k: v[keep] for k, v in arrays.items()}
+        net = build_net(backbone, cfg.net(), weights, seed)
+
+        def on_eval(net, epoch, f=f, d=d, va_idx=va_idx, va_stacks=va_stacks):
+            j = eval_epochs.index(epoch)
+            outs = stack_outputs(va_stacks, cfg, lambda x: outputs(net, x))
+            val[f, j], loss[f, j] = _exact(outs, va_stacks)
+            _save(d / f"epoch{epoch}", net, dict(epoch=epoch))
+            savez(d / f"epoch{epoch}" / "val.npz",
+                  **{f"{n}{k}": o[n] for k, o in enumerate(outs) for n in ("probs", "evidence")})
+            models[epoch][f] = nnx.clone(net)
+            for i, o in zip(va_idx, outs):
+                oof[epoch][i] = o
+
+        t0 = time.perf_counter()
+        train(net, data, cfg.net(), seed=seed + f, desc=f"anatomy fold {f + 1}/{folds}",
+              eval_every=cfg.eval_every, on_eval=on_eval)
+        dt = time.perf_counter() - t0
+        seconds += dt
+        write_json(done, dict(val=val[f].tolist(), loss=loss[f].tolist(), seconds=round(dt, 1)))
+        print(f"[anatomy] fold {f + 1}/{folds}: validation exact range by epoch "
+              f"{dict(zip(eval_epochs, np.round(val[f], 3).tolist()))} ({dt / 60:.1f} min)")
+    return dict(epochs=eval_epochs, val=val, loss=loss, models=models, oof=oof, seconds=seconds)
+
+
+def _restore_net(path: Path, backbone: str, cfg: AnatomyStage):
+    import jax
+    net = build_net(backbone, cfg.net())
+    graphdef, state0 = nnx.split(net)
+    abs_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state0)
+    return nnx.merge(graphdef, _restore(path, abs_state))
+
+
+def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tuple[dict, Evaluated, AnatomyModel]:
+    """The whole method on one split: (results.json row, Evaluated, the trained model)."""
+    p = study.protocol
+    cfg: AnatomyStage = p.anatomy
+    d = run_dir / NAME
+    t0 = time.perf_counter()
+    cv = cross_validate(train_stacks, cfg, p.folds, study.backbone, weights, study.seed, run_dir)
+    # the evaluated epochs are the columns; ties go to the lower validation loss
+    _, j = select(cv["val"].mean(0)[None], cv["loss"].mean(0)[None], ties="lower_loss")
+    epoch = cv["epochs"][j - 1]
+    ensemble = Ensemble(cv["models"][epoch])
+    config = dict(backbone=study.backbone, folds=p.folds, anatomy=as_plain(cfg.net()),
+                  localise_size=cfg.localise_size, epoch=epoch, weights=str(weights),
+                  evidence=list(EVIDENCE), classes=list(CLASSES), method=NAME)
+    if not is_saved(d / "final"):
+        save_anatomy_model(d / "final", ensemble, config)
+    cv_seconds = cv["seconds"]
+
+    # the stack head and the direction model on out-of-fold evidence (arrays as the paper's)
+    oof = cv["oof"][epoch]
+    tr = _arrays(train_stacks)
+    te = _arrays(test_stacks)
+    train_pen = np.concatenate([o["evidence"] for o in oof])
+    train_probs = np.concatenate([o["probs"] for o in oof])
+    model = AnatomyModel(ensemble, config, path=d / "final")
+    t1 = time.perf_counter()
+    test_out = stack_outputs(test_stacks, cfg, model.run)
+    test_pen = np.concatenate([o["evidence"] for o in test_out])
+    test_probs = np.concatenate([o["probs"] for o in test_out])
+    head = stack_head(d / "stack", cfg.stack, study.seed, tr, (train_pen, train_probs), te,
+                      test_pen, test_probs)
+    model.stack_head, model.direction = head.model, head.direction
+    test = evaluate_rows(te, test_probs, head.probs)
+    test["stack_orientation_withheld"] = orientation_withheld(test_stacks, te, model, study.seed)
+    final_seconds = time.perf_counter() - t1
+    savez(d / "test_outputs.npz", probs=test_probs, evidence=test_pen, y=te["y"],
+          stack_index=te["stack_index"], slice_index=te["slice_index"], stack_probs=head.probs)
+    row = dict(method=NAME,
+               selected=dict(learning_rate=cfg.learning_rate, epochs=epoch, criterion=
+                             "mean validation exact-range rate (ordered decoding of the slice "
+                             "probabilities over the held-out fold's stacks)",
+                             curve={str(e): round(float(v), 4) for e, v in
+                                    zip(cv["epochs"], cv["val"].mean(0))}),
+               test=test, checkpoint=str(Path(NAME) / "final"),
+               localised=float(np.mean([o["localised"] for o in test_out])),
+               timing=dict(cv_seconds=round(cv_seconds, 1), final_seconds=round(final_seconds, 1),
+                           total_seconds=round(time.perf_counter() - t0, 1)),
+               stack_head=dict(selected=head.model.info.get("selected"),
+                               timing=head.model.info.get("timing")))
+    return row, Evaluated(row, test_probs, test_pen, head.probs), model
+
+
+def _arrays(stacks) -> dict:
+    """The label and index arrays evaluate_rows and the stack head read (no images)."""
+    y, si, sl, subj = [], [], [], []
+    for i, st in enumerate(stacks):
+        n = st.n_slices
+        y.append(st.label_indices())
+        si.append(np.full(n, i, np.int32))
+        sl.append(np.arange(n, dtype=np.int32))
+        subj += [st.subject] * n
+    return dict(y=np.concatenate(y).astype(np.int32), stack_index=np.concatenate(si),
+                slice_index=np.concatenate(sl), subject=np.array(subj))
