@@ -119,8 +119,8 @@ def mask_problem(masks: np.ndarray, shape: tuple[int, ...]) -> str | None:
     if masks.dtype.kind == "f" and not np.all(np.isfinite(masks) & (masks == np.round(masks))):
         return f"masks hold non-integer values; expected class ids 0..{k - 1} {MASK_CLASSES}"
     if masks.size and (masks.min() < 0 or masks.max() >= k):
-        bad = [v.item() for v in np.unique(masks) if not 0 <= v < k]
-        return f"mask value(s) {bad[:5]} outside 0..{k - 1} {MASK_CLASSES}"
+        bad = [f"{v:g}" for v in np.unique(masks) if not 0 <= v < k]
+        return f"mask value(s) {', '.join(bad[:5])} outside 0..{k - 1} {MASK_CLASSES}"
     return None
 
 

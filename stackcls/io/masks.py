@@ -11,9 +11,9 @@ are `Stack.subject` and `Stack.phase` ("ED", "ES" or a phase index) through
 ACDC's `_gt` files beside the images need none (`stackcls.io.nifti`).
 
 `attach_masks(stacks, folder)` raises StackReadError naming the file for a mask that does not fit
-its stack (another image size, fewer slices than the stack's slice ids need, values outside 0..3)
-and for a subject folder that matches no loaded stack; a stack without a file keeps `masks=None`,
-like a mask file of a phase that was not loaded.
+its stack (another image size, another slice count, values outside 0..3), and naming the folder
+when none of its subject folders matches a loaded stack (the wrong folder, or names that differ).
+A stack without a file keeps `masks=None`; files of subjects or phases not loaded are not read.
 """
 
 from __future__ import annotations
@@ -68,12 +68,13 @@ def attach_masks(stacks: list[Stack], folder) -> list[Stack]:
                                          f"{st.meta.get('series_uid', '?')}); load one series at a time")
         by_key[key] = st
     subjects = {k[0] for k in by_key}
-    for sub in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
-        if not sub.is_dir():
-            continue
-        if sub.name not in subjects:
-            raise StackReadError(sub, f"masks of subject {sub.name!r}, which matches no loaded stack "
-                                      f"(loaded: {', '.join(sorted(subjects)) or 'none'})")
+    found = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
+    if found and stacks and not subjects.intersection(found):  # the wrong folder, or names differ
+        raise StackReadError(folder, f"no subject folder matches a loaded stack (found "
+                                     f"{', '.join(found[:5])}{', ...' if len(found) > 5 else ''}; "
+                                     f"loaded {', '.join(sorted(subjects)[:5])}"
+                                     f"{', ...' if len(subjects) > 5 else ''})")
+    for sub in (folder / name for name in found if name in subjects):
         for f in sorted(sub.iterdir()):
             if not f.name.lower().endswith(NIFTI_SUFFIXES):
                 continue
