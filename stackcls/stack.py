@@ -14,6 +14,8 @@ import numpy as np
 
 CLASSES: tuple[str, str, str] = ("OAP", "IN", "OBS")
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
+# Per-pixel anatomy, ACDC's label convention (its papillary muscles count as LV cavity).
+MASK_CLASSES: tuple[str, str, str, str] = ("background", "rv_cavity", "lv_myocardium", "lv_cavity")
 
 
 @dataclasses.dataclass
@@ -30,6 +32,7 @@ class Stack:
     spacing: (row, col, slice) spacing in mm, if known.
     orientation_known: True when apex/base were decided from patient geometry.
     labels: optional list of "OAP" / "IN" / "OBS", one per slice.
+    masks: optional (S, H, W) uint8 anatomy, same slices as `images`, values index MASK_CLASSES.
     meta: free-form provenance (series UID, how ES was chosen, warnings, ...).
     """
 
@@ -43,6 +46,7 @@ class Stack:
     spacing: tuple[float, float, float] | None = None
     orientation_known: bool = False
     labels: list[str] | None = None
+    masks: np.ndarray | None = None
     meta: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -65,6 +69,8 @@ class Stack:
         if self.labels is not None:
             self.labels = list(self.labels)
             validate_labels(self.labels, n, where=f"stack {self.key}")
+        if self.masks is not None:
+            self.masks = validate_masks(self.masks, self.images.shape, where=f"stack {self.key}")
 
     @property
     def key(self) -> str:
@@ -89,6 +95,7 @@ class Stack:
             slice_ids=self.slice_ids[::-1],
             positions=None if self.positions is None else self.positions[::-1].copy(),
             labels=None if self.labels is None else self.labels[::-1],
+            masks=None if self.masks is None else self.masks[::-1].copy(),
             meta=dict(self.meta),
         )
 
@@ -99,6 +106,30 @@ def validate_labels(labels: Sequence[str], n: int, where: str = "labels") -> Non
     bad = sorted({l for l in labels if l not in CLASS_INDEX})
     if bad:
         raise ValueError(f"{where}: unknown label(s) {bad}; expected one of {CLASSES}")
+
+
+def mask_problem(masks: np.ndarray, shape: tuple[int, ...]) -> str | None:
+    """Why `masks` cannot be the anatomy of images of `shape`, or None: another shape, a dtype that
+    is not numeric, values that are not integers in 0..len(MASK_CLASSES)-1."""
+    k = len(MASK_CLASSES)
+    if masks.shape != tuple(shape):
+        return f"masks of shape {masks.shape} for images of shape {tuple(shape)}"
+    if masks.dtype.kind not in "uif":
+        return f"masks of dtype {masks.dtype}; expected integer class ids 0..{k - 1} {MASK_CLASSES}"
+    if masks.dtype.kind == "f" and not np.all(np.isfinite(masks) & (masks == np.round(masks))):
+        return f"masks hold non-integer values; expected class ids 0..{k - 1} {MASK_CLASSES}"
+    if masks.size and (masks.min() < 0 or masks.max() >= k):
+        bad = [f"{v:g}" for v in np.unique(masks) if not 0 <= v < k]
+        return f"mask value(s) {', '.join(bad[:5])} outside 0..{k - 1} {MASK_CLASSES}"
+    return None
+
+
+def validate_masks(masks, shape: tuple[int, ...], where: str = "masks") -> np.ndarray:
+    """`masks` as uint8, or ValueError naming `where` and the `mask_problem`."""
+    m = np.asarray(masks)
+    if (problem := mask_problem(m, shape)) is not None:
+        raise ValueError(f"{where}: {problem}")
+    return m.astype(np.uint8, copy=False)
 
 
 def is_ordered(labels: Sequence[str]) -> bool:

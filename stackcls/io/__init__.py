@@ -1,15 +1,17 @@
 """Files -> Stacks ordered apex to base: DICOM series, NIfTI files, the ACDC layout, labels CSV.
 
     stacks = load_stacks("study/")                       # DICOM folder, searched recursively
-    stacks = load_stacks("../shared/data/acdc", labels="../shared/data/acdc/labels.csv")
+    stacks = load_stacks("../shared/data/acdc", labels="../shared/data/acdc/labels.csv")  # + _gt masks
+    stacks = load_stacks("cohort/dicom", labels="cohort/labels.csv", masks="cohort/masks")
     res = scan(path)            # ScanResult(stacks, skipped=[(path, reason), ...], ignored=[...])
 
 `stackcls inspect` is `stackcls.io.inspect`; any input of `predict_stack` -> one stack is
-`stackcls.io.inputs`.
+`stackcls.io.inputs`. Anatomy masks (`Stack.masks`): ACDC-style `_gt` files beside NIfTI images,
+or a masks folder (`stackcls.io.masks`).
 
 Bad files never stop a scan: each is reported with its reason (`scan` returns them, `load_stacks`
 warns). `StackReadError` (a ValueError) is raised for a missing path, an empty folder or a source
-without any stack (`load_stacks`), and for a bad labels CSV.
+without any stack (`load_stacks`), and for a bad labels CSV or masks folder.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from stackcls.io import nifti as nii
 from stackcls.io.errors import ScanResult, StackReadError, os_reason
 from stackcls.io.labels import (COLUMNS, LabelRow, attach_labels, es_frames, load_labels, rows_of,
                                 save_labels)
+from stackcls.io.masks import attach_masks, mask_file, write_mask
 from stackcls.stack import Stack
 
-__all__ = ["load_stacks", "scan", "load_labels", "save_labels", "attach_labels",
-           "ScanResult", "StackReadError", "LabelRow", "COLUMNS"]
+__all__ = ["load_stacks", "scan", "load_labels", "save_labels", "attach_labels", "attach_masks",
+           "mask_file", "write_mask", "ScanResult", "StackReadError", "LabelRow", "COLUMNS"]
 
 # Files a study folder often holds next to images; not reported as failures.
 _NOT_IMAGES = {".csv", ".md", ".txt", ".json", ".cfg", ".yaml", ".yml", ".png", ".jpg", ".jpeg",
@@ -86,6 +89,8 @@ def _split_folder(folder: Path):
             p = os.path.join(dirpath, f)
             if Path(f).suffix.lower() in _NOT_IMAGES and not nii.is_nifti(f):
                 ignored.append((p, f"not an image ({Path(f).suffix} file)"))
+            elif nii.is_mask_of_image(p):
+                ignored.append((p, "segmentation mask (_gt) of the image beside it"))
             elif (why := _unreadable(p)) is not None:
                 skipped.append((p, why))
             elif nii.is_nifti(f):
@@ -95,7 +100,8 @@ def _split_folder(folder: Path):
     return acdc, nifti, dicom, ignored, skipped
 
 
-def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = True) -> ScanResult:
+def scan(source, phases=("ED", "ES"), labels=None, es=None, masks=None,
+         progress: bool = True) -> ScanResult:
     """Read every stack under `source` and report every file that could not be used.
 
     source: a DICOM folder (recursive; several subjects and series allowed) or a list of DICOM files
@@ -105,6 +111,8 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = Tru
     labels: optional labels CSV path (or rows) attached to the stacks it names; for DICOM/4-D NIfTI
         the ES frame it names is the one loaded.
     es: the ES temporal index (int), overriding the estimate (see geometry.estimate_es).
+    masks: optional masks folder (`stackcls.io.masks`) attached to the stacks it names. Without it,
+        NIfTI images still get the masks of a `<stem>_gt` file beside them.
     """
     rows = None
     if labels is not None:
@@ -117,7 +125,7 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = Tru
     def nifti_file(p):
         try:
             e = es.get(nii.nifti_stem(p)) if isinstance(es, dict) else es
-            stacks.extend(nii.read_nifti(p, phases=phases, es=e))
+            stacks.extend(nii.read_nifti(p, phases=phases, es=e, skipped=skipped))
         except StackReadError as err:
             skipped.append((err.path, err.reason))
 
@@ -128,7 +136,10 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = Tru
         missing = list(bad)
         files = [f for f in files if f not in bad]
         for f in (f for f in files if nii.is_nifti(f)):
-            nifti_file(f)
+            if nii.is_mask_of_image(f):
+                ignored.append((f, "segmentation mask (_gt) of the image beside it"))
+            else:
+                nifti_file(f)
         st, sk, warns = dcm.scan_dicom([f for f in files if not nii.is_nifti(f)], phases, es,
                                        progress)
         stacks += st
@@ -172,13 +183,15 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, progress: bool = Tru
     if rows is not None and stacks:
         attach_labels(stacks, rows if labels is not None and not isinstance(labels, (str, os.PathLike))
                       else labels)
+    if masks is not None and stacks:
+        attach_masks(stacks, masks)
     return ScanResult(stacks, skipped, ignored)
 
 
-def load_stacks(source, phases=("ED", "ES"), labels=None, es=None) -> list[Stack]:
+def load_stacks(source, phases=("ED", "ES"), labels=None, es=None, masks=None) -> list[Stack]:
     """Like `scan`, but returns only the stacks: each skipped file is reported with
     `warnings.warn` (file and reason), and a source without any stack raises StackReadError."""
-    res = scan(source, phases=phases, labels=labels, es=es)
+    res = scan(source, phases=phases, labels=labels, es=es, masks=masks)
     for path, reason in res.skipped:
         warnings.warn(f"skipped {path}: {reason}", stacklevel=2)
     if not res.stacks:

@@ -36,6 +36,7 @@ class StackInput:
     subject: str | None = None
     phase: str | None = None
     slice_ids: list[int] | None = None   # caller order
+    masks: np.ndarray | None = None      # (S, H, W) working order, as `images`, when the stack has them
     spacing: tuple | None = None         # (row, col, slice) mm, when the file or caller says
 
 
@@ -97,7 +98,8 @@ def _from_stack(st: Stack, orientation: str | None, caller_index=None, sources=N
     else:
         raise ValueError(f"orientation={orientation!r} for a Stack / files: use None (the reader's), "
                          f"'apex_to_base' (trust the stack order) or 'unknown'")
-    return StackInput(st.images, ci, srcs, known, how, st.subject, st.phase, ids, st.spacing)
+    return StackInput(st.images, ci, srcs, known, how, st.subject, st.phase, ids, st.masks,
+                      st.spacing)
 
 
 def _from_path(p: Path, orientation: str | None, phase: str | None) -> StackInput:

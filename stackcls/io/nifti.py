@@ -8,6 +8,10 @@ placeholder: the file order is kept, `orientation_known=False` with the reason i
 `meta["orientation"]`, and the direction is decided from the images at prediction time. A dataset's
 documented convention may give the starting order (ACDC: slice 0 is basal, so slices are reversed).
 Spacing always comes from pixdim.
+
+Masks: an image's `<stem>_gt.nii.gz` (or `.nii`) beside it (ACDC's naming) is read as its
+`Stack.masks`, in the image's slice order; a bad one is reported in `skipped` and the image loads
+without masks.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 from stackcls.io.errors import StackReadError
 from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
 from stackcls.io.limits import check_file, decoded_bytes
-from stackcls.stack import Stack
+from stackcls.stack import Stack, mask_problem
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ACDC_FRAME = re.compile(r"^(?P<subject>.+)_frame(?P<frame>\d+)\.nii(\.gz)?$")
@@ -42,6 +46,49 @@ def nifti_stem(path) -> str:
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return name
+
+
+def mask_beside(path) -> Path | None:
+    """The mask file `<stem>_gt.nii.gz` (or `.nii`) beside an image file, if there is one."""
+    path = Path(path)
+    for suf in (".nii.gz", ".nii"):
+        gt = path.with_name(nifti_stem(path) + "_gt" + suf)
+        if gt.is_file():
+            return gt
+    return None
+
+
+def is_mask_of_image(path) -> bool:
+    """A `<stem>_gt` NIfTI whose image `<stem>.nii[.gz]` lies beside it: a mask, not an image."""
+    stem = nifti_stem(path)
+    return (stem.endswith("_gt") and is_nifti(path)
+            and any(Path(path).with_name(stem[:-3] + suf).is_file() for suf in NIFTI_SUFFIXES))
+
+
+def read_mask(path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A mask NIfTI as (rows, cols, slices) uint8, values checked (integers in 0..3, see
+    stack.MASK_CLASSES) and, when `shape` is given, its shape; StackReadError naming the file."""
+    _, data = _load(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise StackReadError(path, f"mask of shape {data.shape}: expected 3-D (rows, cols, slices)")
+    if (problem := mask_problem(data, data.shape if shape is None else shape)) is not None:
+        raise StackReadError(path, problem)
+    return data.astype(np.uint8)
+
+
+def _masks_beside(image: Path, shape, order, skipped: list) -> np.ndarray | None:
+    """(S, rows, cols) masks in `order` from the image's `_gt` file, None when there is none or it
+    is bad (then reported in `skipped`: the image is still usable)."""
+    gt = mask_beside(image)
+    if gt is None:
+        return None
+    try:
+        return np.moveaxis(read_mask(gt, shape), 2, 0)[order]
+    except StackReadError as e:
+        skipped.append((e.path, f"mask not used, {image.name} loaded without masks: {e.reason}"))
+        return None
 
 
 def _check_offset(path) -> None:
@@ -147,9 +194,11 @@ def _geometry(img, n_slices: int):
     return order, pos, known, "affine (RAS -> LPS): " + note, zooms
 
 
-def read_nifti(path, phases=("ED", "ES"), es=None, subject: str | None = None) -> list[Stack]:
-    """Read one NIfTI file. 3-D: one stack (phase 'ED' unless `phases` names one index). 4-D: a
-    cine, frame 0 = ED, ES estimated (see geometry.estimate_es) unless `es` is given."""
+def read_nifti(path, phases=("ED", "ES"), es=None, subject: str | None = None,
+               skipped: list | None = None) -> list[Stack]:
+    """Read one NIfTI file. 3-D: one stack (phase 'ED' unless `phases` names one index), with the
+    masks of a `_gt` file beside it. 4-D: a cine, frame 0 = ED, ES estimated (see
+    geometry.estimate_es) unless `es` is given. A bad `_gt` file is appended to `skipped`."""
     path = Path(path)
     img, data = _load(path)
     subject = subject or nifti_stem(path)
@@ -177,12 +226,15 @@ def read_nifti(path, phases=("ED", "ES"), es=None, subject: str | None = None) -
     else:
         es_t, es_how = estimate_es(cine[:, order])
     sel = [(0, "ED")] if T == 1 else resolve_phases(phases, T, es_t)
+    # a single mask cannot say which frame of a cine it draws
+    masks = _masks_beside(path, data.shape, order, [] if skipped is None else skipped) \
+        if T == 1 else None
     stacks = []
     for t, name in sel:
         stacks.append(Stack(
             images=cine[t, order], sources=[str(int(i)) for i in order], subject=subject,
             phase=name, slice_ids=[int(i) for i in order], frame=t if T > 1 else None,
-            positions=pos, spacing=zooms, orientation_known=known,
+            positions=pos, spacing=zooms, orientation_known=known, masks=masks,
             meta=dict(format="nifti", file=str(path), orientation=note, n_phases=T,
                       es_frame=es_t if es_t >= 0 else None, es_source=es_how),
         ))
@@ -210,8 +262,9 @@ def read_acdc_patient(folder: Path, phases=("ED", "ES")):
     """One ACDC patient folder -> (stacks, skipped, ignored).
 
     Frames come from `<subject>_frameYY.nii.gz` (YY = frame number, 1-based as in Info.cfg);
-    `_gt` masks and `_4d` cines are ignored. The dataset has no geometry and slice 0 is basal, so
-    the slices are reversed to run apex -> base; slice_ids keep the file's slice index.
+    `<subject>_frameYY_gt.nii.gz` is the frame's masks (listed as ignored, as an image); `_4d`
+    cines are ignored. The dataset has no geometry and slice 0 is basal, so the slices are reversed
+    to run apex -> base; slice_ids keep the file's slice index.
     """
     folder = Path(folder)
     stacks, skipped, ignored = [], [], []
@@ -270,6 +323,7 @@ def read_acdc_patient(folder: Path, phases=("ED", "ES")):
                 images=np.moveaxis(data, 2, 0)[order], sources=[str(int(i)) for i in order],
                 subject=subject, phase=name, slice_ids=[int(i) for i in order], frame=t,
                 positions=pos, spacing=zooms, orientation_known=known,
+                masks=_masks_beside(f, data.shape, order, skipped),
                 meta=dict(format="nifti", layout="acdc", file=str(f), orientation=note,
                           es_frame=es, es_source="Info.cfg", group=info.get("Group")),
             ))

@@ -1,7 +1,9 @@
 """The built-in synthetic cohort: 3-D cardiac phantoms written as real DICOM cine series.
 
-    root = cohort(100, seed=0)          # cached; root/"dicom"/<subject>/..., root/"labels.csv"
-    stacks = stackcls.io.load_stacks(root / "dicom", labels=root / "labels.csv")
+    root = cohort(100, seed=0)          # cached; root/"dicom"/<subject>/..., root/"labels.csv",
+                                        # root/"masks"/<subject>/{ED,ES}.nii.gz (stackcls.io.masks)
+    stacks = stackcls.io.load_stacks(root / "dicom", labels=root / "labels.csv",
+                                     masks=root / "masks")
 
 Subject i depends only on (seed, i), so cohorts of different sizes share their first subjects.
 Modules: anatomy (3-D geometry), render (acquisition, contrast, labels), dicom_write, montage.
@@ -21,11 +23,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from stackcls.io.masks import mask_file, write_mask
 from stackcls.phantom.render import SubjectData, render_subject
 from stackcls.progress import bar as tqdm
 
 # Bump when the generator's output changes: old caches are then ignored, never reused.
-VERSION = "3"
+VERSION = "4"                 # 4: masks/
 LABEL_COLUMNS = ("subject", "frame", "phase", "slice", "label")
 
 __all__ = ["cohort", "synth_command", "generate", "render_subject", "SubjectData", "VERSION",
@@ -45,10 +48,13 @@ def _label_rows(d: SubjectData) -> list[dict]:
 
 
 def _make_subject(args) -> tuple[list[dict], dict]:
-    seed, i, dicom_root, matrix_scale = args
+    seed, i, out, matrix_scale = args
     from stackcls.phantom.dicom_write import write_subject  # workers import lazily
     d = render_subject(seed, i, matrix_scale)
-    files = write_subject(d, Path(dicom_root), seed)
+    files = write_subject(d, Path(out) / "dicom", seed)
+    for ph, m in d.masks.items():  # slice k = apex-to-base rank k, the DICOM reader's slice id
+        write_mask(mask_file(Path(out) / "masks", d.subject, ph), m,
+                   (*d.pixel_spacing, d.spacing))
     info = dict(subject=d.subject, group=d.anatomy.group, slices=d.pixels.shape[1],
                 phases=d.pixels.shape[0], files=len(files), bytes=int(d.pixels.nbytes))
     return _label_rows(d), info
@@ -56,7 +62,8 @@ def _make_subject(args) -> tuple[list[dict], dict]:
 
 def generate(out: Path, n_subjects: int, seed: int = 0, matrix_scale: float = 1.0,
              workers: int | None = None, progress: bool = True) -> dict:
-    """Render subjects 0..n-1 into out/dicom and write out/labels.csv and out/cohort.json.
+    """Render subjects 0..n-1 into out/dicom and out/masks, and write out/labels.csv and
+    out/cohort.json.
     Returns the summary dict (also stored in cohort.json)."""
     if n_subjects < 1:
         raise ValueError(f"phantom: n_subjects must be >= 1, got {n_subjects}")
@@ -65,7 +72,7 @@ def generate(out: Path, n_subjects: int, seed: int = 0, matrix_scale: float = 1.
     if workers is None:
         workers = int(os.environ.get("STACKCLS_WORKERS", min(2, os.cpu_count() or 1)))
     workers = max(1, min(workers, n_subjects // 3 or 1))
-    jobs = [(seed, i, str(out / "dicom"), matrix_scale) for i in range(n_subjects)]
+    jobs = [(seed, i, str(out), matrix_scale) for i in range(n_subjects)]
     t0 = time.perf_counter()
     bar = dict(total=n_subjects, desc="phantom subjects", unit="subj", disable=not progress,
                file=sys.stderr)
@@ -95,8 +102,8 @@ def generate(out: Path, n_subjects: int, seed: int = 0, matrix_scale: float = 1.
 
 def cohort(n_subjects: int, seed: int = 0, cache_dir: str | Path | None = None, *,
            matrix_scale: float = 1.0) -> Path:
-    """The cached cohort of n_subjects for this seed: a folder with dicom/<subject>/... and
-    labels.csv. Generated once (into a temp folder renamed into place, so an interrupted run
+    """The cached cohort of n_subjects for this seed: a folder with dicom/<subject>/...,
+    masks/<subject>/{ED,ES}.nii.gz and labels.csv. Generated once (into a temp folder renamed into place, so an interrupted run
     never leaves a partial cache) and reused afterwards."""
     base = Path(cache_dir) if cache_dir is not None else cache_root()
     key = f"n={n_subjects};seed={seed};scale={matrix_scale};v={VERSION}"
@@ -120,7 +127,7 @@ def cohort(n_subjects: int, seed: int = 0, cache_dir: str | Path | None = None, 
 
 
 def synth_command(subjects: int, out, seed: int = 0) -> int:
-    """`stackcls synth`: write the cohort layout (dicom/, labels.csv, cohort.json) into OUT."""
+    """`stackcls synth`: write the cohort layout (dicom/, masks/, labels.csv, cohort.json) into OUT."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"stackcls synth: {out} exists and is not an empty folder; choose a new --out",
@@ -141,7 +148,7 @@ def synth_command(subjects: int, out, seed: int = 0) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     cc = s["class_counts"]
     print(f"wrote {s['n_subjects']} subjects, {s['stacks']} stacks (ED+ES), {s['slices']} labelled "
-          f"slices, {s['files']} DICOM files to {out}")
+          f"slices, {s['files']} DICOM files and their anatomy masks (masks/) to {out}")
     print("labels: " + ", ".join(f"{k} {cc.get(k, 0)}" for k in ("OAP", "IN", "OBS"))
           + f"; groups: {s['groups']}; {s['seconds']} s with {s['workers']} worker(s)")
     return 0

@@ -1,8 +1,14 @@
 """From a subject's anatomy to a cine short-axis stack: acquisition plan, bSSFP-like images, labels.
 
 One subject = one `SubjectData`: uint16 pixels (phase, slice apex->base, row, col) with their
-rescale, the DICOM geometry of every slice, the trigger times, and the OAP/IN/OBS labels of the ED
-and ES frames computed from what each rendered slice actually contains.
+rescale, the DICOM geometry of every slice, the trigger times, and the OAP/IN/OBS labels and the
+anatomy masks of the ED and ES frames, computed from what each rendered slice actually contains.
+
+Partial volume: a slice integrates N_SUB sub-slices with the weights SUB_WEIGHTS. A pixel counts as
+LV blood pool when LV blood covers at least half of that weight (the labels' pool area), and its
+mask class is the one of MASK_TISSUES that covers at least half of it (background when none
+does). The LV cavity holds the papillary muscles and trabeculae, as in ACDC's masks, so the cavity
+mask contains every pool pixel; IN is decided by the pool alone (`MIN_POOL_MM2`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from stackcls.phantom import anatomy as A
 N_SUB = 5                     # sub-slices integrated across the slice thickness (partial volume)
 SUB_WEIGHTS = np.array([0.6, 1.0, 1.0, 1.0, 0.6])  # tapered slice profile
 MIN_POOL_MM2 = 40.0           # "visible LV blood pool": >= 40 mm^2 of pixels at least half blood
+# The tissues of each mask class 1..3 (stack.MASK_CLASSES: RV cavity, LV myocardium, LV cavity).
+MASK_TISSUES = ((A.RV_BLOOD,), (A.LV_MYO,), (A.LV_BLOOD, A.PAPILLARY))
 
 
 @dataclasses.dataclass
@@ -33,6 +41,7 @@ class SubjectData:
     frames: dict                # {"ED": 0, "ES": k}
     labels: dict                # {"ED": [...], "ES": [...]} apex -> base
     pool_mm2: np.ndarray        # (P, S) visible LV blood pool area per slice
+    masks: dict                 # {"ED": (S, H, W) uint8, "ES": ...} stack.MASK_CLASSES, apex -> base
     shift: np.ndarray           # (S, 3) breath-hold displacement of the anatomy per slice (mm)
     dicom: dict                 # header variations: slice-location sign, instance order, ...
     anatomy: A.Anatomy
@@ -168,6 +177,7 @@ def render_subject(seed: int, index: int, matrix_scale: float = 1.0) -> SubjectD
     P = len(times)
     imgs = np.empty((P, S, H, W), np.float32)
     pool = np.empty((P, S))
+    masks = {}
     for k in range(P):
         lab = body.copy()
         lab[near] = A.heart_labels(anat, hn, float(cvals[k]), bn, static)
@@ -175,6 +185,8 @@ def render_subject(seed: int, index: int, matrix_scale: float = 1.0) -> SubjectD
         obj = np.sum(sig[lab] * w, axis=1)
         lv = np.sum((lab == A.LV_BLOOD) * w, axis=1)
         pool[k] = np.sum(lv >= 0.5, axis=(1, 2)) * acq["ps"] ** 2
+        for ph in (ph for ph, f in (("ED", 0), ("ES", k_es)) if f == k):
+            masks[ph] = _mask(lab, w)
         kspace = np.fft.fft2(obj * bias * texture)
         noise = rng.standard_normal((2,) + kspace.shape, dtype=np.float32) * np.float32(sigma_k)
         kspace += noise[0] + 1j * noise[1]
@@ -191,8 +203,18 @@ def render_subject(seed: int, index: int, matrix_scale: float = 1.0) -> SubjectD
     return SubjectData(subject=f"syn{index:04d}", pixels=pixels, slope=slope, intercept=intercept,
                        ipp=acq["ipp"], iop=iop, pixel_spacing=(acq["ps"], acq["ps"]),
                        thickness=acq["thick"], spacing=acq["sp"], trigger_times=times,
-                       frames={"ED": 0, "ES": k_es}, labels=labels, pool_mm2=pool, shift=acq["shift"], dicom=dic,
-                       anatomy=anat)
+                       frames={"ED": 0, "ES": k_es}, labels=labels, pool_mm2=pool, masks=masks,
+                       shift=acq["shift"], dicom=dic, anatomy=anat)
+
+
+def _mask(lab: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(S, H, W) mask class per pixel from the sub-slice tissues `lab` (S, N_SUB, H, W): the class
+    whose tissues cover at least half of the slice-profile weight `w` (the pool rule; no two
+    classes can: no subset of SUB_WEIGHTS holds exactly half)."""
+    out = np.zeros((lab.shape[0],) + lab.shape[2:], np.uint8)
+    for cls, tissues in enumerate(MASK_TISSUES, start=1):
+        out[np.sum(np.isin(lab, tissues) * w, axis=1) >= 0.5] = cls
+    return out
 
 
 def _labels(pool_mm2: np.ndarray) -> list[str]:

@@ -36,6 +36,7 @@ class DataConfig:
     name: str = MISSING
     root: Optional[str] = None
     labels: Optional[str] = None        # acdc: null means ROOT/labels.csv
+    masks: Optional[str] = None         # a masks folder (stackcls.io.masks); acdc reads its _gt files
     keep: float = 0.6                   # centre crop: the fraction of each image axis kept
     test_size: Any = 0.5                # patients held out for the test set: a fraction or a count
     max_subjects: Optional[int] = None  # use only this many patients (seeded choice)
@@ -241,8 +242,11 @@ def identity(study: Study) -> dict:
     """The parts of a configuration that define a run's results (a resumed run must match them);
     the stack head's settings are checked where it is saved (changing them retrains only it)."""
     plain = as_plain(study)
+    data = plain["data"]
+    if data.get("masks") is None:  # runs recorded before data.masks existed still resume
+        data.pop("masks", None)
     ident = dict(backbone=plain["backbone"], depth=plain["depth"], weights=plain["weights"],
-                 seed=plain["seed"], data=plain["data"],
+                 seed=plain["seed"], data=data,
                  protocol={k: v for k, v in plain["protocol"].items() if k not in ("stack", "anatomy")})
     if study.method != "paper":   # the paper's runs keep the identity they always had
         ident["method"] = study.method

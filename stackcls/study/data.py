@@ -22,7 +22,7 @@ def _stacks(study: Study) -> tuple[list[Stack], float | int]:
     if d.name == "synthetic":
         n_tr, n_te = p.synthetic_subjects.train, p.synthetic_subjects.test
         root = cohort(n_tr + n_te, seed=d.cohort_seed)
-        return load_stacks(root / "dicom", labels=root / "labels.csv"), n_te
+        return load_stacks(root / "dicom", labels=root / "labels.csv", masks=root / "masks"), n_te
     if d.name not in ("acdc", "dicom"):
         raise ValueError(f"unknown data.name {d.name!r} (synthetic, acdc or dicom)")
     root = Path(d.root).expanduser()
@@ -31,7 +31,8 @@ def _stacks(study: Study) -> tuple[list[Stack], float | int]:
     labels = d.labels or (root / "labels.csv" if d.name == "acdc" else None)
     if labels is None:
         raise ValueError("data=dicom needs data.labels=CSV (subject,frame,phase,slice,label)")
-    return load_stacks(root, labels=Path(labels)), d.test_size
+    masks = Path(d.masks).expanduser() if d.masks else None  # acdc: the _gt files beside the images
+    return load_stacks(root, labels=Path(labels), masks=masks), d.test_size
 
 
 def load_data(study: Study) -> tuple[list[Stack], list[Stack]]:
