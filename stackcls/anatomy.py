@@ -55,6 +55,20 @@ class AnatomyConfig:
     shift_mm: float = 24.0
     scale: float = 0.1
 
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        bad = [f"{name}={getattr(self, name)!r} ({want})" for name, ok, want in (
+            ("size", self.size >= 32 and self.size % 32 == 0, "a multiple of 32, >= 32"),
+            ("canvas", self.canvas >= self.size, ">= size"),
+            ("widths", len(self.widths) == 4 and min(self.widths) >= 1, "4 positive channel counts"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("class_weight", self.class_weight in ("sqrt", "balanced", "none"),
+             "sqrt, balanced or none")) if not ok]
+        if bad:
+            raise ValueError(f"anatomy config: {'; '.join(bad)}")
+
 
 class Decoder(nnx.Module):
     def __init__(self, in_channels: list[int], widths, *, rngs: nnx.Rngs):
@@ -276,28 +290,73 @@ def train(net: AnatomyNet, data: dict, cfg: AnatomyConfig, seed: int = 0, desc: 
         if on_eval is not None and eval_every and ((epoch + 1) % eval_every == 0
                                                    or epoch + 1 == cfg.epochs):
             nnx.update(net, params, stats)
+            precise_bn(net, canvas, cfg, seed)
             on_eval(net, epoch + 1)
     nnx.update(net, params, stats)
+    precise_bn(net, canvas, cfg, seed)
     return dict(loss=history, seconds=round(time.perf_counter() - t0, 1))
 
 
-def outputs(net: AnatomyNet, x, chunk: int = 32) -> dict:
-    """Inference over model inputs (N, n, n) grey or (N, n, n, 3): slice probs (N, 3), penultimate (N, 256),
-    evidence (N, E), LV probability map (N, n, n) (for localisation) as numpy."""
+_BN: dict = {}
+
+
+def precise_bn(net: AnatomyNet, canvas: np.ndarray, cfg: AnatomyConfig, seed: int,
+               batches: int = 8) -> None:
+    """Replace the BatchNorm moving statistics by their average over `batches` batches of
+    centre-cropped training canvases under the final weights. The moving averages (momentum
+    0.99) trail weights that changed quickly, and the gap showed at test time as missed cavities."""
+    from stackcls.backbones.layers import BatchNorm
+    layers = [m for _, m in net.iter_modules() if isinstance(m, BatchNorm)]
+    saved = [l.momentum for l in layers]
+    for l in layers:
+        l.momentum = 0.0               # one batch's statistics replace the moving ones
     graphdef, state = nnx.split(net)
+    fn = _BN.get(graphdef)
+    if fn is None:
+        @jax.jit
+        def fn(state, x):
+            m = nnx.merge(graphdef, state, copy=True)
+            m(jnp.repeat(x[..., None], 3, -1), train=True)
+            return nnx.state(m, nnx.BatchStat)
+        _BN[graphdef] = fn
+    rng = np.random.default_rng(seed)
+    B = min(cfg.batch_size, len(canvas))
+    crops = centre_crop(canvas, cfg.size)
+    acc = None
+    for _ in range(batches):
+        s = fn(state, jnp.asarray(crops[rng.choice(len(crops), B, replace=False)]))
+        acc = s if acc is None else jax.tree.map(jnp.add, acc, s)
+    for l, m in zip(layers, saved):
+        l.momentum = m
+    nnx.update(net, jax.tree.map(lambda a: a / batches, acc))
 
-    @jax.jit
-    def run(state, xb):
-        m = nnx.merge(graphdef, state, copy=True)
-        if xb.ndim == 3:                        # grey canvases: the backbones want RGB
-            xb = jnp.repeat(xb[..., None], 3, -1)
-        seg, logits, pen = m(xb)
-        p = jax.nn.softmax(seg, -1)
-        return jax.nn.softmax(logits, -1), pen, evidence(p), p[..., 2] + p[..., 3]
 
-    probs, pen, ev, lv = map_chunks(lambda xb: run(state, xb), jnp.asarray(x, jnp.float32), chunk)
-    return dict(probs=np.asarray(probs), pen=np.asarray(pen), evidence=np.asarray(ev),
-                lv=np.asarray(lv))
+_OUTPUTS: dict = {}
+
+
+def _infer(graphdef):
+    """The jitted inference of one architecture (cached: every fold and evaluation reuses it)."""
+    fn = _OUTPUTS.get(graphdef)
+    if fn is None:
+        @jax.jit
+        def fn(state, xb):
+            m = nnx.merge(graphdef, state, copy=True)
+            if xb.ndim == 3:                        # grey canvases: the backbones want RGB
+                xb = jnp.repeat(xb[..., None], 3, -1)
+            seg, logits, pen = m(xb)
+            p = jax.nn.softmax(seg, -1)
+            return jax.nn.softmax(logits, -1), pen, evidence(p), p[..., 2] + p[..., 3]
+        _OUTPUTS[graphdef] = fn
+    return fn
+
+
+def outputs(net: AnatomyNet, x, chunk: int = 32) -> dict:
+    """Inference over model inputs (N, n, n) grey or (N, n, n, 3): slice probs (N, 3),
+    penultimate (N, 256), evidence (N, E), LV probability map (N, n, n) (for localisation)."""
+    graphdef, state = nnx.split(net)
+    run = _infer(graphdef)
+    out = map_chunks(lambda xb: run(state, xb), jnp.asarray(x, jnp.float32), chunk)
+    return dict(zip(("probs", "pen", "evidence", "lv"), (np.asarray(a) for a in out)))
 
 
 # ----------------------------------------------------------------------------- the trained model
@@ -381,12 +440,33 @@ class AnatomyModel:
 
 
 def model_inputs(images, spacing, cfg: AnatomyConfig, localise_size: int, lv_map):
-    """Physical normalisation and localisation of one stack: (x (S, n, n), info). lv_map(x) gives
-    LV probability maps of grey canvases (one model's or an ensemble's)."""
+    """Physical normalisation and localisation of one stack: (x (S, n, n), info)."""
+    xs, infos = batch_inputs([(images, spacing)], cfg, localise_size, lv_map)
+    return xs[0], infos[0]
+
+
+def batch_inputs(stacks, cfg: AnatomyConfig, localise_size: int, lv_map):
+    """Physical normalisation and localisation of many stacks [(images, spacing)], each model
+    pass batched over all of them: ([x (S_i, n, n)], [info]). lv_map(x) gives the LV
+    probability maps of grey canvases (one model's or an ensemble's).
+
+    Pass 1 puts the whole image on a canvas of localise_size pixels at SPACING_MM and finds the
+    heart in the LV map; pass 2 cuts the model's field of view around it (the image centre when
+    the map holds too little LV: info["localised"] False)."""
     from stackcls import physical
-    full, _, info = physical.canvas(images, spacing, localise_size)
-    centre = physical.heart_centre(lv_map(full), info["spacing"], info["centre"])
-    found = centre is not None
-    x, _, info = physical.canvas(images, spacing, cfg.canvas, centre)
-    info["localised"] = found
-    return centre_crop(x, cfg.size), info
+    fulls, infos = [], []
+    for images, spacing in stacks:
+        full, _, info = physical.canvas(images, spacing, localise_size)
+        fulls.append(full)
+        infos.append(info)
+    lv = lv_map(np.concatenate(fulls))
+    cut = np.cumsum([0] + [len(f) for f in fulls])
+    xs = []
+    for k, (images, spacing) in enumerate(stacks):
+        info = infos[k]
+        centre = physical.heart_centre(lv[cut[k]:cut[k + 1]], info["spacing"], info["centre"])
+        x, _, info = physical.canvas(images, spacing, cfg.canvas, centre)
+        info["localised"] = centre is not None
+        xs.append(centre_crop(x, cfg.size))
+        infos[k] = info
+    return xs, infos

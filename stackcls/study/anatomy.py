@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from stackcls.anatomy import (EVIDENCE, AnatomyModel, Ensemble, build_net, model_inputs, outputs,
+from stackcls.anatomy import (EVIDENCE, AnatomyModel, Ensemble, batch_inputs, build_net, outputs,
                               train)
 from stackcls.atomic import savez, write_json
 from stackcls.checkpoint import (is_saved, restore_anatomy_model, save_anatomy_model, _restore,
@@ -60,14 +60,12 @@ def training_arrays(stacks, cfg: AnatomyStage) -> dict:
 
 def stack_outputs(stacks, cfg: AnatomyStage, run) -> list[dict]:
     """The test-time pipeline of one model (run: grey inputs -> outputs dict) on whole stacks."""
-    out = []
-    for st in stacks:
-        x, info = model_inputs(st.images, st.spacing, cfg.net(), cfg.localise_size,
-                               lambda a: run(a)["lv"])
-        o = run(x)
-        o["localised"] = info["localised"]
-        out.append(o)
-    return out
+    xs, infos = batch_inputs([(st.images, st.spacing) for st in stacks], cfg.net(),
+                             cfg.localise_size, lambda a: run(a)["lv"])
+    o = run(np.concatenate(xs))
+    cut = np.cumsum([0] + [len(x) for x in xs])
+    return [dict({k: v[cut[i]:cut[i + 1]] for k, v in o.items()}, localised=infos[i]["localised"])
+            for i in range(len(xs))]
 
 
 def _exact(outs: list[dict], stacks) -> tuple[float, float]:
