@@ -19,11 +19,15 @@ Run directory layout (written by `python -m experiments.run`):
         final/                    the final model (checkpoint.save_model)
         stack/                    the stack-aware head (checkpoint.save_stack_model) and the
                                   direction model (direction.json)
+    anatomy/                      method=anatomy instead of the settings: cv/fold<k>/ (each fold's
+                                  models and validation outputs), final/ (the fold models at the
+                                  selected epoch: the ensemble), stack/ (as above)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -33,7 +37,8 @@ from flax import nnx
 
 from stackcls.augment import random_rotation
 from stackcls.batching import map_chunks
-from stackcls.checkpoint import ModelFileError, is_saved, load_stack_model, restore_model
+from stackcls.checkpoint import (ModelFileError, is_saved, load_stack_model, restore_anatomy_model,
+                                 restore_model)
 from stackcls.direction import FILE as DIRECTION_FILE
 from stackcls.direction import DirectionModel
 from stackcls.models import Classifier
@@ -42,6 +47,7 @@ from stackcls.progress import bar as tqdm
 from stackcls.stack_model import StackModel
 
 SETTINGS_ORDER = ("scratch", "depth0", "depth1")  # load_model picks the last one present
+ANATOMY = "anatomy"    # method=anatomy's folder; a run has either it or the paper's settings
 
 
 def extract(model: Classifier, x: np.ndarray, what: str, views: int = 0, seed: int = 0,
@@ -157,12 +163,17 @@ def setting_dirs(run_dir) -> dict[str, Path]:
 def load_model(run_dir, setting: str | None = None, stack: bool = True) -> TrainedModel:
     """The final model of a run directory: the deepest setting present (depth1 > depth0 >
     scratch) unless `setting` names one, with its stack head when one was trained (and stack is
-    true) and its direction model when one was fitted. A saved model folder loads as itself.
+    true) and its direction model when one was fitted; a method=anatomy run gives its ensemble
+    (stackcls.anatomy.AnatomyModel). A saved model folder loads as itself.
     Malformed files raise `ModelFileError` (stackcls.io.errors) naming the file."""
     run_dir = Path(run_dir)
     if is_saved(run_dir) and not (run_dir / "final").exists():
+        if _is_anatomy(run_dir):
+            return _load_anatomy(run_dir, None, False)
         model, config = restore_model(run_dir)
         return TrainedModel(model, config, None, run_dir)
+    if is_saved(run_dir / ANATOMY / "final") and setting in (None, ANATOMY):
+        return _load_anatomy(run_dir / ANATOMY / "final", run_dir / ANATOMY / "stack", stack)
     found = setting_dirs(run_dir)
     if not found:
         raise FileNotFoundError(f"{run_dir}: no trained model (expected depth0/final, depth1/final "
@@ -173,12 +184,34 @@ def load_model(run_dir, setting: str | None = None, stack: bool = True) -> Train
         raise FileNotFoundError(f"{run_dir}: no final model for {setting!r} (have {list(found)})")
     d = found[setting]
     model, config = restore_model(d / "final")
+    head, direction = _stack_parts(d / "stack", stack)
+    return TrainedModel(model, config, head, d, direction)
+
+
+def _stack_parts(d: Path, stack: bool):
+    """(stack head or None, direction model or None) saved in a setting's stack/ folder."""
     head = direction = None
-    if stack and (d / "stack" / "config.json").is_file():
-        head = load_stack_model(d / "stack")
-    if (d / "stack" / DIRECTION_FILE).is_file():
+    if stack and (d / "config.json").is_file():
+        head = load_stack_model(d)
+    if (d / DIRECTION_FILE).is_file():
         try:
-            direction = DirectionModel.load(d / "stack")
+            direction = DirectionModel.load(d)
         except ValueError as e:          # its message names the file
             raise ModelFileError(str(e)) from None
-    return TrainedModel(model, config, head, d, direction)
+    return head, direction
+
+
+def _is_anatomy(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("method") == ANATOMY
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_anatomy(final: Path, stack_dir: Path | None, stack: bool):
+    """method=anatomy's ensemble (stackcls.anatomy.AnatomyModel) with its stack head and
+    direction model when saved beside it."""
+    from stackcls.anatomy import AnatomyModel
+    ensemble, config = restore_anatomy_model(final)
+    head, direction = _stack_parts(stack_dir, stack) if stack_dir is not None else (None, None)
+    return AnatomyModel(ensemble, config, head, final.parent, direction)
