@@ -1,16 +1,18 @@
 """Anatomy masks: Stack.masks, ACDC `_gt` files, the masks folder, the phantom's exported masks."""
 
+import shutil
+
 import numpy as np
 import pytest
 
 import stackcls.phantom.render as R
-from stackcls.io import StackReadError, load_stacks, mask_file, scan, write_mask
+from stackcls.io import StackReadError, attach_masks, load_stacks, mask_file, scan, write_mask
 from stackcls.io.inputs import resolve_stack_input
 from stackcls.phantom import generate
 from stackcls.stack import MASK_CLASSES, Stack
 from stackcls.study.config import compose, identity
 from stackcls.study.data import load_data
-from tests.test_io_nifti import oblique_affine, save, volume
+from test_io_nifti import oblique_affine, save, volume
 
 RV, MYO, CAV = (MASK_CLASSES.index(c) for c in ("rv_cavity", "lv_myocardium", "lv_cavity"))
 
@@ -221,7 +223,6 @@ def test_study_data_passes_masks(cohort2, tmp_path):
 
 
 def copy_masks(cohort2, tmp_path):
-    import shutil
     dst = tmp_path / "masks"
     shutil.copytree(cohort2 / "masks", dst)
     return dst
@@ -267,7 +268,6 @@ def test_masks_folder_with_gaps_in_slice_ids(cohort2, tmp_path):
     (st,) = [s for s in load_stacks(cohort2 / "dicom") if s.key == "syn0000/ED"]
     full = R.render_subject(0, 0).masks["ED"]
     gap = Stack(st.images[[0, 1, 3]], st.sources[:3], st.subject, st.phase, slice_ids=[0, 1, 3])
-    from stackcls.io import attach_masks
     attach_masks([gap], cohort2 / "masks")
     assert np.array_equal(gap.masks, full[[0, 1, 3]])
     short = Stack(st.images[:3], st.sources[:3], st.subject, st.phase, slice_ids=[0, 1, 2])
