@@ -38,6 +38,7 @@ N_MASK = 4                   # background, RV cavity, LV myocardium, LV cavity (
 EVIDENCE = ("lv_cavity_area", "lv_myocardium_area", "rv_cavity_area", "lv_cavity_peak",
             "ring_closure", "cavity_inside_ring")
 _SECTORS = 16
+OUTPUTS = ("probs", "pen", "evidence", "lv", "mask")   # what inference returns per slice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +71,35 @@ class AnatomyConfig:
             raise ValueError(f"anatomy config: {'; '.join(bad)}")
 
 
+class _Up(nnx.Module):
+    """One decoder level: upsample, concatenate the skip, then a pointwise mix and a depthwise-
+    separable 3x3 (MobileNet's own block): a full 3x3 conv at stride 2 cost 5x the encoder."""
+
+    def __init__(self, cin: int, width: int, *, rngs: nnx.Rngs):
+        self.mix = nnx.Conv(cin, width, (1, 1), rngs=rngs)
+        self.dw = nnx.Conv(width, width, (3, 3), feature_group_count=width, rngs=rngs)
+        self.pw = nnx.Conv(width, width, (1, 1), rngs=rngs)
+
+    def __call__(self, x, skip):
+        x = jax.image.resize(x, skip.shape[:3] + (x.shape[3],), "bilinear")
+        x = jax.nn.relu(self.mix(jnp.concatenate([x, skip], -1)))
+        return jax.nn.relu(self.pw(self.dw(x)))
+
+
 class Decoder(nnx.Module):
     def __init__(self, in_channels: list[int], widths, *, rngs: nnx.Rngs):
         # in_channels: the pyramid's channels, shallow (s2) to deep (s32)
-        layers, prev = [], in_channels[-1]
+        levels, prev = [], in_channels[-1]
         for skip, w in reversed(list(zip(in_channels[:-1], widths))):
-            layers.append((nnx.Conv(prev + skip, w, (3, 3), rngs=rngs),
-                           nnx.Conv(w, w, (3, 3), rngs=rngs)))
+            levels.append(_Up(prev + skip, w, rngs=rngs))
             prev = w
-        self.layers = nnx.List([nnx.List(l) for l in layers])
+        self.levels = nnx.List(levels)
         self.out = nnx.Conv(prev, N_MASK, (1, 1), rngs=rngs)
 
     def __call__(self, pyramid, size: int):
         x = pyramid[-1]
-        for (c1, c2), skip in zip(self.layers, reversed(pyramid[:-1])):
-            x = jax.image.resize(x, skip.shape[:3] + (x.shape[3],), "bilinear")
-            x = jax.nn.relu(c2(jax.nn.relu(c1(jnp.concatenate([x, skip], -1)))))
+        for up, skip in zip(self.levels, reversed(pyramid[:-1])):
+            x = up(x, skip)
         logits = self.out(x)
         return jax.image.resize(logits, (x.shape[0], size, size, N_MASK), "bilinear")
 
@@ -331,12 +345,12 @@ def precise_bn(net: AnatomyNet, canvas: np.ndarray, cfg: AnatomyConfig, seed: in
     nnx.update(net, jax.tree.map(lambda a: a / batches, acc))
 
 
-_OUTPUTS: dict = {}
+_INFER: dict = {}
 
 
 def _infer(graphdef):
     """The jitted inference of one architecture (cached: every fold and evaluation reuses it)."""
-    fn = _OUTPUTS.get(graphdef)
+    fn = _INFER.get(graphdef)
     if fn is None:
         @jax.jit
         def fn(state, xb):
@@ -345,18 +359,20 @@ def _infer(graphdef):
                 xb = jnp.repeat(xb[..., None], 3, -1)
             seg, logits, pen = m(xb)
             p = jax.nn.softmax(seg, -1)
-            return jax.nn.softmax(logits, -1), pen, evidence(p), p[..., 2] + p[..., 3]
-        _OUTPUTS[graphdef] = fn
+            return (jax.nn.softmax(logits, -1), pen, evidence(p), p[..., 2] + p[..., 3],
+                    jnp.argmax(seg, -1).astype(jnp.uint8))
+        _INFER[graphdef] = fn
     return fn
 
 
 def outputs(net: AnatomyNet, x, chunk: int = 32) -> dict:
     """Inference over model inputs (N, n, n) grey or (N, n, n, 3): slice probs (N, 3),
-    penultimate (N, 256), evidence (N, E), LV probability map (N, n, n) (for localisation)."""
+    penultimate (N, 256), evidence (N, E), LV probability map (N, n, n) (for localisation),
+    mask (N, n, n) the most probable class of each pixel."""
     graphdef, state = nnx.split(net)
     run = _infer(graphdef)
     out = map_chunks(lambda xb: run(state, xb), jnp.asarray(x, jnp.float32), chunk)
-    return dict(zip(("probs", "pen", "evidence", "lv"), (np.asarray(a) for a in out)))
+    return dict(zip(OUTPUTS, (np.asarray(a) for a in out)))
 
 
 # ----------------------------------------------------------------------------- the trained model
@@ -387,12 +403,13 @@ def _ensemble_fn(ensemble: Ensemble):
     def one(state, x):
         m = nnx.merge(graphdef, state, copy=True)
         seg, logits, pen = m(jnp.repeat(x[..., None], 3, -1))
-        p = jax.nn.softmax(seg, -1)
-        return jax.nn.softmax(logits, -1), pen, evidence(p), p[..., 2] + p[..., 3]
+        return jax.nn.softmax(logits, -1), pen, jax.nn.softmax(seg, -1)
 
     def fn(state, x):
-        outs = jax.vmap(one, in_axes=(0, None))(state, jnp.asarray(x, jnp.float32))
-        return jax.tree.map(lambda a: a.mean(0), outs)
+        probs, pen, p = jax.vmap(one, in_axes=(0, None))(state, jnp.asarray(x, jnp.float32))
+        p = p.mean(0)                       # the ensemble's mask probabilities, then the evidence
+        return (probs.mean(0), pen.mean(0), evidence(p), p[..., 2] + p[..., 3],
+                jnp.argmax(p, -1).astype(jnp.uint8))
 
     return fn, stacked
 
@@ -424,7 +441,7 @@ class AnatomyModel:
     def run(self, x, chunk: int = 32) -> dict:
         """Ensemble outputs over grey model inputs (N, n, n), as numpy."""
         out = map_chunks(lambda xb: self._jit(self._state, xb), jnp.asarray(x, jnp.float32), chunk)
-        return dict(zip(("probs", "pen", "evidence", "lv"), (np.asarray(a) for a in out)))
+        return dict(zip(OUTPUTS, (np.asarray(a) for a in out)))
 
     def preprocess(self, images, spacing=None) -> np.ndarray:
         """(S, H, W) -> (S, n, n) grey model inputs at SPACING_MM, centred on the heart found by a
@@ -435,7 +452,7 @@ class AnatomyModel:
     def slice_outputs(self, x):
         """(features (S, E): the slice evidence, probs (S, 3)); traceable, so predict_stack
         compiles it with the stack head into one call."""
-        probs, _, ev, _ = self._fn(self._state, x)
+        probs, _, ev, _, _ = self._fn(self._state, x)
         return ev, probs
 
 

@@ -150,3 +150,33 @@ def predictions(preds, images, path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def anatomy(rows: list[dict], path, title: str = "method=anatomy on test stacks") -> Path:
+    """What the anatomy model sees and segments. rows: dict(key, x (S, n, n) model inputs,
+    mask (S, n, n) predicted classes, truth [labels], pred [labels]); one row per stack, apex
+    left; contours: LV cavity red, LV myocardium green, RV cavity blue; a slice's title is
+    truth/prediction, red where they differ."""
+    plt = _plt()
+    cols = max(len(r["x"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.9 * len(rows)), squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j >= len(r["x"]):
+                continue
+            ax.imshow(r["x"][j], cmap="gray", vmin=0, vmax=255)
+            for cls, colour in ((3, "red"), (2, "lime"), (1, "deepskyblue")):
+                m = (r["mask"][j] == cls).astype(float)
+                if m.any():
+                    ax.contour(m, levels=[0.5], colors=colour, linewidths=0.7)
+            t, p = r["truth"][j], r["pred"][j]
+            ax.set_title(f"{t}/{p}", fontsize=7, color="k" if t == p else "red")
+        axes[i, 0].text(-0.1, 0.5, r["key"], transform=axes[i, 0].transAxes, rotation=90,
+                        va="center", ha="right", fontsize=7)
+    fig.suptitle(f"{title} (slice titles: truth/prediction; apex left)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

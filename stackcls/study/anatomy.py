@@ -17,6 +17,7 @@ anatomy/cv/fold<k>/ as they finish; a rerun loads them instead of training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -64,8 +65,8 @@ def stack_outputs(stacks, cfg: AnatomyStage, run) -> list[dict]:
                              cfg.localise_size, lambda a: run(a)["lv"])
     o = run(np.concatenate(xs))
     cut = np.cumsum([0] + [len(x) for x in xs])
-    return [dict({k: v[cut[i]:cut[i + 1]] for k, v in o.items()}, localised=infos[i]["localised"])
-            for i in range(len(xs))]
+    return [dict({k: v[cut[i]:cut[i + 1]] for k, v in o.items()}, x=xs[i],
+                 localised=infos[i]["localised"]) for i in range(len(xs))]
 
 
 def _exact(outs: list[dict], stacks) -> tuple[float, float]:
@@ -82,6 +83,28 @@ def _fold_dir(run_dir: Path, f: int) -> Path:
     return run_dir / NAME / "cv" / f"fold{f}"
 
 
+def pretrained(cfg: AnatomyStage, backbone: str, weights, seed: int, run_dir: Path):
+    """Sim-to-real: a net trained on the built-in cohort's stacks and masks (saved in
+    anatomy/pretrain/, reused on a rerun), or None when cfg.pretrain_subjects is 0."""
+    if not cfg.pretrain_subjects:
+        return None
+    d = run_dir / NAME / "pretrain"
+    if is_saved(d):
+        return _restore_net(d, backbone, cfg)
+    from stackcls.io import load_stacks
+    from stackcls.phantom import cohort
+    root = cohort(int(cfg.pretrain_subjects), seed=seed + 1000)   # subjects no synthetic test holds
+    stacks = load_stacks(root / "dicom", labels=root / "labels.csv", masks=root / "masks")
+    net = build_net(backbone, cfg.net(), weights, seed)
+    t0 = time.perf_counter()
+    train(net, training_arrays(stacks, cfg), dataclasses.replace(cfg.net(), epochs=cfg.pretrain_epochs),
+          seed=seed, desc="anatomy pretrain (built-in cohort)")
+    print(f"[anatomy] pretrained on {len(stacks)} synthetic stacks "
+          f"({(time.perf_counter() - t0) / 60:.1f} min)")
+    _save(d, net, dict(subjects=int(cfg.pretrain_subjects), epochs=int(cfg.pretrain_epochs)))
+    return net
+
+
 def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights, seed: int,
                    run_dir: Path) -> dict:
     """Train the K fold models; per fold and evaluated epoch: the weights and the held-out stacks'
@@ -92,6 +115,7 @@ def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights
     eval_epochs = sorted({e for e in range(cfg.eval_every, cfg.epochs + 1, cfg.eval_every)}
                          | {cfg.epochs})
     arrays = None
+    start = None
     models = {e: [None] * folds for e in eval_epochs}
     oof = {e: [None] * len(stacks) for e in eval_epochs}
     val = np.zeros((folds, len(eval_epochs)))
@@ -116,7 +140,9 @@ def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights
             arrays = training_arrays(stacks, cfg)
         keep = np.isin(arrays["stack_index"], tr_idx)
         data = {k: v[keep] for k, v in arrays.items()}
-        net = build_net(backbone, cfg.net(), weights, seed)
+        if start is None and cfg.pretrain_subjects:
+            start = pretrained(cfg, backbone, weights, seed, run_dir)
+        net = nnx.clone(start) if start is not None else build_net(backbone, cfg.net(), weights, seed)
 
         def on_eval(net, epoch, f=f, d=d, va_idx=va_idx, va_stacks=va_stacks):
             j = eval_epochs.index(epoch)
@@ -197,7 +223,27 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
                            total_seconds=round(time.perf_counter() - t0, 1)),
                stack_head=dict(selected=head.model.info.get("selected"),
                                timing=head.model.info.get("timing")))
+    write_figures(run_dir, test_stacks, test_out, te, test_probs, head.probs)
     return row, Evaluated(row, test_probs, test_pen, head.probs), model
+
+
+def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stack_probs) -> None:
+    """confusion.png (slice and stack modes) and anatomy.png: the model's view and masks of the
+    test stacks with out-of-range slices, wrongly labelled ones first (at most 6)."""
+    from stackcls import figures
+    from stackcls.metrics import confusion_matrix
+    from stackcls.study.evaluation import ordered
+    pred = ordered(np.log(np.clip(stack_probs, 1e-12, 1.0)), te["stack_index"])
+    figures.confusion({"anatomy: slice": confusion_matrix(te["y"], probs.argmax(1)),
+                       "anatomy: stack": confusion_matrix(te["y"], pred)}, run_dir / "confusion.png")
+    groups = stack_groups(te["stack_index"])
+    wrong = [i for i, g in enumerate(groups) if not np.array_equal(pred[g], te["y"][g])]
+    edge = [i for i, g in enumerate(groups) if (te["y"][g] != 1).any() and i not in wrong]
+    pick = (wrong + edge)[:6] or list(range(min(3, len(groups))))
+    rows = [dict(key=stacks[i].key, x=outs[i]["x"], mask=outs[i]["mask"],
+                 truth=[CLASSES[v] for v in te["y"][groups[i]]],
+                 pred=[CLASSES[v] for v in pred[groups[i]]]) for i in pick]
+    figures.anatomy(rows, run_dir / "anatomy.png")
 
 
 def _arrays(stacks) -> dict:

@@ -109,6 +109,10 @@ class AnatomyStage(AnatomyConfig):
 
     eval_every: int = 5
     localise_size: int = 256            # first pass: the whole image at SPACING_MM, to find the heart
+    # sim-to-real: pretrain on this many subjects of the built-in cohort (with its masks), then
+    # every fold model starts from those weights; 0: from ImageNet directly
+    pretrain_subjects: int = 0
+    pretrain_epochs: int = 10
     stack: StackStage = StackStage(epochs=300, learning_rates=(3e-3, 1e-3), select="exact",
                                    class_weight="sqrt", residual=True)
 
