@@ -30,6 +30,7 @@ QUICK_YAML = dict(name="quick", synthetic_subjects=dict(train=10, test=6),
 def test_protocol_presets_keep_their_values(preset, yaml):
     plain = as_plain(preset)
     stack = plain.pop("stack")
+    plain.pop("anatomy")   # method=anatomy's settings, added after the YAML presets
     assert plain == {k: v for k, v in yaml.items() if k != "stack"}
     assert {k: stack[k] for k in yaml["stack"]} == yaml["stack"]
     # every other stack-head setting is the stack model's own default
@@ -43,6 +44,7 @@ def test_defaults_and_command_line_overrides():
     assert (s.backbone, s.depth, s.weights, s.seed, s.data.name, s.protocol.name) == \
         ("mobilenet", 1, "imagenet", 0, "synthetic", "quick")
     assert s.run_dir.endswith("mobilenet_synthetic_quick_d1_s0")
+    assert compose(["method=anatomy"]).run_dir.endswith("mobilenet_synthetic_quick_anatomy_d1_s0")
     s = compose(["backbone=vgg16", "data=acdc", "data.root=/some/acdc", "protocol=paper", "seed=3",
                  "protocol.stack.epochs=7", "protocol.image_size=32", "vmap=false"])
     assert s.run_dir.endswith("vgg16_acdc_paper_d1_s3")
@@ -104,3 +106,18 @@ def test_report_rows_and_tables():
     assert "| 0 | slice | 0.01 | 3 | 0.500 | 0.900 | 0.250 | - | 0.800 |" in md
     assert "direction found for 0.750" in md
     assert "total 2.00 min" in summary_table(results)
+    # the trivial answer is reported beside every run, last
+    results["trivial"] = dict(all_in=dict(m, exact_range_rate=.625))
+    rows = metric_rows(results)
+    assert rows[-1]["mode"] == "every slice IN" and rows[-1]["exact_range_rate"] == .625
+    assert "| - | every slice IN | - | - |" in results_markdown(results)
+
+
+def test_trivial_row_is_every_slice_in():
+    from stackcls.study.evaluation import trivial_row
+    arrays = dict(y=np.array([0, 1, 1, 1, 1, 2]), stack_index=np.array([0, 0, 0, 1, 1, 1]),
+                  slice_index=np.array([0, 1, 2, 0, 1, 2]))
+    row = trivial_row(arrays)
+    # stack 0 (OAP IN IN) is wrong, stack 1 (IN IN OBS) too: no exact range; 4 of 6 slices right
+    assert row["exact_range_rate"] == 0.0 and row["accuracy"] == 4 / 6
+    assert row["f1"]["OAP"] == 0.0 and row["f1"]["OBS"] == 0.0

@@ -174,8 +174,8 @@ def _restore_net(path: Path, backbone: str, cfg: AnatomyStage):
     return nnx.merge(graphdef, _restore(path, abs_state))
 
 
-def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tuple[dict, Evaluated, AnatomyModel]:
-    """The whole method on one split: (results.json row, Evaluated, the trained model)."""
+def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tuple[dict, Evaluated, dict]:
+    """The whole method on one split: (results.json row, Evaluated, the test arrays)."""
     p = study.protocol
     cfg: AnatomyStage = p.anatomy
     d = run_dir / NAME
@@ -224,7 +224,7 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
                stack_head=dict(selected=head.model.info.get("selected"),
                                timing=head.model.info.get("timing")))
     write_figures(run_dir, test_stacks, test_out, te, test_probs, head.probs)
-    return row, Evaluated(row, test_probs, test_pen, head.probs), model
+    return row, Evaluated(row, test_probs, test_pen, head.probs), te
 
 
 def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stack_probs) -> None:

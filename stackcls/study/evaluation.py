@@ -68,6 +68,14 @@ def evaluate_rows(arrays: dict, probs: np.ndarray, stack_probs: np.ndarray | Non
     return rows
 
 
+def trivial_row(arrays: dict) -> dict:
+    """The answer every model must beat: every slice IN (uniform probabilities, so the AUCs are
+    those of a guess)."""
+    y = arrays["y"]
+    return evaluate(y, np.full((len(y), 3), 1 / 3), arrays["stack_index"],
+                    y_pred=np.full(len(y), CLASS_INDEX["IN"]), slice_index=arrays["slice_index"])
+
+
 def _probs(logits) -> np.ndarray:
     return np.asarray(jax.nn.softmax(logits))
 

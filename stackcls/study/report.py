@@ -28,7 +28,8 @@ def fmt(v) -> str:
 
 
 def metric_rows(results: dict) -> list[dict]:
-    """One row per (depth, mode): the Table-2 layout plus the stack-level measures."""
+    """One row per (depth, mode): the Table-2 layout plus the stack-level measures; last, the
+    trivial answer "every slice IN" on the same test stacks, which every row must beat."""
     out = []
     for depth, row in results["depths"].items():
         for mode in MODE_ROWS:
@@ -40,6 +41,11 @@ def metric_rows(results: dict) -> list[dict]:
                             lr=row["selected"]["learning_rate"], epochs=row["selected"]["epochs"],
                             **{k: _get(m, k) for k in ROW_KEYS},
                             minutes=(row["timing"]["cv_seconds"] + row["timing"]["final_seconds"]) / 60))
+    trivial = (results.get("trivial") or {}).get("all_in")
+    if trivial is not None:
+        out.append(dict(backbone=results["backbone"], depth="-", mode="every slice IN",
+                        weights="-", data=results["data"], lr=float("nan"), epochs="-",
+                        **{k: _get(trivial, k) for k in ROW_KEYS}, minutes=0.0))
     return out
 
 
@@ -51,7 +57,8 @@ def results_markdown(results: dict) -> str:
              "| accuracy | soft acc. | exact range | boundary MAE |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in metric_rows(results):
-        lines.append(f"| {r['depth']} | {r['mode']} | {r['lr']:g} | {r['epochs']} | "
+        lr = "-" if r["lr"] != r["lr"] else f"{r['lr']:g}"
+        lines.append(f"| {r['depth']} | {r['mode']} | {lr} | {r['epochs']} | "
                      + " | ".join(fmt(r[k]) for k in ROW_KEYS) + " |")
     for depth, row in results["depths"].items():
         w = row["test"].get("stack_orientation_withheld")

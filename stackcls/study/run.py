@@ -31,7 +31,7 @@ from stackcls.stack import CLASSES
 from stackcls.study.anatomy import run_anatomy
 from stackcls.study.config import METHODS, Study, as_plain, as_study, identity
 from stackcls.study.data import input_size, load_data, make_backbone
-from stackcls.study.evaluation import Evaluated, evaluate_setting, ordered
+from stackcls.study.evaluation import Evaluated, evaluate_setting, ordered, trivial_row
 from stackcls.study.report import results_markdown, summary_table
 from stackcls.study.settings import plan, stage_inputs, vmapped
 from stackcls.sweep import run_setting
@@ -125,6 +125,7 @@ def run(cfg) -> dict:
     results = dict(schema=SCHEMA_VERSION, backbone=study.backbone, data=study.data.name,
                    weights=weights, protocol=p.name, seed=seed, input_size=size,
                    depths={s.key: evaluated[s.name].row for s in settings},
+                   trivial=dict(all_in=trivial_row(te)),
                    n_train=dict(stacks=len(train_stacks), slices=int(len(tr["y"]))),
                    n_test=dict(stacks=len(test_stacks), slices=int(len(te["y"]))),
                    device=jax.devices()[0].device_kind,
@@ -147,10 +148,11 @@ def run_anatomy_study(study: Study, run_dir: Path, t_start: float) -> dict:
     print(f"[data] train {len(train_stacks)} stacks ({with_masks} with masks), test "
           f"{len(test_stacks)} stacks")
     weights = anatomy_weights(study)
-    row, ev, _ = run_anatomy(study, train_stacks, test_stacks, run_dir, weights)
+    row, ev, te = run_anatomy(study, train_stacks, test_stacks, run_dir, weights)
     results = dict(schema=SCHEMA_VERSION, backbone=study.backbone, method="anatomy",
                    data=study.data.name, weights=str(study.weights), protocol=p.name,
                    seed=study.seed, input_size=p.anatomy.size, depths={"anatomy": row},
+                   trivial=dict(all_in=trivial_row(te)),
                    n_train=dict(stacks=len(train_stacks), slices=int(sum(s.n_slices for s in train_stacks)),
                                 with_masks=int(with_masks)),
                    n_test=dict(stacks=len(test_stacks), slices=int(sum(s.n_slices for s in test_stacks))),
