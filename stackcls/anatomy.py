@@ -104,6 +104,10 @@ class Decoder(nnx.Module):
         return jax.image.resize(logits, (x.shape[0], size, size, N_MASK), "bilinear")
 
 
+class Prior(nnx.Variable):
+    """log of the class weights the slice loss was trained with (not trained; saved)."""
+
+
 class AnatomyNet(nnx.Module):
     def __init__(self, backbone, config: AnatomyConfig, *, rngs: nnx.Rngs):
         if not hasattr(backbone, "pyramid"):
@@ -115,6 +119,14 @@ class AnatomyNet(nnx.Module):
         chans = [s.shape[-1] for s in shapes]
         self.decoder = Decoder(chans, config.widths, rngs=rngs)
         self.head = Head(chans[-1], rngs=rngs)
+        self.log_weight = Prior(jnp.zeros(3))
+
+    def slice_probs(self, logits):
+        """Probabilities without the class weighting of training: a loss weighted by w_c learns
+        p(c|x) * w_c (up to a constant), so log w_c is taken off again (logit adjustment). The
+        weights help the rare classes' features; their bias would cost whole stacks at the
+        ordered decoding, where the common all-IN stacks lose to spurious OAP/OBS."""
+        return jax.nn.softmax(logits - self.log_weight[...], -1)
 
     def __call__(self, x, key=None, train: bool = False):
         """(mask logits (N, n, n, 4), slice logits (N, 3), penultimate (N, 256)). train: the
@@ -277,6 +289,7 @@ def train(net: AnatomyNet, data: dict, cfg: AnatomyConfig, seed: int = 0, desc: 
     canvas, masks = np.asarray(data["canvas"], np.float32), np.asarray(data["masks"], np.uint8)
     has_mask, y = np.asarray(data["has_mask"], bool), np.asarray(data["y"], np.int32)
     cw = jnp.asarray(_class_weights(y, cfg.class_weight))
+    net.log_weight[...] = jnp.log(jnp.where(cw > 0, cw, 1.0))   # an absent class: weight 0, no prior
     N, B = len(y), cfg.batch_size
     steps = max(1, math.ceil(N / B))
     total = cfg.epochs * steps
@@ -359,7 +372,7 @@ def _infer(graphdef):
                 xb = jnp.repeat(xb[..., None], 3, -1)
             seg, logits, pen = m(xb)
             p = jax.nn.softmax(seg, -1)
-            return (jax.nn.softmax(logits, -1), pen, evidence(p), p[..., 2] + p[..., 3],
+            return (m.slice_probs(logits), pen, evidence(p), p[..., 2] + p[..., 3],
                     jnp.argmax(seg, -1).astype(jnp.uint8))
         _INFER[graphdef] = fn
     return fn
@@ -403,7 +416,7 @@ def _ensemble_fn(ensemble: Ensemble):
     def one(state, x):
         m = nnx.merge(graphdef, state, copy=True)
         seg, logits, pen = m(jnp.repeat(x[..., None], 3, -1))
-        return jax.nn.softmax(logits, -1), pen, jax.nn.softmax(seg, -1)
+        return m.slice_probs(logits), pen, jax.nn.softmax(seg, -1)
 
     def fn(state, x):
         probs, pen, p = jax.vmap(one, in_axes=(0, None))(state, jnp.asarray(x, jnp.float32))
@@ -438,22 +451,23 @@ class AnatomyModel:
     def input_size(self) -> int:
         return self.cfg.size
 
-    def run(self, x, chunk: int = 32) -> dict:
+    def run(self, x, chunk: int = 16) -> dict:
         """Ensemble outputs over grey model inputs (N, n, n), as numpy."""
         out = map_chunks(lambda xb: self._jit(self._state, xb), jnp.asarray(x, jnp.float32), chunk)
         return dict(zip(OUTPUTS, (np.asarray(a) for a in out)))
 
     def preprocess(self, images, spacing=None) -> np.ndarray:
-        """(S, H, W) -> (S, n, n) grey model inputs at SPACING_MM, centred on the heart found by a
-        first pass over the whole image (the image centre when no LV is found)."""
-        return model_inputs(images, spacing, self.cfg, self.localise_size,
-                            lambda x: self.run(x)["lv"])[0]
+        """(S, H, W) -> the per-slice outputs predict_stack's compiled core reads: (S, E + 3),
+        the slice evidence and the slice probabilities. The networks run here, on the host side of
+        predict_stack, through one compiled call per chunk shape; inside the core (compiled once per
+        stack length) they would be recompiled for every new length."""
+        x, _ = model_inputs(images, spacing, self.cfg, self.localise_size, lambda a: self.run(a)["lv"])
+        o = self.run(x)
+        return np.concatenate([o["evidence"], o["probs"]], axis=1)
 
     def slice_outputs(self, x):
-        """(features (S, E): the slice evidence, probs (S, 3)); traceable, so predict_stack
-        compiles it with the stack head into one call."""
-        probs, _, ev, _, _ = self._fn(self._state, x)
-        return ev, probs
+        """(features (S, E): the slice evidence, probs (S, 3)) from `preprocess`'s output."""
+        return x[:, :len(EVIDENCE)], x[:, len(EVIDENCE):]
 
 
 def model_inputs(images, spacing, cfg: AnatomyConfig, localise_size: int, lv_map):
