@@ -46,7 +46,7 @@ class AnatomyConfig:
     size: int = 128              # model input, pixels at physical.SPACING_MM (192 mm)
     canvas: int = 176            # training canvas around the heart: room for shifts and rotations
     widths: tuple[int, ...] = (16, 24, 32, 48)   # decoder channels at strides 2, 4, 8, 16
-    epochs: int = 30
+    epochs: int = 20
     learning_rate: float = 3e-3
     batch_size: int = 32
     weight_decay: float = 1e-4
