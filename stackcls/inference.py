@@ -17,8 +17,9 @@ Run directory layout (written by `python -m experiments.run`):
     depth0/ depth1/ scratch/      one folder per setting:
         cv/<job>.npz              per CV job: curves, out-of-fold probabilities/features
         final/                    the final model (checkpoint.save_model)
-        stack/                    the stack-aware head (checkpoint.save_stack_model) and the
-                                  direction model (direction.json)
+        stack/                    the stack-aware head (checkpoint.save_stack_model), the
+                                  direction model (direction.json) and the temperatures of the
+                                  range probabilities (calibration.json)
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from flax import nnx
 
 from stackcls.augment import random_rotation
 from stackcls.batching import map_chunks
+from stackcls.calibration import FILE as CALIBRATION_FILE
+from stackcls.calibration import Calibration
 from stackcls.checkpoint import ModelFileError, is_saved, load_stack_model, restore_model
 from stackcls.direction import FILE as DIRECTION_FILE
 from stackcls.direction import DirectionModel
@@ -120,6 +123,7 @@ class TrainedModel:
     stack_head: StackModel | None = None
     path: Path | None = None
     direction: DirectionModel | None = None     # for stacks of unknown orientation
+    calibration: Calibration | None = None      # temperatures of the range probabilities
 
     def __post_init__(self):
         graphdef, state = nnx.split(self.model)
@@ -180,4 +184,10 @@ def load_model(run_dir, setting: str | None = None, stack: bool = True) -> Train
             direction = DirectionModel.load(d / "stack")
         except ValueError as e:          # its message names the file
             raise ModelFileError(str(e)) from None
-    return TrainedModel(model, config, head, d, direction)
+    calibration = None
+    if (d / "stack" / CALIBRATION_FILE).is_file():
+        try:
+            calibration = Calibration.load(d / "stack")
+        except ValueError as e:          # its message names the file
+            raise ModelFileError(str(e)) from None
+    return TrainedModel(model, config, head, d, direction, calibration)

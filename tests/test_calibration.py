@@ -134,3 +134,145 @@ def test_oof_stack_tables_hold_out_each_stack():
     assert all(np.allclose(np.exp(t).sum(1), 1.0, atol=1e-5) for t in tables)
     no_cv = SimpleNamespace(info=dict(info, cv=None))
     assert oof_stack_tables(feats, labels, subjects, no_cv) is None
+
+
+# ----------------------------------------------------------------------------- on every prediction
+
+class _Toy:
+    """A slice's class is encoded in its mean brightness (0 / 1 / 2); no stack head."""
+
+    stack_head = None
+    calibration = None
+
+    def preprocess(self, images):
+        return np.asarray(images, np.float32)[..., None]
+
+    def slice_outputs(self, x):
+        import jax
+        import jax.numpy as jnp
+
+        m = jnp.mean(x, axis=(1, 2, 3))
+        return m[:, None], jax.nn.softmax(-(m[:, None] - jnp.arange(3.0)) ** 2 / 0.5, axis=1)
+
+
+def _toy_images(y, rng, noise=0.15):
+    y = np.asarray(y, float)
+    return (y[:, None, None] + noise * rng.normal(size=(len(y), 1, 1))
+            + 0.02 * rng.normal(size=(len(y), 4, 4))).astype(np.float32)
+
+
+def test_prediction_fields_follow_the_exact_distribution():
+    from stackcls.predict import predict_stack
+    from stackcls.stack_model import PROB_FLOOR
+
+    rng = np.random.default_rng(4)
+    y = [0, 0, 1, 1, 1, 1, 1, 1, 2]
+    img = _toy_images(y, rng)
+    toy = _Toy()
+    p = predict_stack(img, toy, mode="slice_ordered", orientation="apex_to_base")
+    d = distribution(np.log(np.clip(p.probabilities.astype(np.float64), PROB_FLOOR, 1)))
+    assert p.range_probability == pytest.approx(d.probability(p.in_range_apex_to_base), abs=1e-5)
+    assert len(p.alternatives) == 3 and p.temperature == 1.0
+    probs = [a["probability"] for a in p.alternatives]
+    assert probs == sorted(probs, reverse=True)
+    assert all(a["in_range_apex_to_base"] != list(p.in_range_apex_to_base) for a in p.alternatives)
+    b = p.boundary_probabilities
+    assert sum(b["first_in"]) + b["no_in"] == pytest.approx(1.0, abs=1e-4)
+    assert p.coverage["status"] == "complete"
+    first, last = p.in_range_apex_to_base
+    assert [p.level[k] for k in range(first, last + 1)].count("apical") == 2
+    assert p.level[0] is None and p.level[last] == "basal"
+    json.dumps(p.to_dict())
+
+    # the same stack base -> apex: the same numbers, per-slice fields in the caller's order
+    r = predict_stack(img[::-1], toy, mode="slice_ordered", orientation="base_to_apex")
+    assert r.range_probability == pytest.approx(p.range_probability, abs=1e-6)
+    assert r.level == p.level[::-1]
+    assert r.alternatives[0]["in_range_apex_to_base"] == p.alternatives[0]["in_range_apex_to_base"]
+    assert r.alternatives[0]["in_range"] == [len(y) - 1 - v for v in
+                                             p.alternatives[0]["in_range"][::-1]]
+
+    # a fitted temperature changes how sure, not what is returned
+    toy_t = _Toy()
+    toy_t.calibration = Calibration(dict(slice_ordered=3.0))
+    q = predict_stack(img, toy_t, mode="slice_ordered", orientation="apex_to_base")
+    assert q.labels == p.labels and q.temperature == 3.0
+    assert q.range_probability == pytest.approx(
+        distribution(np.log(np.clip(p.probabilities.astype(np.float64), PROB_FLOOR, 1)), 3.0)
+        .probability(p.in_range_apex_to_base), abs=1e-5)
+    assert q.range_probability < p.range_probability
+
+    # cut short of the apex (the stack starts with clear IN slices): flagged
+    cut = predict_stack(img[3:], toy, mode="slice_ordered", orientation="apex_to_base")
+    assert cut.coverage["status"] == "apex may be missing" and cut.coverage["apex_end_in"] > 0.5
+
+
+def _pred(subject, p, status="complete"):
+    from stackcls.predict import Prediction
+
+    return Prediction(labels=["IN"] * 3, probabilities=np.full((3, 3), 1 / 3), in_range=(0, 2),
+                      sources=[f"/d/{subject}/a.dcm"] * 3, apex_to_base=[0, 1, 2], mode="stack",
+                      orientation="as_given", orientation_source="caller", orientation_scores={},
+                      in_range_apex_to_base=(0, 2), subject=subject, phase="ED",
+                      range_probability=p,
+                      alternatives=[dict(in_range_apex_to_base=[1, 2], in_range=[1, 2], probability=0.1)],
+                      coverage=dict(status=status, apex_end_in=0.9, base_end_in=0.1))
+
+
+def test_review_queue_csv(tmp_path):
+    import csv
+
+    from stackcls.label_session import read_review_queue, write_review_queue
+
+    preds = [_pred("a", 0.9), _pred("b", 0.3), _pred("=cmd", 0.5), _pred("d", 0.95, "apex may be missing"),
+             _pred("e", 0.7)]
+    path, n = write_review_queue(preds, tmp_path / "q.csv", below=0.6)
+    assert n == 3
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert [r["subject"] for r in rows] == ["b", "'=cmd", "d"]        # least sure first; no formula
+    assert rows[2]["coverage"] == "apex may be missing" and rows[0]["alternatives"] == "1..2 0.100"
+    assert read_review_queue(path) == [("b", "ED"), ("=cmd", "ED"), ("d", "ED")]
+    (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
+    with pytest.raises(ValueError, match="bad.csv: not a review queue"):
+        read_review_queue(tmp_path / "bad.csv")
+
+
+def test_predict_review_below_then_review_queue(tmp_path, capsys):
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from stackcls import backbones
+    from stackcls.checkpoint import save_model
+    from stackcls.cli import main
+    from stackcls.label_ui import review_command
+    from stackcls.models import build_classifier
+    from stackcls.phantom import cohort
+
+    root = cohort(2, seed=0)
+    run = tmp_path / "run"
+    clf = build_classifier(backbones.create("mobilenet", weights=None, input_size=32), 32)
+    save_model(run / "depth0" / "final", clf, dict(backbone="mobilenet", input_size=32))
+    queue = tmp_path / "queue.csv"
+    assert main(["predict", str(root / "dicom"), "--model", str(run), "--mode", "slice_ordered",
+                 "--review-below", "1", "--queue", str(queue)]) == 0
+    out = capsys.readouterr().out
+    assert "P(this range)" in out and "coverage:" in out and "4 of 4 stacks to review" in out
+    rows = list(csv.DictReader(open(queue, newline="")))
+    probs = [float(r["range_probability"]) for r in rows]
+    assert len(rows) == 4 and probs == sorted(probs)
+    assert main(["predict", str(root / "dicom"), "--model", str(run), "--review-below", "0"]) == 2
+
+    # review walks only the queued stacks: keep the second row of the queue
+    with open(queue, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerow(rows[1])
+    figs = tmp_path / "figs"
+    assert review_command(root / "dicom", model=run, save=figs, queue=queue) == 0
+    assert sorted(p.name for p in figs.glob("*.png")) == [
+        f"{rows[1]['subject']}_{rows[1]['phase']}.png", f"{rows[1]['subject']}_{rows[1]['phase']}_gradcam.png"]
+    queue.write_text("subject,phase\nnobody,ED\n")
+    assert review_command(root / "dicom", model=run, save=figs, queue=queue) == 2
+    assert "none of its 1 stacks" in capsys.readouterr().err
