@@ -125,24 +125,52 @@ def fit_temperature(tables, truths) -> tuple[float, dict]:
 
 
 def oof_stack_tables(features, labels, subjects, model, seed: int = 0) -> list[np.ndarray] | None:
-    """The stack head's out-of-fold log-scores (S_i, 3) on its own training stacks: for each fold
-    of its CV, a head trained on the other folds at the selected learning rate and epoch count.
-    None when the head was trained without CV (fewer than two subjects or folds=1)."""
-    from stackcls.stack_model import StackHeadConfig, train_stack_model
+    """The stack head's out-of-fold log-scores (S_i, 3) on its own training stacks: the folds of
+    its CV (same split, same standardisation, same per-run keys as `train_stack_model`) trained at
+    the selected learning rate for the selected epoch count, all folds in one vmapped run (one
+    compile). None when the head was trained without CV."""
+    import jax
+    from flax import nnx
+
+    from stackcls.engine import sequence_trainer
+    from stackcls.stack_model import (StackHead, StackHeadConfig, Stat, class_weights, pad,
+                                      reverse_within_length)
 
     info = model.info or {}
     cv, sel = info.get("cv"), info.get("selected")
     if not cv or not sel:
         return None
-    proto = dict(info["protocol"], folds=1, learning_rates=(float(sel["learning_rate"]),),
-                 epochs=int(sel["epochs"]))
-    p = StackHeadConfig.of(proto)
-    out: list = [None] * len(features)
-    for tr, va in patient_folds(list(subjects), k=int(cv["folds"]), seed=seed):
-        head = train_stack_model([features[i] for i in tr], [labels[i] for i in tr],
-                                 [subjects[i] for i in tr], seed=seed, protocol=p, verbose=False)
-        for i, lp in zip(va, head.scores_many([features[i] for i in va])):
-            out[i] = lp
+    p = StackHeadConfig.of(info["protocol"])
+    feats = [np.asarray(f, np.float32) for f in features]
+    labs = [np.asarray(y, np.int32) for y in labels]
+    x, n = pad(feats)
+    y, _ = pad(labs, fill=-1)
+    allf = np.concatenate(feats)
+    head = StackHead(x.shape[-1], int(p.hidden), float(p.dropout), bool(p.residual), rngs=nnx.Rngs(seed))
+    head.mean[...] = jnp.asarray(allf.mean(0))
+    head.std[...] = jnp.asarray(allf.std(0) + 1e-3)
+    graphdef, params, stats = nnx.split(head, nnx.Param, Stat)
+    k, lr, epochs = int(cv["folds"]), float(sel["learning_rate"]), int(sel["epochs"])
+    folds = patient_folds(list(subjects), k=k, seed=seed)
+    w_tr = np.zeros((k, len(feats)), np.float32)
+    for f, (tr, va) in enumerate(folds):
+        w_tr[f, tr] = 1
+    # the CV's keys are split over (learning rate, fold) runs, learning rates outer
+    li = [float(v) for v in cv["learning_rates"]].index(lr) if lr in cv["learning_rates"] else 0
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+                            k * len(cv["learning_rates"]))[li * k:(li + 1) * k]
+    train = sequence_trainer(graphdef, epochs, weight_decay=p.weight_decay,
+                             feature_noise=p.feature_noise, reverse_prob=p.reverse_prob,
+                             reverse=reverse_within_length)
+    cw = class_weights(np.concatenate(labs), p.class_weight)
+    fold_params, _ = train(params, stats, x, y, n, cw, jnp.asarray(w_tr), jnp.asarray(1 - w_tr),
+                           jnp.full((k,), lr, jnp.float32), keys, jnp.full((k,), epochs, jnp.int32))
+    lp = np.asarray(jax.vmap(lambda prm: jax.nn.log_softmax(
+        nnx.merge(graphdef, prm, stats)(jnp.asarray(x), jnp.asarray(n)), -1))(fold_params))
+    out: list = [None] * len(feats)
+    for f, (_, va) in enumerate(folds):
+        for i in va:
+            out[i] = lp[f, i, :n[i]]
     return out
 
 

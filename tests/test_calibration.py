@@ -128,7 +128,7 @@ def test_oof_stack_tables_hold_out_each_stack():
     subjects = [f"s{i // 2}" for i in range(8)]
     # what train_stack_model records after a 2-fold CV (training one here would only cost time)
     info = dict(protocol=dict(hidden=4, epochs=50, learning_rates=[1e-2, 1e-3], folds=2),
-                cv=dict(folds=2), selected=dict(learning_rate=1e-2, epochs=3))
+                cv=dict(folds=2, learning_rates=[1e-2, 1e-3]), selected=dict(learning_rate=1e-3, epochs=3))
     tables = oof_stack_tables(feats, labels, subjects, SimpleNamespace(info=info))
     assert [t.shape for t in tables] == [(len(y), 3) for y in labels]
     assert all(np.allclose(np.exp(t).sum(1), 1.0, atol=1e-5) for t in tables)

@@ -30,7 +30,7 @@ from stackcls.progress import set_enabled as set_progress
 from stackcls.stack import CLASSES
 from stackcls.study.config import Study, as_plain, as_study, identity
 from stackcls.study.data import input_size, load_data, make_backbone
-from stackcls.study.evaluation import Evaluated, evaluate_setting, ordered
+from stackcls.study.evaluation import Evaluated, calibration_figure, evaluate_setting, ordered
 from stackcls.study.report import results_markdown, summary_table
 from stackcls.study.settings import plan, stage_inputs, vmapped
 from stackcls.sweep import run_setting
@@ -146,6 +146,7 @@ def write_figures(run_dir: Path, trained: dict, evaluated: dict, te: dict, seed:
             mats[f"{name}: stack"] = confusion_matrix(te["y"], ordered(np.log(np.clip(
                 ev.stack_probs, 1e-12, 1)), te["stack_index"]))
     figures.confusion(mats, run_dir / "confusion.png")
+    calibration_figure(run_dir, evaluated)
     last = list(evaluated)[-1]
     ev = evaluated[last]
     figures.tsne(tsne(ev.pen, seed), te["y"], run_dir / "tsne.png",
