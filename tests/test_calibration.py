@@ -161,7 +161,7 @@ def _toy_images(y, rng, noise=0.15):
             + 0.02 * rng.normal(size=(len(y), 4, 4))).astype(np.float32)
 
 
-def test_prediction_fields_follow_the_exact_distribution():
+def test_prediction_fields_follow_the_exact_distribution(tmp_path):
     from stackcls.predict import predict_stack
     from stackcls.stack_model import PROB_FLOOR
 
@@ -205,6 +205,13 @@ def test_prediction_fields_follow_the_exact_distribution():
     # cut short of the apex (the stack starts with clear IN slices): flagged
     cut = predict_stack(img[3:], toy, mode="slice_ordered", orientation="apex_to_base")
     assert cut.coverage["status"] == "apex may be missing" and cut.coverage["apex_end_in"] > 0.5
+
+    from stackcls import figures
+
+    out = figures.boundaries([p, cut], [img, img[3:]], tmp_path / "b.png", titles=["full", "cut"])
+    rel = figures.reliability({"toy": (np.array([0.2, 0.9, 0.7]), np.array([0, 1, 1], bool))},
+                              tmp_path / "r.png")
+    assert out.stat().st_size > 10_000 and rel.stat().st_size > 5_000
 
 
 def _pred(subject, p, status="complete"):
