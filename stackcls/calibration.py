@@ -229,15 +229,17 @@ def range_measures(p, correct) -> dict:
 
 
 def truncation_test(features, labels, score, temperature: float = 1.0,
-                    threshold: float = COVERAGE_THRESHOLD) -> dict:
+                    threshold: float = COVERAGE_THRESHOLD, margin: int = 0) -> dict:
     """Coverage flags on stacks cut short of the heart and on untouched complete stacks.
 
     features, labels: per stack (S_i, D) and true classes (S_i,), apex first; score: list of
     features -> list of log-score tables (the scoring model run on the cut stacks, so a head that
     sees the whole stack sees it cut). A stack with OAP slices at the apex is cut just below its
     first IN slice (which shows a clear LV cavity, by the definition of IN), one with OBS slices at
-    the base just above its last IN slice; `coverage` should flag that end. Complete stacks (OAP
-    first, OBS last) are scored as they are; neither end should be flagged."""
+    the base just above its last IN slice; `coverage` should flag that end. margin > 0 cuts that
+    many IN slices more (the end slice then lies well inside the LV; stacks with fewer than
+    margin + 2 IN slices are left out). Complete stacks (OAP first, OBS last) are scored as they
+    are; neither end should be flagged."""
     cuts = dict(apex=[], base=[])
     complete = []
     for f, y in zip(features, labels):
@@ -245,10 +247,11 @@ def truncation_test(features, labels, score, temperature: float = 1.0,
         rng = true_range(y)
         if rng is None:
             continue
-        if y[0] == OAP:
-            cuts["apex"].append(f[rng[0]:])
-        if y[-1] == OBS:
-            cuts["base"].append(f[:rng[1] + 1])
+        long_enough = rng[1] - rng[0] + 1 >= margin + 2
+        if y[0] == OAP and long_enough:
+            cuts["apex"].append(f[rng[0] + margin:])
+        if y[-1] == OBS and long_enough:
+            cuts["base"].append(f[:rng[1] + 1 - margin])
         if y[0] == OAP and y[-1] == OBS:
             complete.append(f)
     out = {}
@@ -259,7 +262,7 @@ def truncation_test(features, labels, score, temperature: float = 1.0,
     covs = [d.coverage(threshold) for d in distributions(score(complete), temperature)] if complete else []
     out["complete"] = dict(stacks=len(complete), flagged=float(np.mean(
         [c["status"] != "complete" for c in covs])) if covs else None)
-    out["threshold"] = threshold
+    out.update(threshold=threshold, margin=margin)
     return out
 
 

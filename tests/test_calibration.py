@@ -111,6 +111,10 @@ def test_truncation_test_flags_cut_ends_only():
     assert out["cut_apex"] == dict(stacks=3, flagged=1.0)
     assert out["cut_base"] == dict(stacks=3, flagged=1.0)
     assert out["complete"] == dict(stacks=2, flagged=0.0)
+    # one IN slice further in: a stack needs margin + 2 IN slices (all four here have them)
+    deeper = truncation_test(feats, stacks, classifier_tables, margin=1)
+    assert deeper["cut_apex"] == dict(stacks=3, flagged=1.0) and deeper["margin"] == 1
+    assert truncation_test(feats, stacks, classifier_tables, margin=3)["cut_apex"]["stacks"] == 0
     # a scorer that cannot see IN at the ends never flags them
     blind = lambda fs: [np.where(np.arange(len(f))[:, None] % (len(f) - 1) == 0,
                                  np.log([[.45, .1, .45]]), f[:, -3:]) for f in fs]

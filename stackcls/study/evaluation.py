@@ -227,7 +227,8 @@ def calibrate_setting(folder: Path, res: dict, stage: StackStage, seed: int, tr:
         outcomes[mode] = (p, right)
         row[mode] = dict(temperature=t, **cal.range_measures(p, right),
                          uncalibrated=cal.range_measures(*cal.range_outcomes(tables, truths, 1.0)),
-                         truncation=cal.truncation_test(feats, _per_stack(te, te["y"]), score, t))
+                         truncation=[cal.truncation_test(feats, _per_stack(te, te["y"]), score, t,
+                                                         margin=m) for m in (0, 1)])
     return calibration, row, outcomes
 
 
