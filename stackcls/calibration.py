@@ -221,11 +221,15 @@ def least_confident_share(p, correct, frac: float = LEAST_CONFIDENT) -> float | 
 
 
 def range_measures(p, correct) -> dict:
-    """The calibration numbers of one mode on one set of stacks (results.json)."""
+    """The calibration numbers of one mode on one set of stacks (results.json). The ceiling is
+    the best share any ranking could reach: the 20 % hold at most that many of the wrong stacks."""
+    n_wrong = int(len(p) - np.sum(correct))
+    k = max(1, int(round(LEAST_CONFIDENT * len(p))))
     return dict(stacks=int(len(p)), exact=float(np.mean(correct)) if len(p) else None,
                 mean_probability=float(np.mean(p)) if len(p) else None,
                 ece=ece(p, correct), brier=brier(p, correct),
-                wrong_in_least_confident_20=least_confident_share(p, correct))
+                wrong_in_least_confident_20=least_confident_share(p, correct),
+                wrong_in_least_confident_20_ceiling=min(1.0, k / n_wrong) if n_wrong else None)
 
 
 def truncation_test(features, labels, score, temperature: float = 1.0,

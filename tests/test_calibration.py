@@ -37,6 +37,7 @@ def test_least_confident_share_by_hand():
     assert least_confident_share(p, np.ones(10, bool)) is None
     m = range_measures(p, ok)
     assert m["stacks"] == 10 and m["exact"] == pytest.approx(0.7)
+    assert m["wrong_in_least_confident_20_ceiling"] == pytest.approx(2 / 3)   # 2 slots, 3 wrong
 
 
 def _sample_truths(rng, tables):
