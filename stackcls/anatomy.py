@@ -438,6 +438,7 @@ class AnatomyModel:
     stack_head: object = None
     path: object = None
     direction: object = None
+    calibration: object = None     # temperatures of the range probabilities (stackcls.calibration)
 
     def __post_init__(self):
         self.cfg = AnatomyConfig(**{k: (tuple(v) if isinstance(v, list) else v)

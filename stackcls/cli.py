@@ -33,7 +33,7 @@ def _inspect(a):
 
 def _predict(a):
     return predict_command(a.path, model=a.model, json_out=a.json, figure_out=a.figure,
-                           mode=a.mode)
+                           mode=a.mode, review_below=a.review_below, queue_out=a.queue)
 
 
 def _label(a):
@@ -43,7 +43,7 @@ def _label(a):
 
 def _review(a):
     from stackcls.label_ui import review_command
-    return review_command(a.data, model=a.model, labels=a.labels, save=a.save)
+    return review_command(a.data, model=a.model, labels=a.labels, save=a.save, queue=a.queue)
 
 
 def _err(msg) -> None:
@@ -76,21 +76,38 @@ def _summary(pred) -> str:
     else:
         a, b = pred.in_range_apex_to_base
         rng = f"IN range: apex->base ranks {a}..{b} ({b - a + 1} slices)"
-    lines = [head, "  " + rng]
+    lines = [head, "  " + rng] + _how_sure(pred)
     if pred.orientation_warning:
         lines.append("  WARNING: " + pred.orientation_warning)
-    lines.append(f"  {'rank':>4} {'slice':>5}  {'label':<4} {'OAP':>5} {'IN':>5} {'OBS':>5}  source")
+    lines.append(f"  {'rank':>4} {'slice':>5}  {'label':<4} {'OAP':>5} {'IN':>5} {'OBS':>5}  "
+                 f"{'level':<7} source")
+    level = pred.level or [None] * len(pred.labels)
     for r, c in enumerate(pred.apex_to_base):
         p = pred.probabilities[c]
         lines.append(f"  {r:>4} {pred.slice_ids[c] if pred.slice_ids else c:>5}  {pred.labels[c]:<4} "
-                     f"{p[0]:5.2f} {p[1]:5.2f} {p[2]:5.2f}  {_short(pred.sources[c])}")
+                     f"{p[0]:5.2f} {p[1]:5.2f} {p[2]:5.2f}  {level[c] or '':<7} {_short(pred.sources[c])}")
     return "\n".join(lines)
 
 
-def predict_command(path, model, json_out=None, figure_out=None, mode: str = "stack") -> int:
-    """`stackcls predict PATH --model RUN_DIR [--json OUT] [--figure OUT.png] [--mode ...]`:
-    every stack under PATH, a summary of each on stdout. Returns 0, 1 (no stack predicted) or 2
-    (bad arguments)."""
+def _how_sure(pred) -> list[str]:
+    """The range probability, the next ranges and the coverage of a prediction, as lines."""
+    if pred.range_probability is None:
+        return []
+    cal = "calibrated" if pred.temperature != 1.0 else "not calibrated"
+    alts = ", ".join(f"{'none' if a['in_range_apex_to_base'] is None else '{}..{}'.format(*a['in_range_apex_to_base'])}"
+                     f" {a['probability']:.2f}" for a in pred.alternatives)
+    cov = pred.coverage
+    return [f"  P(this range) {pred.range_probability:.2f} ({cal}, T {pred.temperature:.2f}); next: {alts}",
+            f"  coverage: {cov['status']} (P(end slice IN): apex {cov['apex_end_in']:.2f}, "
+            f"base {cov['base_end_in']:.2f})"]
+
+
+def predict_command(path, model, json_out=None, figure_out=None, mode: str = "stack",
+                    review_below: float | None = None, queue_out="review_queue.csv") -> int:
+    """`stackcls predict PATH --model RUN_DIR [--json OUT] [--figure OUT.png] [--mode ...]
+    [--review-below P [--queue review_queue.csv]]`: every stack under PATH, a summary of each on
+    stdout; with review_below, the review queue CSV (`label_session.write_review_queue`). Returns
+    0, 1 (no stack predicted) or 2 (bad arguments)."""
     # see the module docstring: imported when the command runs
     from stackcls import figures
     from stackcls.atomic import write_json
@@ -111,6 +128,9 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
         return 2
     if mode not in MODES:
         _err(f"mode must be one of {MODES}, got {mode!r}")
+        return 2
+    if review_below is not None and not 0 < review_below <= 1:
+        _err(f"--review-below must be a probability in (0, 1], got {review_below}")
         return 2
     if mode == "stack" and getattr(m, "stack_head", None) is None:
         _err(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
@@ -136,6 +156,11 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
         blob = dict(model=str(model), mode=mode, stacks=[p.to_dict() for p in preds],
                     skipped=[dict(path=str(p), reason=str(r)) for p, r in res.skipped] + failed)
         print(printable(f"wrote {write_json(json_out, _printable_tree(blob))}"))
+    if review_below is not None:
+        from stackcls.label_session import write_review_queue
+        done, n = write_review_queue(preds, queue_out, review_below)
+        print(printable(f"wrote {done}: {n} of {len(preds)} stacks to review "
+                        f"(P(range) < {review_below:g} or coverage flagged), least sure first"))
     if figure_out is not None and preds:
         # one row per stack; large trees are split into pages OUT.png, OUT-2.png, ...
         figure_out = Path(figure_out)
@@ -168,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["stack", "slice", "slice_ordered"], default="stack")
     s.add_argument("--json", type=Path, default=None, help="write predictions as JSON here")
     s.add_argument("--figure", type=Path, default=None, help="write a PNG figure here")
+    s.add_argument("--review-below", type=float, default=None, metavar="P",
+                   help="also write a review queue: stacks whose range probability is below P "
+                        "or whose coverage is flagged, least sure first")
+    s.add_argument("--queue", type=Path, default=Path("review_queue.csv"),
+                   help="where --review-below writes the queue (default review_queue.csv)")
     s.set_defaults(func=_predict)
 
     s = sub.add_parser("label", help="label stacks interactively (saved after every change)")
@@ -180,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", type=Path, required=True)
     s.add_argument("--labels", type=Path, default=None)
     s.add_argument("--save", type=Path, default=None, help="write PNGs here instead of a window")
+    s.add_argument("--queue", type=Path, default=None,
+                   help="review only the stacks of this queue (stackcls predict --review-below), in its order")
     s.set_defaults(func=_review)
     return p
 

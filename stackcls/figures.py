@@ -180,3 +180,80 @@ def anatomy(rows: list[dict], path, title: str = "method=anatomy on test stacks"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def reliability(curves: dict, path, bins: int = 10) -> Path:
+    """Reliability diagrams of P(returned IN range): curves {title: (probabilities (N,), right
+    (N,) bool)}, one panel each: accuracy against mean confidence per equal-width bin (marker
+    area ~ stacks in the bin), the diagonal, ECE and Brier in the title."""
+    from stackcls.calibration import brier, ece
+    from stackcls.calibration import reliability as bin_stats
+
+    plt = _plt()
+    n = max(1, len(curves))
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.5), squeeze=False)
+    for ax, (title, (p, right)) in zip(axes[0], curves.items()):
+        r = bin_stats(p, right, bins)
+        keep = r["count"] > 0
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+        ax.plot(r["confidence"][keep], r["accuracy"][keep], color="tab:blue", lw=1.2)
+        ax.scatter(r["confidence"][keep], r["accuracy"][keep], s=12 + 200 * r["count"][keep] / max(len(p), 1),
+                   color="tab:blue", zorder=3)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("P(returned IN range)")
+        ax.set_ylabel("share exactly right")
+        ax.set_title(f"{title}\n{len(p)} stacks, ECE {ece(p, right, bins):.3f}, Brier {brier(p, right):.3f}",
+                     fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def boundaries(preds, images, path, titles=None) -> Path:
+    """Stacks side by side with how sure the model is: per stack a row of slices (apex -> base,
+    predicted label and level above each), and under it P(first IN = slice) and P(last IN = slice)
+    with the truth marked when `titles` gives it. preds: `predict.Prediction`s; images: each
+    stack's (S, H, W) in the caller's order; titles: optional extra text per stack."""
+    plt = _plt()
+    ncol = max(len(p.labels) for p in preds)
+    fig = plt.figure(figsize=(1.25 * ncol, 3.3 * len(preds)), dpi=90)
+    gs = fig.add_gridspec(2 * len(preds), ncol, height_ratios=[2.2, 1.6] * len(preds), hspace=0.55,
+                          wspace=0.06)
+    colors = dict(OAP="tab:orange", IN="tab:green", OBS="tab:blue")
+    for row, (pred, imgs) in enumerate(zip(preds, images)):
+        S = len(pred.labels)
+        for r, c in enumerate(pred.apex_to_base):
+            ax = fig.add_subplot(gs[2 * row, r])
+            im = imgs[c]
+            lo, hi = np.percentile(im, (2, 98))
+            ax.imshow(np.clip((im - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            lv = (pred.level or [None] * S)[c]
+            ax.set_title(f"{r}: {pred.labels[c]}" + (f"\n{lv}" if lv else "\n "), fontsize=7,
+                         color=colors[pred.labels[c]])
+        bx = fig.add_subplot(gs[2 * row + 1, :S])
+        k = np.arange(S)
+        b = pred.boundary_probabilities
+        bx.bar(k - 0.2, b["first_in"], width=0.4, color="tab:orange", label="P(first IN = slice)")
+        bx.bar(k + 0.2, b["last_in"], width=0.4, color="tab:blue", label="P(last IN = slice)")
+        bx.set_xlim(-0.5, S - 0.5)
+        bx.set_ylim(0, 1.05)
+        bx.set_xticks(k)
+        bx.tick_params(labelsize=7)
+        bx.legend(fontsize=7, loc="upper center", ncols=2, frameon=False)
+        rng = pred.in_range_apex_to_base
+        alts = ", ".join(f"{'none' if a['in_range_apex_to_base'] is None else '{}..{}'.format(*a['in_range_apex_to_base'])}"
+                         f" {a['probability']:.2f}" for a in pred.alternatives)
+        text = (f"{pred.subject}/{pred.phase}: IN {'none' if rng is None else f'{rng[0]}..{rng[1]}'}, "
+                f"P = {pred.range_probability:.2f}; next {alts}; coverage {pred.coverage['status']}")
+        if titles is not None:
+            text += f"\n{titles[row]}"
+        bx.set_title(text, fontsize=8, loc="left")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

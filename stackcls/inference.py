@@ -17,8 +17,9 @@ Run directory layout (written by `python -m experiments.run`):
     depth0/ depth1/ scratch/      one folder per setting:
         cv/<job>.npz              per CV job: curves, out-of-fold probabilities/features
         final/                    the final model (checkpoint.save_model)
-        stack/                    the stack-aware head (checkpoint.save_stack_model) and the
-                                  direction model (direction.json)
+        stack/                    the stack-aware head (checkpoint.save_stack_model), the
+                                  direction model (direction.json) and the temperatures of the
+                                  range probabilities (calibration.json)
     anatomy/                      method=anatomy instead of the settings: cv/fold<k>/ (each fold's
                                   models and validation outputs), final/ (the fold models at the
                                   selected epoch: the ensemble), stack/ (as above)
@@ -37,6 +38,8 @@ from flax import nnx
 
 from stackcls.augment import random_rotation
 from stackcls.batching import map_chunks
+from stackcls.calibration import FILE as CALIBRATION_FILE
+from stackcls.calibration import Calibration
 from stackcls.checkpoint import (ModelFileError, is_saved, load_stack_model, restore_anatomy_model,
                                  restore_model)
 from stackcls.direction import FILE as DIRECTION_FILE
@@ -126,6 +129,7 @@ class TrainedModel:
     stack_head: StackModel | None = None
     path: Path | None = None
     direction: DirectionModel | None = None     # for stacks of unknown orientation
+    calibration: Calibration | None = None      # temperatures of the range probabilities
 
     def __post_init__(self):
         graphdef, state = nnx.split(self.model)
@@ -185,7 +189,7 @@ def load_model(run_dir, setting: str | None = None, stack: bool = True) -> Train
     d = found[setting]
     model, config = restore_model(d / "final")
     head, direction = _stack_parts(d / "stack", stack)
-    return TrainedModel(model, config, head, d, direction)
+    return TrainedModel(model, config, head, d, direction, _calibration(d / "stack"))
 
 
 def _stack_parts(d: Path, stack: bool):
@@ -201,6 +205,16 @@ def _stack_parts(d: Path, stack: bool):
     return head, direction
 
 
+def _calibration(d: Path):
+    """The temperatures of the range probabilities saved in a stack/ folder, or None."""
+    if not (d / CALIBRATION_FILE).is_file():
+        return None
+    try:
+        return Calibration.load(d)
+    except ValueError as e:          # its message names the file
+        raise ModelFileError(str(e)) from None
+
+
 def _is_anatomy(path: Path) -> bool:
     try:
         return json.loads((path / "config.json").read_text()).get("method") == ANATOMY
@@ -209,9 +223,10 @@ def _is_anatomy(path: Path) -> bool:
 
 
 def _load_anatomy(final: Path, stack_dir: Path | None, stack: bool):
-    """method=anatomy's ensemble (stackcls.anatomy.AnatomyModel) with its stack head and
-    direction model when saved beside it."""
+    """method=anatomy's ensemble (stackcls.anatomy.AnatomyModel) with its stack head, direction
+    model and calibration when saved beside it."""
     from stackcls.anatomy import AnatomyModel
     ensemble, config = restore_anatomy_model(final)
     head, direction = _stack_parts(stack_dir, stack) if stack_dir is not None else (None, None)
-    return AnatomyModel(ensemble, config, head, final.parent, direction)
+    calibration = _calibration(stack_dir) if stack_dir is not None else None
+    return AnatomyModel(ensemble, config, head, final.parent, direction, calibration)

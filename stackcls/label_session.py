@@ -18,6 +18,7 @@ check and the rename. Temp files that an interrupted save left beside the CSV ar
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ try:
 except ImportError:  # Windows: no advisory lock, the compare-and-merge still runs
     fcntl = None
 
-from stackcls.atomic import remove_stale_temps
+from stackcls.atomic import remove_stale_temps, replace_atomically
 from stackcls.decode import in_range
 from stackcls.io import load_labels, save_labels
+from stackcls.io.labels import _uncell, csv_cell
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
 
 Row = tuple[str, str, "int | None", int]  # (subject, phase, frame, slice)
@@ -244,3 +246,63 @@ class LabelSession:
             self._state = file_state(path)  # under the lock: no other session wrote in between
             self._pending.clear()
             remove_stale_temps(path)
+
+
+# ------------------------------------------------------------------------------- review queue
+# The stacks a user should look at first (`stackcls predict --review-below P`): written once,
+# read by `stackcls review --queue`, which walks the stacks in the file's order.
+
+QUEUE_COLUMNS = ("order", "subject", "phase", "range_probability", "in_range_apex_to_base",
+                 "coverage", "apex_end_in", "base_end_in", "alternatives", "slices", "source")
+
+
+def _range_text(r) -> str:
+    return "none" if r is None else f"{r[0]}..{r[1]}"
+
+
+def queue_rows(preds, below: float) -> list:
+    """The `predict.Prediction`s to review, least sure first: P(returned range) below `below`,
+    or a coverage flag (the stack may stop short of the apex or the base)."""
+    keep = [p for p in preds if p.range_probability is not None and (
+        p.range_probability < below or (p.coverage or {}).get("status", "complete") != "complete")]
+    return sorted(keep, key=lambda p: p.range_probability)
+
+
+def write_review_queue(preds, path, below: float) -> tuple[Path, int]:
+    """Write the review queue CSV (atomically); returns (path, stacks queued)."""
+    rows = queue_rows(preds, below)
+    path = Path(path)
+    with replace_atomically(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(QUEUE_COLUMNS)
+        for k, p in enumerate(rows, 1):
+            cov = p.coverage or {}
+            alts = "; ".join(f"{_range_text(a['in_range_apex_to_base'])} {a['probability']:.3f}"
+                             for a in p.alternatives)
+            w.writerow([k, csv_cell(p.subject or ""), csv_cell(p.phase or ""),
+                        f"{p.range_probability:.4f}", _range_text(p.in_range_apex_to_base),
+                        cov.get("status", ""), f"{cov.get('apex_end_in', float('nan')):.4f}",
+                        f"{cov.get('base_end_in', float('nan')):.4f}", alts, len(p.labels),
+                        csv_cell(p.sources[p.apex_to_base[0]] if p.sources else "")])
+    return path, len(rows)
+
+
+def read_review_queue(path) -> list[tuple[str, str]]:
+    """The (subject, phase) of each queued stack, in the file's order. A malformed file raises
+    ValueError naming it (and the line)."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"subject", "phase"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path}: not a review queue (no column {', '.join(sorted(missing))}; "
+                                 "write one with `stackcls predict ... --review-below P`)")
+            out = []
+            for row in reader:
+                if not row.get("subject") or not row.get("phase"):
+                    raise ValueError(f"{path}, line {reader.line_num}: subject or phase is empty")
+                out.append((_uncell(row["subject"]), _uncell(row["phase"])))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: cannot read the review queue ({type(e).__name__}: {e})") from None
+    return out

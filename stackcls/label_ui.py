@@ -2,7 +2,11 @@
 
 `stackcls label DATA --labels L.csv` shows one stack at a time, apex to base, and writes the labels
 CSV atomically after every change, so a crash or Ctrl-C never loses a label. `stackcls review DATA
---model RUN` adds the model's probabilities, its ordered prediction and a Grad-CAM overlay.
+--model RUN` adds the model's probabilities, its ordered prediction and a Grad-CAM overlay, and
+under the grid how sure the model is: P(its IN range), the next ranges, the coverage and, per
+slice, the probability that it is the first (apical) or the last (basal) IN slice. `--queue
+review_queue.csv` (from `stackcls predict --review-below P`) walks only the queued stacks, least
+sure first.
 
 The state (`stackcls.label_session.LabelSession`: the label table, its CSV, merging with another
 writer) is plain Python and is what the tests drive; `StackView` only draws it and turns key/mouse
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +28,7 @@ from stackcls.atomic import inside, safe_name
 from stackcls.explain import gradcam
 from stackcls.inference import load_model
 from stackcls.io import es_frames, load_labels, load_stacks
-from stackcls.label_session import LabelsConflictError, LabelSession
+from stackcls.label_session import LabelsConflictError, LabelSession, read_review_queue
 from stackcls.predict import predict_stack
 from stackcls.progress import bar as tqdm
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
@@ -59,6 +63,11 @@ class Review:
     labels: list[str]                    # predicted, apex -> base
     in_range: tuple[int, int] | None
     cams: np.ndarray | None = None       # (S, H, W) in [0, 1], on the stack's own image grid
+    range_probability: float | None = None
+    alternatives: list = field(default_factory=list)     # as predict.Prediction.alternatives
+    first_in: np.ndarray | None = None   # (S,) P(first IN slice = rank), apex -> base
+    last_in: np.ndarray | None = None    # (S,) P(last IN slice = rank)
+    coverage: dict | None = None
 
 
 def review_stack(stack: Stack, model, with_cam: bool = True) -> Review:
@@ -69,7 +78,24 @@ def review_stack(stack: Stack, model, with_cam: bool = True) -> Review:
     cams = None
     if with_cam:
         cams = stack_gradcam(model, stack, [CLASS_INDEX[l] for l in labels])
-    return Review(probs, labels, pred.in_range_apex_to_base, cams)
+    b = pred.boundary_probabilities
+    return Review(probs, labels, pred.in_range_apex_to_base, cams, pred.range_probability,
+                  pred.alternatives, np.asarray(b["first_in"]), np.asarray(b["last_in"]),
+                  pred.coverage)
+
+
+def _range_text(r) -> str:
+    return "none" if r is None else f"{r[0]}..{r[1]}"
+
+
+def how_sure_text(rev: Review) -> str:
+    """One line: P(the predicted range), the alternatives, the coverage."""
+    alts = ", ".join(f"{_range_text(a['in_range_apex_to_base'])} {a['probability']:.2f}"
+                     for a in rev.alternatives)
+    cov = rev.coverage or {}
+    return (f"P(IN {_range_text(rev.in_range)}) = {rev.range_probability:.2f}    next: {alts}    "
+            f"coverage: {cov.get('status', '?')} (P(end slice IN) apex {cov.get('apex_end_in', 0):.2f}, "
+            f"base {cov.get('base_end_in', 0):.2f})")
 
 
 def stack_gradcam(model, stack: Stack, classes) -> np.ndarray:
@@ -128,8 +154,10 @@ class StackView:
         nrows = math.ceil(n / ncols)
         rev = self.review()
         labels = sess.labels_of()
+        sure = rev is not None and rev.range_probability is not None
         gs = self.fig.add_gridspec(nrows, ncols, hspace=0.45 if rev is not None else 0.25,
-                                   wspace=0.08, top=0.88, bottom=0.10 if rev is not None else 0.04,
+                                   wspace=0.08, top=0.88,
+                                   bottom=0.24 if sure else 0.10 if rev is not None else 0.04,
                                    left=0.03, right=0.98)
         self.axes = []
         for k in range(n):
@@ -165,6 +193,8 @@ class StackView:
                 bx.set_yticks(range(3), CLASSES, fontsize=6)
                 bx.invert_yaxis()
                 bx.set_xticks([])
+        if sure:
+            self._draw_boundaries(rev, n)
         done, total = sess.progress()
         head = (f"{s.subject}  {s.phase}  ({n} slices, apex -> base)    stack {sess.index + 1}/{total}"
                 f"    labelled {done}/{total}")
@@ -178,6 +208,19 @@ class StackView:
                           family="monospace", fontsize=10,
                           bbox=dict(facecolor="white", alpha=0.95, edgecolor="black"))
         self.fig.canvas.draw_idle()
+
+    def _draw_boundaries(self, rev: Review, n: int) -> None:
+        """Under the grid: the how-sure line, then each end's boundary probabilities per slice."""
+        self.fig.text(0.03, 0.165, how_sure_text(rev), fontsize=9, family="monospace")
+        bx = self.fig.add_axes([0.05, 0.03, 0.92, 0.11])
+        k = np.arange(n)
+        bx.bar(k - 0.2, rev.first_in, width=0.4, color=COLORS["OAP"], label="P(first IN = slice)")
+        bx.bar(k + 0.2, rev.last_in, width=0.4, color=COLORS["OBS"], label="P(last IN = slice)")
+        bx.set_xlim(-0.6, n - 0.4)
+        bx.set_ylim(0, 1)
+        bx.set_xticks(k)
+        bx.tick_params(labelsize=7)
+        bx.legend(fontsize=7, loc="upper center", ncols=2, frameon=False)
 
     # -- events -------------------------------------------------------------------------------
     def on_key(self, event) -> None:
@@ -266,8 +309,23 @@ def label_command(data: Path, labels: Path) -> int:
     return 0
 
 
+def queued(stacks: list[Stack], queue) -> list[Stack]:
+    """The stacks the review queue CSV names, in its order; queued stacks not found under the
+    data folder are reported on stderr and skipped."""
+    by_key = {(s.subject, s.phase): s for s in stacks}
+    order = read_review_queue(queue)
+    missing = [f"{sub}/{ph}" for sub, ph in order if (sub, ph) not in by_key]
+    if missing:
+        print(f"warning: {queue}: {len(missing)} queued stacks not found under the data folder "
+              f"(skipped): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
+    out = [by_key[k] for k in dict.fromkeys(order) if k in by_key]
+    if not out:
+        raise ValueError(f"{queue}: none of its {len(order)} stacks is under the data folder")
+    return out
+
+
 def review_command(data: Path, model: Path, labels: Path | None = None,
-                   save: Path | None = None) -> int:
+                   save: Path | None = None, queue: Path | None = None) -> int:
     if save is not None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt   # only after the backend is chosen
@@ -275,6 +333,8 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
     m = load_model(model)
     try:
         stacks = _load(data, labels)
+        if queue is not None:
+            stacks = queued(stacks, queue)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -286,6 +346,8 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if queue is not None:
+        session.go(0)                  # the queue's order, not the first unlabelled stack
     view = StackView(session, model=m)
     if save is None:
         plt.show()

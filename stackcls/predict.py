@@ -30,6 +30,15 @@ issued (wrong geometry, e.g. LPS coordinates stored as RAS, reverses apex and ba
 After warm-up a stack is one jitted call (preprocessing on the host, then slice outputs, stack
 head in both directions and both decodings in one compiled function per model, mode and S).
 The terminal summary and `stackcls predict` are in `cli.py`, the figure in `figures.py`.
+
+How sure: the labels come with the exact distribution over IN ranges under the order constraint
+(`stackcls.boundaries`), formed from the mode's per-slice scores divided by the model's fitted
+temperature (`stackcls.calibration`, 1 without one): `range_probability` (P(the returned IN range
+is exactly right)), `alternatives` (the next three ranges), `boundary_probabilities` (each
+candidate first and last IN slice), `coverage` (whether an end slice of the stack is probably IN
+already, so the stack may stop short of the apex or the base) and `level` (apical / mid / basal
+thirds of the IN range). For mode "slice" the labels need not be ordered; the probability is still
+that of its (first, last) IN span under the ordered model.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stackcls.boundaries import distribution, levels
 from stackcls.inference import load_model
 from stackcls.decode import decode_batch, in_range
 from stackcls.io.inputs import resolve_stack_input
@@ -49,6 +59,7 @@ from stackcls.stack import CLASSES
 from stackcls.stack_model import PROB_FLOOR
 
 MODES = ("stack", "slice", "slice_ordered")
+ALTERNATIVES = 3           # ranges listed after the returned one
 # Log-score margin (nats, summed over the stack) by which the reversed direction must beat a known
 # orientation before we warn: e^3 ~ 20x more likely under the model. Below it, geometry is trusted.
 ORIENTATION_MARGIN = 3.0
@@ -77,6 +88,15 @@ class Prediction:
     subject: str | None = None
     phase: str | None = None
     slice_ids: list[int] | None = None
+    # how sure (see the module docstring); ranks count apex -> base (apex_to_base[r] is the caller
+    # index of rank r)
+    range_probability: float | None = None   # P(the IN range is exactly in_range_apex_to_base)
+    alternatives: list = dataclasses.field(default_factory=list)   # [{in_range_apex_to_base,
+                                             # in_range, probability}], most probable first
+    boundary_probabilities: dict | None = None   # first_in / last_in: P per rank; no_in: P(no IN)
+    coverage: dict | None = None             # status, apex_end_in, base_end_in, threshold
+    level: list | None = None                # per slice (caller order): apical | mid | basal | None
+    temperature: float = 1.0                 # of the range distribution (1: not calibrated)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -218,10 +238,42 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
     for wi in range(S):
         labels[caller[wi]] = CLASSES[int(lab_w[wi])]
         probs[caller[wi]] = probs_w[wi]
+    rank_to_caller = [int(caller[wi]) for wi in apex_first]
+    rng = in_range(lab_w[apex_first])
     return Prediction(
         labels=labels, probabilities=probs, in_range=in_range(labels),
-        sources=list(w.sources), apex_to_base=[int(caller[wi]) for wi in apex_first], mode=mode,
+        sources=list(w.sources), apex_to_base=rank_to_caller, mode=mode,
         orientation="reversed" if use_rev else "as_given", orientation_source=w.source,
         orientation_scores={"as_given": s_f, "reversed": s_r, "direction_logit": dir_logit},
-        orientation_warning=warning, in_range_apex_to_base=in_range(lab_w[apex_first]),
-        subject=w.subject, phase=w.phase, slice_ids=w.slice_ids)
+        orientation_warning=warning, in_range_apex_to_base=rng,
+        subject=w.subject, phase=w.phase, slice_ids=w.slice_ids,
+        **how_sure(probs_w[apex_first], rng, rank_to_caller, labels, mode, model))
+
+
+def how_sure(probs, rng, rank_to_caller, labels, mode: str, model) -> dict:
+    """The range fields of a Prediction from the mode's per-slice probabilities (S, 3) apex ->
+    base and the returned IN range `rng` (ranks)."""
+    # the log-scores the decoder used: the classifier's are clipped at PROB_FLOOR (as
+    # slice_features), the head's are its log-softmax, recovered to float32 precision
+    floor = np.finfo(np.float32).tiny if mode == "stack" else PROB_FLOOR
+    calibration = getattr(model, "calibration", None)
+    t = calibration.temperature(mode) if calibration is not None else 1.0
+    d = distribution(np.log(np.clip(np.asarray(probs, np.float64), floor, 1.0)), t)
+
+    def as_range(r):
+        if r is None:
+            return dict(in_range_apex_to_base=None, in_range=None)
+        span = [rank_to_caller[k] for k in range(r[0], r[1] + 1)]
+        return dict(in_range_apex_to_base=[int(r[0]), int(r[1])], in_range=[min(span), max(span)])
+
+    alternatives = [dict(as_range(r), probability=round(p, 6)) for r, p in d.ranges()
+                    if r != rng][:ALTERNATIVES]
+    level = [None] * len(labels)
+    for k, lv in enumerate(levels(rng, len(labels))):
+        if lv is not None and labels[rank_to_caller[k]] == "IN":
+            level[rank_to_caller[k]] = lv
+    return dict(range_probability=round(d.probability(rng), 6), alternatives=alternatives,
+                boundary_probabilities=dict(first_in=np.round(d.first, 6).tolist(),
+                                            last_in=np.round(d.last, 6).tolist(),
+                                            no_in=round(d.none, 6)),
+                coverage=d.coverage(), level=level, temperature=float(t))

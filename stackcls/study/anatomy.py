@@ -37,7 +37,8 @@ from stackcls.preprocess import patient_folds
 from stackcls.selection import select
 from stackcls.stack import CLASSES
 from stackcls.study.config import AnatomyStage, as_plain
-from stackcls.study.evaluation import Evaluated, evaluate_rows, orientation_withheld, stack_head
+from stackcls.study.evaluation import (Evaluated, calibrate_setting, evaluate_rows,
+                                      orientation_withheld, stack_head)
 
 NAME = "anatomy"
 
@@ -207,6 +208,11 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
                       test_pen, test_probs)
     model.stack_head, model.direction = head.model, head.direction
     test = evaluate_rows(te, test_probs, head.probs)
+    # temperatures of the range probabilities, fitted on the out-of-fold stacks (issue 11)
+    res = dict(oof_probs=train_probs, selected=dict(epochs=epoch))
+    model.calibration, test["calibration"], outcomes = calibrate_setting(
+        d / "stack", res, cfg.stack, study.seed, tr, te, (train_pen, train_probs), head,
+        test_pen, test_probs)
     test["stack_orientation_withheld"] = orientation_withheld(test_stacks, te, model, study.seed)
     final_seconds = time.perf_counter() - t1
     savez(d / "test_outputs.npz", probs=test_probs, evidence=test_pen, y=te["y"],
@@ -224,7 +230,7 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
                stack_head=dict(selected=head.model.info.get("selected"),
                                timing=head.model.info.get("timing")))
     write_figures(run_dir, test_stacks, test_out, te, test_probs, head.probs)
-    return row, Evaluated(row, test_probs, test_pen, head.probs), te
+    return row, Evaluated(row, test_probs, test_pen, head.probs, outcomes), te
 
 
 def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stack_probs) -> None:

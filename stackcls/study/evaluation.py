@@ -6,6 +6,10 @@
                                 ordered decoding of its per-slice probabilities
     stack_orientation_withheld  the stack mode through predict_stack with each test stack shown in a
                                 random direction as "unknown" (the direction model must find it)
+
+and, under `calibration`, how well P(returned IN range) is calibrated for slice_ordered and
+stack (`calibrate_setting`: temperatures fitted on out-of-fold training stacks, then ECE, Brier,
+the wrong stacks among the 20 % least confident and the truncation test on the test stacks).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from stackcls import calibration as cal
+from stackcls import figures
 from stackcls.atomic import savez, write_json
 from stackcls.checkpoint import load_stack_model, save_stack_model
 from stackcls.decode import decode_many
@@ -25,7 +31,7 @@ from stackcls.inference import TrainedModel, predict_outputs
 from stackcls.metrics import evaluate, stack_groups
 from stackcls.predict import predict_stack
 from stackcls.stack import CLASS_INDEX
-from stackcls.stack_model import StackModel, slice_features, train_stack_model
+from stackcls.stack_model import PROB_FLOOR, StackModel, slice_features, train_stack_model
 from stackcls.study.config import StackStage, as_plain
 from stackcls.study.settings import StageInputs
 
@@ -45,6 +51,7 @@ class Evaluated:
     probs: np.ndarray              # (M, 3) the final model's test probabilities
     pen: np.ndarray                # (M, 256) its penultimate features
     stack_probs: np.ndarray | None
+    range_outcomes: dict | None = None   # mode -> (P(returned range), right) per test stack
 
 
 def ordered(log_probs: np.ndarray, stack_index: np.ndarray) -> np.ndarray:
@@ -150,8 +157,11 @@ def evaluate_setting(d: Path, res: dict, stage: str, inputs: StageInputs, tr: di
             stack_head(d / "stack", stack, seed, tr, train_outputs, te, test_pen, test_probs))
     stack_probs = None if head is None else head.probs
     test = evaluate_rows(te, test_probs, stack_probs)
+    calibration, test["calibration"], outcomes = calibrate_setting(
+        d / "stack", res, stack, seed, tr, te, train_outputs, head, test_pen, test_probs)
     if head is not None:
-        trained = TrainedModel(res["model"], save_config, head.model, None, head.direction)
+        trained = TrainedModel(res["model"], save_config, head.model, None, head.direction,
+                               calibration)
         test["stack_orientation_withheld"] = orientation_withheld(test_stacks, te, trained, seed)
     savez(d / "test_outputs.npz", probs=test_probs, pen=test_pen, y=te["y"],
           stack_index=te["stack_index"], slice_index=te["slice_index"],
@@ -160,4 +170,78 @@ def evaluate_setting(d: Path, res: dict, stage: str, inputs: StageInputs, tr: di
     row = dict(selected=res["selected"], test=test, timing=res["timing"],
                checkpoint=str(Path(d.name) / "final"),
                stack_head=info and dict(selected=info.get("selected"), timing=info.get("timing")))
-    return Evaluated(row, test_probs, test_pen, stack_probs)
+    return Evaluated(row, test_probs, test_pen, stack_probs, outcomes)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def _per_stack(arrays: dict, values: np.ndarray) -> list[np.ndarray]:
+    return [values[g] for g in stack_groups(arrays["stack_index"])]
+
+
+def _log(probs: np.ndarray, floor: float) -> np.ndarray:
+    return np.log(np.clip(np.asarray(probs, np.float64), floor, 1.0)).astype(np.float32)
+
+
+def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: dict, train_outputs,
+                    head: StackOutcome | None) -> cal.Calibration:
+    """The temperatures of a setting (stackcls.calibration), fitted on out-of-fold training
+    stacks, or loaded from `folder` when fitted for the same stack settings and seed."""
+    want = dict(as_plain(stage), seed=seed, classifier=res["selected"])
+    try:
+        old = cal.Calibration.load(folder)
+        if old.info.get("stamp") == want:
+            return old
+    except ValueError:
+        pass                                 # absent or unreadable: fit again
+    truths = [cal.true_range(y) for y in _per_stack(tr, tr["y"])]
+    temps, info = {}, dict(stamp=want)
+    oof = res.get("oof_probs")
+    if oof is not None and not np.isnan(oof).any():
+        temps["slice_ordered"], info["slice_ordered"] = cal.fit_temperature(
+            _per_stack(tr, _log(oof, PROB_FLOOR)), truths)
+    else:
+        info["slice_ordered"] = "not fitted: no out-of-fold classifier outputs (no CV)"
+    if head is not None:
+        pen, probs = train_outputs
+        feats = [slice_features(a, b) for a, b in zip(_per_stack(tr, pen), _per_stack(tr, probs))]
+        subjects = [str(s[0]) for s in _per_stack(tr, np.asarray(tr["subject"]))]
+        tables = cal.oof_stack_tables(feats, _per_stack(tr, tr["y"]), subjects, head.model, seed)
+        if tables is None:
+            info["stack"] = "not fitted: the stack head was trained without CV"
+        else:
+            temps["stack"], info["stack"] = cal.fit_temperature(tables, truths)
+    out = cal.Calibration(temps, info)
+    out.save(folder)
+    return out
+
+
+def calibrate_setting(folder: Path, res: dict, stage: StackStage, seed: int, tr: dict, te: dict,
+                      train_outputs, head: StackOutcome | None, test_pen, test_probs):
+    """(Calibration, the test row's `calibration` entry, {mode: (P(returned range), right)}):
+    per mode, the measures with the fitted temperature and without (T = 1), and the truncation
+    test (`calibration.truncation_test`)."""
+    calibration = fit_calibration(folder, res, stage, seed, tr, train_outputs, head)
+    truths = [cal.true_range(y) for y in _per_stack(te, te["y"])]
+    feats = [slice_features(a, b) for a, b in zip(_per_stack(te, test_pen), _per_stack(te, test_probs))]
+    modes = dict(slice_ordered=(_per_stack(te, _log(test_probs, PROB_FLOOR)), cal.classifier_tables))
+    if head is not None:
+        modes["stack"] = (_per_stack(te, _log(head.probs, np.finfo(np.float32).tiny)),
+                          head.model.scores_many)
+    row, outcomes = {}, {}
+    for mode, (tables, score) in modes.items():
+        t = calibration.temperature(mode)
+        p, right = cal.range_outcomes(tables, truths, t)
+        outcomes[mode] = (p, right)
+        row[mode] = dict(temperature=t, **cal.range_measures(p, right),
+                         uncalibrated=cal.range_measures(*cal.range_outcomes(tables, truths, 1.0)),
+                         truncation=[cal.truncation_test(feats, _per_stack(te, te["y"]), score, t,
+                                                         margin=m) for m in (0, 1)])
+    return calibration, row, outcomes
+
+
+def calibration_figure(run_dir: Path, evaluated: dict) -> Path | None:
+    """calibration.png: the reliability diagram of P(returned range) of every setting and mode."""
+    curves = {f"{name}: {mode}": o for name, ev in evaluated.items()
+              for mode, o in (ev.range_outcomes or {}).items()}
+    return figures.reliability(curves, run_dir / "calibration.png") if curves else None

@@ -31,7 +31,8 @@ from stackcls.stack import CLASSES
 from stackcls.study.anatomy import run_anatomy
 from stackcls.study.config import METHODS, Study, as_plain, as_study, identity
 from stackcls.study.data import input_size, load_data, make_backbone
-from stackcls.study.evaluation import Evaluated, evaluate_setting, ordered, trivial_row
+from stackcls.study.evaluation import (Evaluated, calibration_figure, evaluate_setting, ordered,
+                                      trivial_row)
 from stackcls.study.report import results_markdown, summary_table
 from stackcls.study.settings import plan, stage_inputs, vmapped
 from stackcls.sweep import run_setting
@@ -149,6 +150,7 @@ def run_anatomy_study(study: Study, run_dir: Path, t_start: float) -> dict:
           f"{len(test_stacks)} stacks")
     weights = anatomy_weights(study)
     row, ev, te = run_anatomy(study, train_stacks, test_stacks, run_dir, weights)
+    calibration_figure(run_dir, {"anatomy": ev})
     results = dict(schema=SCHEMA_VERSION, backbone=study.backbone, method="anatomy",
                    data=study.data.name, weights=str(study.weights), protocol=p.name,
                    seed=study.seed, input_size=p.anatomy.size, depths={"anatomy": row},
@@ -192,6 +194,7 @@ def write_figures(run_dir: Path, trained: dict, evaluated: dict, te: dict, seed:
             mats[f"{name}: stack"] = confusion_matrix(te["y"], ordered(np.log(np.clip(
                 ev.stack_probs, 1e-12, 1)), te["stack_index"]))
     figures.confusion(mats, run_dir / "confusion.png")
+    calibration_figure(run_dir, evaluated)
     last = list(evaluated)[-1]
     ev = evaluated[last]
     figures.tsne(tsne(ev.pen, seed), te["y"], run_dir / "tsne.png",
