@@ -156,7 +156,8 @@ def evidence(mask_probs: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- augmentation
 
 def _warp(img, coords):
-    """Bilinear sample of img (C, H, W, k) at coords (2, h, w); outside: 0."""
+    """Bilinear sample of img (H, W, k) at coords (2, h, w) -> (h, w, k); outside the image: 0
+    (blended in at the edges, as scipy.ndimage.map_coordinates order=1, mode="grid-constant")."""
     H, W = img.shape[:2]
     r, c = coords
     r0, c0 = jnp.floor(r), jnp.floor(c)
