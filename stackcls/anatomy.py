@@ -144,8 +144,10 @@ def evidence(mask_probs: jax.Array) -> jax.Array:
     Areas are in cm^2 (log1p), so they mean the same whatever the input size. Ring closure: the
     share of 16 angular sectors around the cavity (or, without one, the LV) centre in which some
     myocardium is seen: a full ring marks a cut through the ventricle, a crescent the basal or
-    apical edge. cavity_inside_ring: how much of the cavity lies within the ring's radius, low when
-    the "cavity" is the outflow tract or an atrium opening beside the myocardium."""
+    apical edge. cavity_inside_ring: how much of the cavity lies within the ring's radius around
+    the ring's own centre (the myocardium's centroid), low when the "cavity" is the outflow tract
+    or an atrium opening beside the myocardium. Measured around the cavity-weighted centre instead,
+    a ring beside the cavity only looks far away, and the whole cavity passes as inside it."""
     p = mask_probs
     n = p.shape[1]
     px_cm2 = (SPACING_MM / 10.0) ** 2
@@ -166,8 +168,13 @@ def evidence(mask_probs: jax.Array) -> jax.Array:
     onehot = jax.nn.one_hot(sector, _SECTORS)                           # (N, n, n, K)
     seen = jnp.max(onehot * (myo * near)[..., None], axis=(1, 2))       # (N, K)
     closure = jnp.mean(jnp.clip(seen * 2.0, 0.0, 1.0), axis=-1)
-    ring_r = jnp.sum(myo * dist, axis=(1, 2)) / (jnp.sum(myo, axis=(1, 2)) + 1e-3)
-    inside = jnp.sum(cav * (dist <= ring_r[:, None, None]), axis=(1, 2)) / (jnp.sum(cav, axis=(1, 2)) + 1e-3)
+    wm = myo + 1e-6 * w                          # without myocardium: the centre above
+    wmsum = jnp.sum(wm, axis=(1, 2))
+    dr_m = rr[None] - (jnp.sum(wm * rr, axis=(1, 2)) / wmsum)[:, None, None]
+    dc_m = cc[None] - (jnp.sum(wm * cc, axis=(1, 2)) / wmsum)[:, None, None]
+    dist_m = jnp.sqrt(dr_m ** 2 + dc_m ** 2)
+    ring_r = jnp.sum(myo * dist_m, axis=(1, 2)) / (jnp.sum(myo, axis=(1, 2)) + 1e-3)
+    inside = jnp.sum(cav * (dist_m <= ring_r[:, None, None]), axis=(1, 2)) / (jnp.sum(cav, axis=(1, 2)) + 1e-3)
     return jnp.stack([jnp.log1p(area[:, 3]), jnp.log1p(area[:, 2]), jnp.log1p(area[:, 1]),
                       peak, closure, inside], axis=-1)
 
@@ -175,7 +182,8 @@ def evidence(mask_probs: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- augmentation
 
 def _warp(img, coords):
-    """Bilinear sample of img (C, H, W, k) at coords (2, h, w); outside: 0."""
+    """Bilinear sample of img (H, W, k) at coords (2, h, w) -> (h, w, k); outside the image: 0
+    (blended in at the edges, as scipy.ndimage.map_coordinates order=1, mode="grid-constant")."""
     H, W = img.shape[:2]
     r, c = coords
     r0, c0 = jnp.floor(r), jnp.floor(c)
