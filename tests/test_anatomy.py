@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from stackcls import anatomy, backbones
 from stackcls.anatomy import (EVIDENCE, N_MASK, AnatomyConfig, AnatomyModel, AnatomyNet, Ensemble,
-                              build_net)
+                              build_net, model_inputs)
 from stackcls.checkpoint import ModelFileError, restore_anatomy_model, save_anatomy_model
 from stackcls.physical import SPACING_MM
 from stackcls.study.config import as_plain
@@ -306,11 +306,18 @@ def heart_stack(shape=(6, 100, 120), spacing_mm=1.5):
 
 
 def test_preprocess_and_slice_outputs(model):
+    # preprocess runs the networks (host side of predict_stack): per slice, evidence + probs
     x = model.preprocess(heart_stack(), spacing=(1.5, 1.5, 10.0))
-    assert x.shape == (6, 64, 64) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 255
+    assert x.shape == (6, len(EVIDENCE) + 3) and x.dtype == np.float32
     ev, probs = model.slice_outputs(jnp.asarray(x))
     assert ev.shape == (6, len(EVIDENCE)) and probs.shape == (6, 3)
     np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, atol=1e-5)
+    # the same as the ensemble's outputs on the model inputs of the stack
+    xin, _ = model_inputs(heart_stack(), (1.5, 1.5, 10.0), model.cfg, model.localise_size,
+                          lambda a: model.run(a)["lv"])
+    assert xin.shape == (6, 64, 64) and 0 <= xin.min() and xin.max() <= 255
+    o = model.run(xin)
+    np.testing.assert_allclose(x, np.concatenate([o["evidence"], o["probs"]], 1), rtol=1e-5, atol=1e-5)
     # the physical scale reaches the model: at twice the pixel size the stack covers twice the mm,
     # so the same pixels make a different input
     x2 = model.preprocess(heart_stack(), spacing=(3.0, 3.0, 10.0))
