@@ -378,7 +378,10 @@ def test_study_writes_the_anatomy_rows(anatomy_study):
     assert on_disk == json.loads(json.dumps(res))
     assert on_disk["method"] == "anatomy" and list(on_disk["depths"]) == ["anatomy"]
     row = on_disk["depths"]["anatomy"]
-    assert set(row["test"]) == set(MODES)
+    assert set(row["test"]) == set(MODES) | {"calibration"}
+    assert set(row["test"]["calibration"]) == {"slice_ordered", "stack"}
+    assert on_disk["trivial"]["all_in"]["f1"]["OAP"] == 0.0
+    assert (run_dir / "calibration.png").is_file() and (run_dir / "anatomy.png").is_file()
     n = on_disk["n_test"]["slices"]
     assert on_disk["n_train"]["with_masks"] == on_disk["n_train"]["stacks"] == 8
     for mode in MODES:
