@@ -159,11 +159,26 @@ def rescale(path: str, ds) -> tuple[float, float]:
 
 
 def trigger_time(path: str, ds) -> float | None:
-    """TriggerTime in ms, None when absent; a NaN or infinite value would misorder phases."""
-    t = _number(path, ds, "TriggerTime", None)
+    """TriggerTime in ms (an enhanced frame's NominalCardiacTriggerDelayTime), None when absent; a
+    NaN or infinite value would misorder phases."""
+    tag = "TriggerTime" if "TriggerTime" in ds else "NominalCardiacTriggerDelayTime"
+    t = _number(path, ds, tag, None)
     if t is not None and not math.isfinite(t):
-        raise StackReadError(path, f"bad TriggerTime {t:g}: cannot order the cine phases")
+        raise StackReadError(path, f"bad {tag} {t:g}: cannot order the cine phases")
     return t
+
+
+def echo(ds) -> str | None:
+    """Which echo an image belongs to: EchoNumbers, or an enhanced frame's EffectiveEchoTime (no
+    EchoNumbers there); None when neither is given."""
+    n = ds.get("EchoNumbers")
+    if n not in (None, ""):
+        return f"echo {str(n)[:16]}"
+    te = ds.get("EffectiveEchoTime")
+    try:
+        return None if te in (None, "") else f"TE {float(te):g} ms"
+    except (TypeError, ValueError):
+        return None
 
 
 def thickness(ds) -> float | None:
