@@ -73,7 +73,7 @@ def to_enhanced(files, out, seed=0):
                       ComplexImageComponent="PHASE" if kind[2] == "P" else "MAGNITUDE")]))
         if "TriggerTime" in d:
             f.CardiacSynchronizationSequence = Sequence([_item(
-                NominalCardiacTriggerDelayTime=d.TriggerTime)])
+                NominalCardiacTriggerDelayTime=float(d.TriggerTime))])
         frames.append(f)
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     ds.PixelData = b"".join(d.PixelData for d in dss)
@@ -284,3 +284,32 @@ def test_12bit_stored_pixels(name, ref):
     (s,) = dcm.read_images(_shared(f"{VENDORS}/12bit/In/{name}"))
     r, _ = _ref(f"12bit/Ref/{ref}.nii")
     assert _match(_demosaic(s.image, r.shape[2]), r)[1:] == pytest.approx((1, 0), abs=1e-6)
+
+
+# --- the built-in cohort as enhanced DICOM (`stackcls synth --enhanced`) ---
+
+
+def test_synth_enhanced_gives_the_classic_cohorts_stacks(tmp_path, monkeypatch, capsys):
+    from stackcls import phantom
+    from stackcls.cli import main
+    from stackcls.io import load_stacks
+    import stackcls.phantom.render as R
+    orig = R.render_subject
+    monkeypatch.setattr(phantom, "render_subject", lambda s, i, m=1.0: orig(s, i, 0.25))
+    monkeypatch.setenv("STACKCLS_WORKERS", "1")
+    assert main(["synth", "--subjects", "3", "--out", str(tmp_path / "enh"), "--seed", "5",
+                 "--enhanced"]) == 0
+    assert main(["synth", "--subjects", "3", "--out", str(tmp_path / "classic"), "--seed", "5"]) == 0
+    assert "3 DICOM files" in capsys.readouterr().out.split("\n")[0]
+    files = sorted((tmp_path / "enh" / "dicom").rglob("*"))
+    files = [f for f in files if f.is_file()]
+    assert len(files) == 3 and all(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID ==
+                                   EnhancedMRImageStorage for f in files)
+    enh = load_stacks(tmp_path / "enh" / "dicom", labels=tmp_path / "enh" / "labels.csv")
+    classic = load_stacks(tmp_path / "classic" / "dicom", labels=tmp_path / "classic" / "labels.csv")
+    assert len(enh) == 6 and all(s.labels for s in enh)
+    for a, b in zip(enh, classic):
+        b.meta["series_description"] = a.meta["series_description"]  # the one header that differs
+    same_stacks(enh, classic)
+    assert [s.labels for s in enh] == [s.labels for s in classic]
+    assert main(["inspect", str(tmp_path / "enh" / "dicom")]) == 0
