@@ -38,8 +38,9 @@ ORIENT_COS_TOL = 0.9998  # ~1.1 degrees: normals closer than this belong to one 
 GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 22
 
-# Decoder hints by transfer syntax (pydicom decodes uncompressed, RLE and deflate by itself).
-_JPEG = "pip install pylibjpeg pylibjpeg-libjpeg (or pip install python-gdcm)"
+# Decoder hints by transfer syntax, for a broken install: the decoders are dependencies (pyproject;
+# docs/io.md lists them with their licences). pydicom decodes uncompressed, RLE and deflate itself.
+_JPEG = "pip install python-gdcm"
 _J2K = "pip install pylibjpeg pylibjpeg-openjpeg (or pip install python-gdcm)"
 _JLS = "pip install pyjpegls (or pip install python-gdcm)"
 _DECODER_HINT = {
