@@ -52,18 +52,21 @@ def _values(v) -> list:
 
 
 class FrameView:
-    """One frame of a multi-frame dataset, read like a classic header: `get`, `in` and `[]` look in
-    the frame's functional group items, then the shared ones, then the top-level dataset."""
+    """One frame of a multi-frame dataset, read like a classic header: `get`, `in` and `[]` (by
+    keyword) look in the frame's functional group items, then the shared ones, then the top-level
+    dataset. The group elements are indexed once (the shared ones once per file): a lookup is then a
+    dict access, not a walk over a dozen sequence items per frame."""
 
-    def __init__(self, ds, per_frame_item, shared_item):
+    def __init__(self, ds, per_frame_item, shared: dict):
         self.file_meta = getattr(ds, "file_meta", None)
-        self._layers = [*_group_items(per_frame_item), *_group_items(shared_item), ds]
+        self._ds = ds
+        self._own = {**shared, **_index(per_frame_item)}
 
     def _find(self, key):
-        for layer in self._layers:
-            if key in layer:
-                return layer[key]
-        return None
+        elem = self._own.get(key)
+        if elem is None and key in self._ds:
+            elem = self._ds[key]
+        return elem
 
     def __contains__(self, key) -> bool:
         return self._find(key) is not None
@@ -79,14 +82,17 @@ class FrameView:
         return default if elem is None else elem.value
 
 
-def _group_items(item) -> list:
-    """The first item of each functional group sequence in a (per-frame or shared) group item."""
+def _index(item) -> dict:
+    """keyword -> element over the first item of each functional group sequence in a (per-frame or
+    shared) group item; the first sequence holding a keyword wins."""
+    out = {}
     if item is None:
-        return []
-    out = []
+        return out
     for elem in item:
         if elem.VR == "SQ" and len(elem.value):
-            out.append(elem.value[0])
+            for e in elem.value[0]:
+                if e.keyword and e.keyword not in out:
+                    out[e.keyword] = e
     return out
 
 
@@ -105,8 +111,8 @@ def frame_views(path: str, ds) -> list[FrameView]:
         raise StackReadError(path, f"NumberOfFrames {frames} but {len(per_frame)} items in "
                                    "PerFrameFunctionalGroupsSequence: truncated or corrupt header")
     shared = ds.get("SharedFunctionalGroupsSequence")
-    shared_item = shared[0] if shared else None
-    return [FrameView(ds, item, shared_item) for item in per_frame]
+    shared_index = _index(shared[0] if shared else None)
+    return [FrameView(ds, item, shared_index) for item in per_frame]
 
 
 def temporal_index(view) -> int | None:
