@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from stackcls.io import dicom_enhanced as enh
+from stackcls.io import dicom_fast
 from stackcls.io import dicom_header as hdr
 from stackcls.io.errors import StackReadError
 from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
@@ -161,6 +162,16 @@ def read_images(path, budget: StackBudget | None = None) -> list[DicomSlice]:
         raw = f.read()
     if raw[:2] == GZIP_MAGIC:
         raw = _gunzip(path, raw)
+    fast = dicom_fast.parse(raw)
+    if fast is not None:
+        # any failure is read again by pydicom below, which then gives the result or the reason
+        # (the messages name pydicom's view of the file); the stack budget is charged once
+        saved = (dict(budget.used), dict(budget.over)) if budget is not None else None
+        try:
+            return _slices_from_dataset(path, fast, budget)
+        except Exception:  # noqa: BLE001
+            if budget is not None:
+                budget.used, budget.over = saved
     data = io.BytesIO(raw)
     hdr.check_deflated(path, data, read_preamble, _read_file_meta_info, read_dataset)
     data.seek(0)
