@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import multiprocessing
+import os
+import sys
+import threading
 import zlib
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -37,6 +42,8 @@ POSITION_TOL_MM = 0.1    # two images closer than this along the normal are at t
 TRIGGER_TOL_MS = 0.5     # two images at one position closer than this in time are duplicates
 ORIENT_COS_TOL = 0.9998  # ~1.1 degrees: normals closer than this belong to one stack
 GZIP_MAGIC = b"\x1f\x8b"
+POOL_MIN_FILES = 400     # below this a scan reads in this process (measured: benchmarks/io.py)
+MAX_WORKERS = 8
 _CHUNK = 1 << 22
 
 # Decoder hints by transfer syntax, for a broken install: the decoders are dependencies (pyproject;
@@ -144,10 +151,10 @@ def _gunzip(path: str, raw: bytes) -> bytes:
     return b"".join(out)
 
 
-def read_images(path, budget: StackBudget | None = None) -> list[DicomSlice]:
+def read_images(path, budget: StackBudget | None = None, pixels: bool = True) -> list[DicomSlice]:
     """Read one DICOM file (gzipped or not) into DicomSlices, one per image or frame; raises
     StackReadError(path, reason) if unusable. Sizes are checked before decoding (limits.py);
-    `budget` caps the decoded bytes per series."""
+    `budget` caps the decoded bytes per series. pixels=False: the header only (`image` None)."""
     # imported on the first DICOM read: pydicom takes ~0.8 s, and NIfTI-only users never need it
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -165,13 +172,18 @@ def read_images(path, budget: StackBudget | None = None) -> list[DicomSlice]:
     fast = dicom_fast.parse(raw)
     if fast is not None:
         # any failure is read again by pydicom below, which then gives the result or the reason
-        # (the messages name pydicom's view of the file); the stack budget is charged once
-        saved = (dict(budget.used), dict(budget.over)) if budget is not None else None
+        # (the messages name pydicom's view of the file). The stack budget is charged once, after
+        # this succeeds: the decoded file (within the per-file limit) is dropped if over budget.
+        log = _ChargeLog()
         try:
-            return _slices_from_dataset(path, fast, budget)
+            out = _slices_from_dataset(path, fast, log, pixels)
         except Exception:  # noqa: BLE001
+            out = None
+        if out is not None:
             if budget is not None:
-                budget.used, budget.over = saved
+                for charge in log.calls:
+                    budget.charge(*charge)
+            return out
     data = io.BytesIO(raw)
     hdr.check_deflated(path, data, read_preamble, _read_file_meta_info, read_dataset)
     data.seek(0)
@@ -189,11 +201,23 @@ def read_images(path, budget: StackBudget | None = None) -> list[DicomSlice]:
     except Exception as e:  # noqa: BLE001
         raise StackReadError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
     try:
-        return _slices_from_dataset(path, ds, budget)
+        return _slices_from_dataset(path, ds, budget, pixels)
     except StackReadError:
         raise
     except Exception as e:  # noqa: BLE001 - pydicom parses values lazily: bad bytes surface here
         raise StackReadError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
+
+
+class _ChargeLog:
+    """Records a file's stack-budget charges (StackBudget.charge's arguments), for the caller to
+    apply to the real budget: after a fast read succeeds, or in file order in the parent process
+    when workers read the headers (so the per-stack limit decides exactly as in one process)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def charge(self, path, key, where, nbytes) -> None:
+        self.calls.append((path, key, where, nbytes))
 
 
 def _decode(path: str, ds) -> np.ndarray:
@@ -217,7 +241,8 @@ def _decode(path: str, ds) -> np.ndarray:
     return arr.reshape(frames, *shape)
 
 
-def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None) -> list[DicomSlice]:
+def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
+                         pixels: bool = True) -> list[DicomSlice]:
     kind = hdr.sop_kind(ds)
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -259,15 +284,17 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None) -> li
         budget.charge(path, (subject, study, group, shape), f"series {group} of {subject}",
                       decoded_bytes(frames * shape[0] * shape[1],
                                     int(ds.get("BitsAllocated", 0) or 0) / 8))
-    pixels = _decode(path, ds)
+    stored = _decode(path, ds) if pixels else None
     out = []
     for k, (ipp, normal, ps, slope, intercept, trig, order, kind_, echo, thick) in enumerate(heads):
-        image = pixels[k].astype(np.float32)  # in place from here: one float32 copy per image
-        image *= np.float32(slope)
-        image += np.float32(intercept)
-        if not np.all(np.isfinite(image)):
-            raise StackReadError(path, "pixel values are not finite after RescaleSlope/Intercept"
-                                       + (f" (frame {k + 1})" if multi else ""))
+        image = None
+        if stored is not None:
+            image = stored[k].astype(np.float32)  # in place from here: one float32 copy per image
+            image *= np.float32(slope)
+            image += np.float32(intercept)
+            if not np.all(np.isfinite(image)):
+                raise StackReadError(path, "pixel values are not finite after RescaleSlope/"
+                                           "Intercept" + (f" (frame {k + 1})" if multi else ""))
         out.append(DicomSlice(
             path=path, subject=subject, study=study, series=series, group=group,
             series_description=description, shape=shape, ipp=ipp, normal=normal,
@@ -447,22 +474,93 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
     return stacks, skipped, warns
 
 
+def _read_one(f: str, budget=None, pixels: bool = True):
+    """read_images, with a failure as the skipped entry (path, reason)."""
+    try:
+        return read_images(f, budget, pixels)
+    except StackReadError as e:
+        return e.path, e.reason
+    except OSError as e:
+        return f, f"cannot read file ({e.strerror or e})"
+
+
+def _read_header(f: str):
+    log = _ChargeLog()
+    return _read_one(f, log, pixels=False), log.calls
+
+
+def _pool_size(n_files: int, workers: int | None) -> int:
+    """Worker processes for a scan of n_files: 1 (in this process) for fewer than POOL_MIN_FILES
+    files, where starting workers costs more than they save; else one per usable core, at most
+    MAX_WORKERS. Workers are forked (a fresh interpreter would spend longer importing numpy and
+    pydicom than most scans take), so only from a process without other threads: forking a
+    multi-threaded process (JAX, a GUI) can deadlock the child."""
+    if workers is None:
+        if n_files < POOL_MIN_FILES:
+            return 1
+        try:
+            workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+        except AttributeError:  # not Linux
+            workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods() \
+            or threading.active_count() > 1 or "jax" in sys.modules:
+        return 1
+    return min(workers, n_files)
+
+
+def _read_in_pool(files: list[str], n_workers: int, kinds):
+    """(slices, skipped, budget) as the in-process loop gives them, read by n_workers processes in
+    two passes: headers of every file (nothing decoded), the per-stack budget charged here in file
+    order, then pixels only for the files that have an image in a kept stack (not over the budget,
+    a kept kind). Each worker holds one chunk of files at a time; the per-file limits apply in the
+    workers as in one process."""
+    budget, skipped, per_file = StackBudget(), [], {}
+    chunk = max(1, min(64, len(files) // (n_workers * 8)))
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+        for f, (res, charges) in zip(files, pool.map(_read_header, files, chunksize=chunk)):
+            if isinstance(res, tuple):
+                skipped.append(res)
+                continue
+            try:
+                for charge in charges:
+                    budget.charge(*charge)
+            except StackReadError as e:
+                skipped.append((e.path, e.reason))
+                continue
+            per_file[f] = res
+        need = [f for f, sl in per_file.items()
+                if any((s.subject, s.study, s.group, s.shape) not in budget.over
+                       and (kinds is None or s.kind in kinds) for s in sl)]
+        for f, res in zip(need, pool.map(_read_one, need, chunksize=chunk)):
+            if isinstance(res, tuple):
+                skipped.append(res)
+                del per_file[f]
+            else:
+                per_file[f] = res
+    return [s for sl in per_file.values() for s in sl], skipped, budget
+
+
 def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True,
-               kinds=(enh.MAGNITUDE,)):
+               kinds=(enh.MAGNITUDE,), workers: int | None = None):
     """Read DICOM files (any order) into stacks. Returns (stacks, skipped, warnings).
     kinds: the image kinds (enh.image_kind) that form stacks; the others are set aside, one skipped
-    entry per file saying how many images and why. None keeps every kind (each in its own stacks)."""
+    entry per file saying how many images and why. None keeps every kind (each in its own stacks).
+    workers: processes reading the files (_pool_size; None: automatic, 1: in this process)."""
     files = [str(f) for f in files]
-    slices, skipped, budget = [], [], StackBudget()
-    it = tqdm(files, desc="reading DICOM", unit="file", leave=False,
-              disable=not progress or len(files) < 200)
-    for f in it:
-        try:
-            slices += read_images(f, budget)
-        except StackReadError as e:
-            skipped.append((e.path, e.reason))
-        except OSError as e:
-            skipped.append((f, f"cannot read file ({e.strerror or e})"))
+    n_workers = _pool_size(len(files), workers)
+    if n_workers > 1:
+        slices, skipped, budget = _read_in_pool(files, n_workers, kinds)
+    else:
+        slices, skipped, budget = [], [], StackBudget()
+        it = tqdm(files, desc="reading DICOM", unit="file", leave=False,
+                  disable=not progress or len(files) < 200)
+        for f in it:
+            res = _read_one(f, budget)
+            if isinstance(res, tuple):
+                skipped.append(res)
+            else:
+                slices += res
     if budget.over:  # a series over the per-stack limit is dropped whole, not loaded in part
         for path in dict.fromkeys(s.path for s in slices
                                   if (s.subject, s.study, s.group, s.shape) in budget.over):

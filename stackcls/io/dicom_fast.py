@@ -29,8 +29,9 @@ _SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"I
 _TEXT = {"SH", "LO", "UC", "PN"}            # pydicom convert_text: split, each rstrip("\0 ")
 _SINGLE_TEXT = {"LT", "ST", "UT", "UR"}     # one value, rstrip("\0 ")
 _STRING = {"AE", "AS", "CS", "DA", "DT", "TM", "UI"}  # whole value rstrip(" \0"), then split
-_NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "UV": "Q",
-            "SV": "q"}
+_NUMBERS = {vr: (fmt, struct.calcsize(fmt)) for vr, fmt in
+            {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "UV": "Q",
+             "SV": "q"}.items()}
 _U32 = struct.Struct("<I")
 _TAG_LEN_EXPLICIT = struct.Struct("<HH2sH")
 _TAG_LEN_IMPLICIT = struct.Struct("<HHI")
@@ -105,9 +106,9 @@ class FastElement:
         if not raw:  # pydicom: empty text is '', an empty number None
             return "" if vr in _TEXT or vr in _SINGLE_TEXT or vr in _STRING else None
         if vr in _NUMBERS:
-            fmt = _NUMBERS[vr]
-            n = len(raw) // struct.calcsize(fmt)
-            if n * struct.calcsize(fmt) != len(raw):
+            fmt, size = _NUMBERS[vr]
+            n = len(raw) // size
+            if n * size != len(raw):
                 raise Fallback("odd number length")
             vals = struct.unpack(f"<{n}{fmt}", raw)
             return vals[0] if n == 1 else list(vals)
@@ -287,5 +288,14 @@ def parse(raw: bytes) -> FastDataset | None:
             return None
     except (Fallback, struct.error, UnicodeDecodeError):
         return None
-    from pydicom.uid import UID
-    return FastDataset(elems, {"TransferSyntaxUID": UID(ts)})
+    return FastDataset(elems, {"TransferSyntaxUID": _uid(ts)})
+
+
+_uids: dict = {}
+
+
+def _uid(ts: str):
+    if ts not in _uids:
+        from pydicom.uid import UID
+        _uids[ts] = UID(ts)
+    return _uids[ts]

@@ -125,9 +125,10 @@ def geometry(path: str, ds):
     if not all(math.isfinite(v) and 0 < v <= MAX_PIXEL_SPACING_MM for v in ps):
         raise StackReadError(path, f"bad PixelSpacing {ps} (must be finite, > 0 and at most "
                                    f"{MAX_PIXEL_SPACING_MM:g} mm)")
-    row, col = np.array(iop[:3]), np.array(iop[3:])
+    # the cross product written out: np.cross costs more than the rest of the header (same floats)
+    r0, r1, r2, c0, c1, c2 = iop
+    normal = np.array([r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0])
     with np.errstate(all="ignore"):
-        normal = np.cross(row, col)
         nn = np.linalg.norm(normal)
     if not (np.all(np.isfinite(iop)) and np.isfinite(nn) and nn > 0.5):
         raise StackReadError(path, f"degenerate ImageOrientationPatient {iop}")
