@@ -69,8 +69,10 @@ def _implicit_vr(tag: int) -> str:
             vr = dictionary_VR(tag)
         except KeyError:
             vr = "UN"
-        if " or " in vr:  # e.g. 'US or SS' (depends on PixelRepresentation): pydicom's business
-            vr = "??"
+        if tag == 0x7FE00010:  # PixelData, 'OB or OW': the bytes either way
+            vr = "OW"
+        elif " or " in vr:  # e.g. 'US or SS' (depends on PixelRepresentation): reading the value
+            vr = "??"       # is left to pydicom
         _vr_cache[tag] = vr
     return vr
 
@@ -101,6 +103,8 @@ class FastElement:
         vr, raw = self.VR, self._raw
         if vr == "SQ":
             return self._items
+        if vr == "??":
+            raise Fallback("ambiguous VR")
         if vr in ("OB", "OW", "UN", "OD", "OF", "OL", "OV"):
             return raw
         if not raw:  # pydicom: empty text is '', an empty number None
@@ -230,8 +234,6 @@ def _dataset(raw: bytes, p: int, end: int, implicit: bool, depth: int,
                 raise Fallback("nested too deep")
             items, _ = _items(raw, p, p + length, implicit, depth + 1, p + length)
             elems[tag] = FastElement(tag, "SQ", None, items)
-        elif vr == "??":
-            raise Fallback("ambiguous VR")
         else:
             elems[tag] = FastElement(tag, vr, raw[p:p + length])
         p += length
