@@ -2,7 +2,12 @@
 against pydicom on every file bundled with pydicom and on written classic / enhanced / implicit-VR
 series, and a scan in worker processes against the same scan in one process."""
 
+import os
+import subprocess
+import sys
+import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -13,6 +18,8 @@ from stackcls.io import dicom as dcm
 from stackcls.io import dicom_fast
 from test_io_dicom import PYDICOM_FILES, make_series
 from test_io_enhanced import same_stacks, to_enhanced
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pydicom_only(path):
@@ -94,8 +101,7 @@ def test_fast_parser_refuses_what_it_does_not_know():
         assert dicom_fast.parse(fh.read()) is None       # another transfer syntax
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_pool_equals_one_process(tmp_path, monkeypatch):
+def test_pool_equals_one_process(tmp_path):
     files = make_series(tmp_path / "a", n_slices=4, n_phases=3)
     files += make_series(tmp_path / "b", n_slices=3, n_phases=3, series="1.9.2", seed=1)
     phase = make_series(tmp_path / "p", n_slices=3, n_phases=3, series="1.9.3", seed=2)
@@ -103,21 +109,45 @@ def test_pool_equals_one_process(tmp_path, monkeypatch):
         ds = pydicom.dcmread(f)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
         ds.save_as(f)
-    bad = tmp_path / "bad.dcm"
-    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
-    files = [str(f) for f in files + phase + [bad]]
-    # series a (12 images of 32 x 32 float32: 48 KB) is over the limit, b and p (36 KB) are not
-    monkeypatch.setenv("STACKCLS_MAX_STACK_MB", str(40_000 / 2 ** 20))
+    (tmp_path / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    # in a fresh interpreter: this session may hold JAX's threads, and then no worker is forked
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]),
+           # series a (12 images of 32 x 32 float32: 48 KB) is over the limit, b and p (36 KB) not
+           "STACKCLS_MAX_STACK_MB": str(40_000 / 2 ** 20)}
+    run = subprocess.run([sys.executable, "-c", "import sys, test_io_fast as t; "
+                          "t._pool_check(sys.argv[1])", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("pool ok"), run.stderr[-3000:]
+
+
+def _pool_check(folder):
+    warnings.simplefilter("ignore")
+    folder = Path(folder)
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    assert dcm._pool_size(files, 2) == 2
     for phases in ("all", ("ED", "ES")):
         one = dcm.scan_dicom(files, phases, progress=False, workers=1)
-        assert dcm._pool_size(files, 2) == 2
         pooled = dcm.scan_dicom(files, phases, progress=False, workers=2)
         same_stacks(one[0], pooled[0])
         assert sorted(one[1]) == sorted(pooled[1]) and one[2] == pooled[2]
     reasons = dict(one[1])
-    assert "per-stack limit" in reasons[files[0]] and "set aside" in reasons[str(phase[0])]
-    assert str(bad) in reasons
+    assert str(folder / "bad.dcm") in reasons
+    assert all("per-stack limit" in r for p, r in one[1] if "/a/" in p)
+    assert all("set aside" in r for p, r in one[1] if "/p/" in p)
     assert len(one[0]) == 2 and all("/b/" in s.sources[0] for s in one[0])  # series b: ED, ES
+    print("pool ok")
+
+
+def test_no_fork_beside_other_threads(tmp_path):
+    files = [str(tmp_path / str(i)) for i in range(3)]
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert dcm._pool_size(files, 2) == 1
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_small_scans_stay_in_process(tmp_path):

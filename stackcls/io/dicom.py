@@ -284,17 +284,20 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
         budget.charge(path, (subject, study, group, shape), f"series {group} of {subject}",
                       decoded_bytes(frames * shape[0] * shape[1],
                                     int(ds.get("BitsAllocated", 0) or 0) / 8))
-    stored = _decode(path, ds) if pixels else None
+    images = None
+    if pixels:
+        # all frames at once, in place from the one float32 copy; each frame its own rescale
+        images = _decode(path, ds).astype(np.float32)
+        images *= np.array([h[3] for h in heads], np.float32)[:, None, None]
+        images += np.array([h[4] for h in heads], np.float32)[:, None, None]
+        finite = np.isfinite(images).all(axis=(1, 2))
+        if not finite.all():
+            k = int(np.argmin(finite))
+            raise StackReadError(path, "pixel values are not finite after RescaleSlope/Intercept"
+                                 + (f" (frame {k + 1})" if multi else ""))
     out = []
     for k, (ipp, normal, ps, slope, intercept, trig, order, kind_, echo, thick) in enumerate(heads):
-        image = None
-        if stored is not None:
-            image = stored[k].astype(np.float32)  # in place from here: one float32 copy per image
-            image *= np.float32(slope)
-            image += np.float32(intercept)
-            if not np.all(np.isfinite(image)):
-                raise StackReadError(path, "pixel values are not finite after RescaleSlope/"
-                                           "Intercept" + (f" (frame {k + 1})" if multi else ""))
+        image = None if images is None else images[k]
         out.append(DicomSlice(
             path=path, subject=subject, study=study, series=series, group=group,
             series_description=description, shape=shape, ipp=ipp, normal=normal,
