@@ -23,7 +23,7 @@ FIGURE_ROWS = 16           # stacks per figure page
 
 def _synth(a):
     from stackcls.phantom import synth_command
-    return synth_command(subjects=a.subjects, out=a.out, seed=a.seed)
+    return synth_command(subjects=a.subjects, out=a.out, seed=a.seed, enhanced=a.enhanced)
 
 
 def _inspect(a):
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subjects", type=int, default=10)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--enhanced", action="store_true",
+                   help="one Enhanced MR multi-frame file per subject (as Siemens XA exports)")
     s.set_defaults(func=_synth)
 
     s = sub.add_parser("inspect", help="list the stacks found under PATH and every file skipped")

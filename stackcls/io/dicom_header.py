@@ -125,9 +125,10 @@ def geometry(path: str, ds):
     if not all(math.isfinite(v) and 0 < v <= MAX_PIXEL_SPACING_MM for v in ps):
         raise StackReadError(path, f"bad PixelSpacing {ps} (must be finite, > 0 and at most "
                                    f"{MAX_PIXEL_SPACING_MM:g} mm)")
-    row, col = np.array(iop[:3]), np.array(iop[3:])
+    # the cross product written out: np.cross costs more than the rest of the header (same floats)
+    r0, r1, r2, c0, c1, c2 = iop
+    normal = np.array([r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0])
     with np.errstate(all="ignore"):
-        normal = np.cross(row, col)
         nn = np.linalg.norm(normal)
     if not (np.all(np.isfinite(iop)) and np.isfinite(nn) and nn > 0.5):
         raise StackReadError(path, f"degenerate ImageOrientationPatient {iop}")
@@ -159,11 +160,26 @@ def rescale(path: str, ds) -> tuple[float, float]:
 
 
 def trigger_time(path: str, ds) -> float | None:
-    """TriggerTime in ms, None when absent; a NaN or infinite value would misorder phases."""
-    t = _number(path, ds, "TriggerTime", None)
+    """TriggerTime in ms (an enhanced frame's NominalCardiacTriggerDelayTime), None when absent; a
+    NaN or infinite value would misorder phases."""
+    tag = "TriggerTime" if "TriggerTime" in ds else "NominalCardiacTriggerDelayTime"
+    t = _number(path, ds, tag, None)
     if t is not None and not math.isfinite(t):
-        raise StackReadError(path, f"bad TriggerTime {t:g}: cannot order the cine phases")
+        raise StackReadError(path, f"bad {tag} {t:g}: cannot order the cine phases")
     return t
+
+
+def echo(ds) -> str | None:
+    """Which echo an image belongs to: EchoNumbers, or an enhanced frame's EffectiveEchoTime (no
+    EchoNumbers there); None when neither is given."""
+    n = ds.get("EchoNumbers")
+    if n not in (None, ""):
+        return f"echo {str(n)[:16]}"
+    te = ds.get("EffectiveEchoTime")
+    try:
+        return None if te in (None, "") else f"TE {float(te):g} ms"
+    except (TypeError, ValueError):
+        return None
 
 
 def thickness(ds) -> float | None:

@@ -48,22 +48,24 @@ def _label_rows(d: SubjectData) -> list[dict]:
 
 
 def _make_subject(args) -> tuple[list[dict], dict]:
-    seed, i, out, matrix_scale = args
-    from stackcls.phantom.dicom_write import write_subject  # workers import lazily
+    seed, i, out, matrix_scale, enhanced = args
+    from stackcls.phantom import dicom_write  # workers import lazily
     d = render_subject(seed, i, matrix_scale)
-    files = write_subject(d, Path(out) / "dicom", seed)
+    write = dicom_write.write_subject_enhanced if enhanced else dicom_write.write_subject
+    files = write(d, Path(out) / "dicom", seed)
     for ph, m in d.masks.items():  # slice k = apex-to-base rank k, the DICOM reader's slice id
         write_mask(mask_file(Path(out) / "masks", d.subject, ph), m,
                    (*d.pixel_spacing, d.spacing))
     info = dict(subject=d.subject, group=d.anatomy.group, slices=d.pixels.shape[1],
-                phases=d.pixels.shape[0], files=len(files), bytes=int(d.pixels.nbytes))
+                phases=d.pixels.shape[0], files=len({p for _, _, p in files}), bytes=int(d.pixels.nbytes))
     return _label_rows(d), info
 
 
 def generate(out: Path, n_subjects: int, seed: int = 0, matrix_scale: float = 1.0,
-             workers: int | None = None, progress: bool = True) -> dict:
+             workers: int | None = None, progress: bool = True, enhanced: bool = False) -> dict:
     """Render subjects 0..n-1 into out/dicom and out/masks, and write out/labels.csv and
-    out/cohort.json.
+    out/cohort.json. enhanced: one Enhanced MR multi-frame file per subject instead of one file
+    per image.
     Returns the summary dict (also stored in cohort.json)."""
     if n_subjects < 1:
         raise ValueError(f"phantom: n_subjects must be >= 1, got {n_subjects}")
@@ -72,7 +74,7 @@ def generate(out: Path, n_subjects: int, seed: int = 0, matrix_scale: float = 1.
     if workers is None:
         workers = int(os.environ.get("STACKCLS_WORKERS", min(2, os.cpu_count() or 1)))
     workers = max(1, min(workers, n_subjects // 3 or 1))
-    jobs = [(seed, i, str(out), matrix_scale) for i in range(n_subjects)]
+    jobs = [(seed, i, str(out), matrix_scale, enhanced) for i in range(n_subjects)]
     t0 = time.perf_counter()
     bar = dict(total=n_subjects, desc="phantom subjects", unit="subj", disable=not progress,
                file=sys.stderr)
@@ -92,7 +94,7 @@ def generate(out: Path, n_subjects: int, seed: int = 0, matrix_scale: float = 1.
     summary = dict(
         version=VERSION, seed=seed, n_subjects=n_subjects, matrix_scale=matrix_scale,
         stacks=2 * n_subjects, slices=sum(i["slices"] for i in infos) * 2,
-        files=sum(i["files"] for i in infos), pixel_bytes=sum(i["bytes"] for i in infos),
+        files=sum(i["files"] for i in infos), enhanced=enhanced, pixel_bytes=sum(i["bytes"] for i in infos),
         class_counts=dict(Counter(r["label"] for r in rows)),
         groups=dict(Counter(i["group"] for i in infos)),
         seconds=round(time.perf_counter() - t0, 2), workers=workers)
@@ -126,8 +128,9 @@ def cohort(n_subjects: int, seed: int = 0, cache_dir: str | Path | None = None, 
     return final
 
 
-def synth_command(subjects: int, out, seed: int = 0) -> int:
-    """`stackcls synth`: write the cohort layout (dicom/, masks/, labels.csv, cohort.json) into OUT."""
+def synth_command(subjects: int, out, seed: int = 0, enhanced: bool = False) -> int:
+    """`stackcls synth`: write the cohort layout (dicom/, masks/, labels.csv, cohort.json) into
+    OUT; `--enhanced`: one Enhanced MR multi-frame file per subject."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"stackcls synth: {out} exists and is not an empty folder; choose a new --out",
@@ -139,7 +142,7 @@ def synth_command(subjects: int, out, seed: int = 0) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        s = generate(tmp, subjects, seed)
+        s = generate(tmp, subjects, seed, enhanced=enhanced)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

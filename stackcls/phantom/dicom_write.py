@@ -1,4 +1,6 @@
-"""Write one synthetic subject as a real DICOM cine series (MR Image Storage, explicit VR LE).
+"""Write one synthetic subject as a real DICOM cine series: classic MR Image Storage (one file per
+slice and phase) or Enhanced MR Image Storage (one multi-frame file, as Siemens XA scanners export),
+explicit VR little endian.
 
 Everything a reader must not rely on is varied between subjects: file names are random, the
 InstanceNumber order is sometimes shuffled or runs base->apex, SliceLocation uses either sign
@@ -11,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from stackcls.phantom.render import SubjectData
 
@@ -100,3 +103,85 @@ def write_subject(d: SubjectData, out_dir: Path, seed: int) -> list[tuple[int, i
         written.append((p, s, path))
     return written
 
+
+
+def _item(**values) -> Dataset:
+    ds = Dataset()
+    for k, v in values.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def write_subject_enhanced(d: SubjectData, out_dir: Path, seed: int) -> list[tuple[int, int, Path]]:
+    """Write all frames of subject `d` as one Enhanced MR file under out_dir/<subject>/; returns
+    (phase, slice, path) for every frame. The same header values as `write_subject`, moved into the
+    functional groups: orientation, pixel measures and rescale shared; position, trigger delay and
+    temporal position per frame. Frames are stored in the shuffled or reversed order of the classic
+    InstanceNumbers, so a reader cannot rely on frame order either."""
+    out = Path(out_dir) / d.subject
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(d.dicom["name_seed"])
+    P, S, H, W = d.pixels.shape
+    study, series, frame_ref = (_uid(seed, d.subject, k) for k in ("study", "series", "for"))
+    order = [(p, s) for s in (range(S - 1, -1, -1) if d.dicom["reversed_instances"] else range(S))
+             for p in range(P)]
+    if d.dicom["shuffled_instances"]:
+        order = [order[i] for i in rng.permutation(len(order))]
+    rr = float(np.diff(d.trigger_times).mean() * P)
+    sop = _uid(seed, d.subject, "enhanced")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = out / (f"{rng.integers(16 ** 10):010x}" + (".dcm" if rng.random() < 0.5 else ""))
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_ref
+    ds.Modality = "MR"
+    ds.Manufacturer = "stackcls phantom"
+    ds.PatientID = d.subject
+    ds.PatientName = f"Phantom^{d.subject}"
+    ds.PatientPosition = "HFS"
+    ds.StudyDate = ds.ContentDate = "20260101"
+    ds.ContentTime = "120000"
+    ds.AcquisitionDateTime = "20260101120000"
+    ds.SeriesDescription = "SA cine bSSFP (synthetic, enhanced)"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.SeriesNumber = 1 + int(seed % 1000)
+    ds.InstanceNumber = 1
+    ds.MRAcquisitionType = "2D"
+    ds.MagneticFieldStrength = "1.5"
+    ds.NumberOfFrames = len(order)
+    ds.Rows, ds.Columns = H, W
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 0
+    ds.SharedFunctionalGroupsSequence = Sequence([_item(
+        PixelMeasuresSequence=Sequence([_item(
+            PixelSpacing=[_ds(v) for v in d.pixel_spacing], SliceThickness=_ds(d.thickness),
+            SpacingBetweenSlices=_ds(d.spacing))]),
+        PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=[_ds(v) for v in d.iop])]),
+        PixelValueTransformationSequence=Sequence([_item(
+            RescaleSlope=_ds(d.slope), RescaleIntercept=_ds(d.intercept), RescaleType="US")]),
+        MRImageFrameTypeSequence=Sequence([_item(
+            FrameType=["ORIGINAL", "PRIMARY", "M", "NONE"], PixelPresentation="MONOCHROME",
+            VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+            ComplexImageComponent="MAGNITUDE", AcquisitionContrast="UNKNOWN")]),
+        MRTimingAndRelatedParametersSequence=Sequence([_item(
+            RepetitionTime=3.0, FlipAngle=55.0)]),
+        MREchoSequence=Sequence([_item(EffectiveEchoTime=1.5)]),
+    )])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([_item(
+        FrameContentSequence=Sequence([_item(
+            TemporalPositionIndex=p + 1, InStackPositionNumber=s + 1, StackID="1",
+            DimensionIndexValues=[s + 1, p + 1])]),
+        PlanePositionSequence=Sequence([_item(ImagePositionPatient=[_ds(v) for v in d.ipp[s]])]),
+        CardiacSynchronizationSequence=Sequence([_item(
+            NominalCardiacTriggerDelayTime=float(_ds(float(d.trigger_times[p]))),
+            RRIntervalTimeNominal=float(round(rr)))]),
+    ) for p, s in order])
+    ds.PixelData = np.ascontiguousarray(np.stack([d.pixels[p, s] for p, s in order])
+                                        ).astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return [(p, s, path) for p, s in order]

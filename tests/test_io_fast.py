@@ -1,0 +1,158 @@
+"""The fast DICOM paths give what the pydicom path gives: the minimal parser (io/dicom_fast.py)
+against pydicom on every file bundled with pydicom and on written classic / enhanced / implicit-VR
+series, and a scan in worker processes against the same scan in one process."""
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ImplicitVRLittleEndian
+
+from stackcls.io import dicom as dcm
+from stackcls.io import dicom_fast
+from test_io_dicom import PYDICOM_FILES, make_series
+from test_io_enhanced import same_stacks, to_enhanced
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pydicom_only(path):
+    """read_images as before the fast parser: every file through pydicom."""
+    orig = dicom_fast.parse
+    dicom_fast.parse = lambda raw: None
+    try:
+        return _outcome(path)
+    finally:
+        dicom_fast.parse = orig
+
+
+def _outcome(path):
+    try:
+        return dcm.read_images(path)
+    except dcm.StackReadError as e:
+        return e.reason
+
+
+def _same(a, b):
+    if isinstance(a, str) or isinstance(b, str):
+        assert a == b
+        return
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for k in x.__dataclass_fields__:
+            u, v = getattr(x, k), getattr(y, k)
+            assert type(u) is type(v), k
+            if isinstance(u, np.ndarray):
+                np.testing.assert_array_equal(u, v, err_msg=k)
+            else:
+                assert u == v, k
+
+
+def _fast_reads(path) -> bool:
+    """True when the fast parser alone gives the result (no pydicom fallback)."""
+    with open(path, "rb") as f:
+        ds = dicom_fast.parse(f.read())
+    if ds is None:
+        return False
+    try:
+        dcm._slices_from_dataset(str(path), ds)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fast_parser_equals_pydicom_on_pydicom_files():
+    parsed = 0
+    for f in PYDICOM_FILES:
+        _same(_outcome(f), _pydicom_only(f))
+        with open(f, "rb") as fh:
+            parsed += dicom_fast.parse(fh.read()) is not None
+    assert parsed >= 40  # explicit and implicit VR, sequences, private tags among them
+
+
+def test_fast_parser_equals_pydicom_on_series(tmp_path):
+    files = make_series(tmp_path / "c", n_slices=3, n_phases=2)
+    files += make_series(tmp_path / "i", n_slices=3, n_phases=2, ts=ImplicitVRLittleEndian,
+                         series="1.2.3.4.6")
+    files += [to_enhanced(make_series(tmp_path / "e", n_slices=3, n_phases=2, series="1.2.3.4.7"),
+                          tmp_path / "enh.dcm")]
+    for f in files:
+        assert _fast_reads(f), f  # the test compares the fast parser, not pydicom with itself
+        _same(_outcome(f), _pydicom_only(f))
+
+
+def test_fast_parser_refuses_what_it_does_not_know():
+    head = b"\0" * 128 + b"DICM"
+    assert dicom_fast.parse(b"") is None and dicom_fast.parse(head) is None
+    f = next(p for p in PYDICOM_FILES if p.endswith("MR_small.dcm"))
+    with open(f, "rb") as fh:
+        raw = fh.read()
+    assert dicom_fast.parse(raw) is not None
+    assert dicom_fast.parse(raw[:len(raw) // 2]) is None  # truncated value
+    big = next(p for p in PYDICOM_FILES if p.endswith("MR_small_bigendian.dcm"))
+    with open(big, "rb") as fh:
+        assert dicom_fast.parse(fh.read()) is None       # another transfer syntax
+
+
+def test_pool_equals_one_process(tmp_path):
+    files = make_series(tmp_path / "a", n_slices=4, n_phases=3)
+    files += make_series(tmp_path / "b", n_slices=3, n_phases=3, series="1.9.2", seed=1)
+    phase = make_series(tmp_path / "p", n_slices=3, n_phases=3, series="1.9.3", seed=2)
+    for f in phase:  # set aside: the pool never decodes these
+        ds = pydicom.dcmread(f)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
+        ds.save_as(f)
+    (tmp_path / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    # in a fresh interpreter: this session may hold JAX's threads, and then no worker is forked
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]),
+           # series a (12 images of 32 x 32 float32: 48 KB) is over the limit, b and p (36 KB) not
+           "STACKCLS_MAX_STACK_MB": str(40_000 / 2 ** 20)}
+    run = subprocess.run([sys.executable, "-c", "import sys, test_io_fast as t; "
+                          "t._pool_check(sys.argv[1])", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("pool ok"), run.stderr[-3000:]
+
+
+def _pool_check(folder):
+    warnings.simplefilter("ignore")
+    folder = Path(folder)
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    assert dcm._pool_size(files, 2) == 2
+    for phases in ("all", ("ED", "ES")):
+        one = dcm.scan_dicom(files, phases, progress=False, workers=1)
+        pooled = dcm.scan_dicom(files, phases, progress=False, workers=2)
+        same_stacks(one[0], pooled[0])
+        assert sorted(one[1]) == sorted(pooled[1]) and one[2] == pooled[2]
+    reasons = dict(one[1])
+    assert str(folder / "bad.dcm") in reasons
+    assert all("per-stack limit" in r for p, r in one[1] if "/a/" in p)
+    assert all("set aside" in r for p, r in one[1] if "/p/" in p)
+    assert len(one[0]) == 2 and all("/b/" in s.sources[0] for s in one[0])  # series b: ED, ES
+    print("pool ok")
+
+
+def test_no_fork_beside_other_threads(tmp_path):
+    files = [str(tmp_path / str(i)) for i in range(3)]
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert dcm._pool_size(files, 2) == 1
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_small_scans_stay_in_process(tmp_path):
+    files = [str(f) for f in make_series(tmp_path, n_slices=3)]
+    assert dcm._pool_size(files, None) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(dcm.scan_dicom(files, progress=False)[0]) == 1
