@@ -32,6 +32,9 @@ def _inspect(a):
 
 
 def _predict(a):
+    if a.out is not None:                 # an archive: streamed, resumable, sharded
+        from stackcls.archive import archive_command
+        return archive_command(a.path, a.model, a.out, mode=a.mode, shard=a.shard, workers=a.workers)
     return predict_command(a.path, model=a.model, json_out=a.json, figure_out=a.figure,
                            mode=a.mode)
 
@@ -168,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["stack", "slice", "slice_ordered"], default="stack")
     s.add_argument("--json", type=Path, default=None, help="write predictions as JSON here")
     s.add_argument("--figure", type=Path, default=None, help="write a PNG figure here")
+    s.add_argument("--out", type=Path, default=None,
+                   help="archive mode: stream every stack into this JSONL file (resumes; summary "
+                        "CSV beside it); see stackcls.archive")
+    s.add_argument("--shard", default="0/1", help="archive mode: predict shard I of N (I/N)")
+    s.add_argument("--workers", type=int, default=None, help="archive mode: reader processes")
     s.set_defaults(func=_predict)
 
     s = sub.add_parser("label", help="label stacks interactively (saved after every change)")

@@ -130,17 +130,19 @@ def _core(model, mode: str):
 _CACHE: dict = {}
 
 
-def _compiled(model, mode: str):
+def _compiled(model, mode: str, batched: bool = False):
     """The per-model, per-mode runner: x -> outputs of `_core`, one compiled call per input shape.
+    batched: x holds K stacks of one length (K, S, ...) and every output gains a leading K
+    (`stackcls.archive` runs many stacks in one device call).
 
     The function is traced once per shape with `make_jaxpr`, and the arrays it closes over (the
     model's weights) become arguments of the jitted evaluation instead of constants baked into the
     program (a closed-over VGG16 would otherwise be copied into the HLO and slow compilation)."""
-    key = (id(model), mode)
+    key = (id(model), mode, batched)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
-    fn = _core(model, mode)
+    fn = jax.vmap(_core(model, mode)) if batched else _core(model, mode)
     per_shape: dict = {}
 
     def run(x):
@@ -187,7 +189,11 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
                          "use mode='slice_ordered' or 'slice'")
     w = resolve_stack_input(stack, orientation, phase)
     x = model.preprocess(w.images)
-    out = _compiled(model, mode)(x)
+    return finish(w, _compiled(model, mode)(x), mode)
+
+
+def finish(w, out, mode: str) -> Prediction:
+    """The Prediction of stack input `w` (io.inputs.StackInput) from `_core`'s outputs `out`."""
     p_f, p_r, lab_f, lab_r, s_f, s_r, dir_logit = (np.asarray(v) for v in out)
     s_f, s_r, dir_logit = float(s_f), float(s_r), float(dir_logit)
     S = w.images.shape[0]

@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TINY = ["backbone=mobilenet", "weights=none", "depth=1", "protocol.image_size=32", "progress=false",
-        "protocol.synthetic_subjects.train=4", "protocol.synthetic_subjects.test=2",
+        "protocol.synthetic_subjects.train=5", "protocol.synthetic_subjects.test=2",
         "protocol.epochs=2", "protocol.views=1", "protocol.learning_rates.depth0=[0.01]",
         "protocol.learning_rates.depth1=[0.001]", "protocol.stack.epochs=5"]
 
