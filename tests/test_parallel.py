@@ -46,19 +46,24 @@ def _drop_timing(o):
 @pytest.mark.slow
 def test_four_devices_equal_one(tmp_path):
     _finish(_worker(["devices", tmp_path / "rec.json"], 4, tmp_path))
-    rec = json.loads((tmp_path / "rec.json").read_text())
+    check_devices_record(json.loads((tmp_path / "rec.json").read_text()))
+
+
+def check_devices_record(rec):
     one, four = rec["1"], rec["auto"]
     # dataset passes: rows sharded over 4 devices, the same rotated views (keys per chunk)
     np.testing.assert_allclose(four["features"], one["features"], rtol=1e-4, atol=1e-4)
     # vmapped jobs: 3 jobs on 4 devices (one padding copy), each job whole on one device
-    np.testing.assert_allclose(four["curves"], one["curves"], atol=1e-4)
-    np.testing.assert_allclose(four["params"], one["params"], rtol=1e-3, atol=1e-4)
+    for c4, c1, p4, p1 in zip(four["curves"], one["curves"], four["params"], one["params"], strict=True):
+        np.testing.assert_allclose(c4, c1, atol=1e-4)
+        np.testing.assert_allclose(p4, p1, rtol=1e-3, atol=1e-4)
     s1, s4 = one["study"], four["study"]
     assert s1["devices"]["count"] == 1 and s4["devices"]["count"] == 4
     # the study's test metrics (depth 1 ran on the host driver: batch sharded, gradients summed
     # across devices). stack_orientation_withheld is left out: with an untrained tiny model the
-    # direction of a stack is decided from near-tied scores (|logit| ~ 1e-3), which float
-    # rounding flips; every other row uses the stated orientation.
+    # direction of a stack is decided from near-tied scores, which float rounding flips (seen:
+    # its direction accuracy 0.25 vs 0.75 while every other metric agreed to 1e-6); every other
+    # row uses the stated orientation.
     for depth in s1["depths"]:
         for mode, m1 in s1["depths"][depth]["test"].items():
             if mode == "stack_orientation_withheld":
