@@ -3,6 +3,7 @@ where the time goes (reading, preprocessing, device).
 
     python benchmarks/predict.py [--subjects 20] [--backbone mobilenet] [--size SIZE]
                                  [--path archive|per_stack] [--workers 2] [--batch-slices 64]
+                                 [--copies K] [--no-warmup]
 
 per_stack: what `stackcls predict ROOT --model RUN` has done since the start (the tree read whole
 by `io.scan`, then `predict_stack` one stack at a time: preprocessing, one device call). It runs
@@ -15,12 +16,18 @@ that of trained ones) and a random stack head, mode "stack". Every shape is comp
 pass over the same tree first, so the timed pass is the steady state an archive runs in. Reading
 and preprocessing of the archive path are summed over its worker processes (they overlap the
 device time, so the shares can add up to more than the wall time).
+
+--copies K predicts a tree of K hard-linked copies of the cohort's subject folders (K x 2 x
+subjects stacks, no extra disk): with --no-warmup and a small --size, the peak memory of the
+main process and of the largest reader process against the tree's size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +75,18 @@ def archive(root: Path, model, out: Path, workers: int, batch_slices: int) -> di
     r = predict_archive(root, model, out, workers=workers, batch_slices=batch_slices, progress=False)
     return dict(stacks=r["stacks"], wall_s=r["wall_s"], read_s=r["read_s"],
                 preprocess_s=r["preprocess_s"], device_s=r["device_s"] + r["finish_s"],
-                wait_s=r["wait_s"])
+                wait_s=r["wait_s"], rss=dict(main=round(r["main_rss_mb"]), reader=round(r["reader_rss_mb"])))
+
+
+def linked_tree(src: Path, dst: Path, copies: int) -> Path:
+    """`copies` hard-linked copies of every subject folder of `src` under dst/copyNNN/."""
+    for k in range(copies):
+        for sub in sorted(src.iterdir()):
+            d = dst / f"copy{k:03d}" / sub.name
+            d.mkdir(parents=True)
+            for f in sub.iterdir():
+                os.link(f, d / f.name)
+    return dst
 
 
 def main(argv=None) -> dict:
@@ -78,7 +96,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, default=None, help="input size (default: the backbone's)")
     ap.add_argument("--path", choices=["archive", "per_stack"], default="archive")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-slices", type=int, default=64)
+    ap.add_argument("--batch-slices", type=int, default=None, help="default: archive.default_batch_slices()")
+    ap.add_argument("--copies", type=int, default=1, help="tree of K linked copies of the cohort")
+    ap.add_argument("--no-warmup", action="store_true", help="time the first pass (compiles included)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     a = ap.parse_args(argv)
 
@@ -86,25 +106,30 @@ def main(argv=None) -> dict:
     from stackcls.phantom import cohort
 
     root = cohort(a.subjects, seed=0)
-    n_files = json.loads((root / "cohort.json").read_text())["files"]
+    n_files = json.loads((root / "cohort.json").read_text())["files"] * a.copies
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = load_model(make_run(tmp, a.backbone, a.size))
+        tree = root / "dicom" if a.copies == 1 else linked_tree(root / "dicom", tmp / "tree", a.copies)
         runs = []
-        for rep in range(2):                 # warm-up (compiles every stack length), then timed
+        # warm-up over the cohort itself (the copies hold the same stack lengths: every shape is
+        # compiled), then the timed pass over the tree
+        for rep, where in enumerate(([] if a.no_warmup else [root / "dicom"]) + [tree]):
             if a.path == "per_stack":
-                runs.append(per_stack(root / "dicom", model))
+                runs.append(per_stack(where, model))
             else:
-                runs.append(archive(root / "dicom", model, tmp / f"out{rep}.jsonl", a.workers,
-                                    a.batch_slices))
+                runs.append(archive(where, model, tmp / f"out{rep}.jsonl", a.workers, a.batch_slices))
         r = runs[-1]
     wall = r["wall_s"]
     res = dict(path=a.path, backbone=a.backbone, input_size=model.input_size, subjects=a.subjects,
+               copies=a.copies,
                stacks=r["stacks"], files=n_files, wall_s=round(wall, 2),
                stacks_per_s=round(r["stacks"] / wall, 2), files_per_s=round(n_files / wall, 1),
                share={k[:-2]: round(r[k] / wall, 3) for k in ("read_s", "preprocess_s", "device_s", "wait_s")
                       if k in r},
-               warmup_wall_s=round(runs[0]["wall_s"], 2))
+               warmup_wall_s=round(runs[0]["wall_s"], 2) if len(runs) > 1 else None,
+               # peak resident memory (MB) of this process and of the largest reader process
+               peak_rss_mb=r.get("rss", dict(main=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))))
     if a.path == "archive":
         res.update(workers=a.workers, batch_slices=a.batch_slices)
     print(json.dumps(res, indent=1))

@@ -9,7 +9,7 @@ ever held: a unit is read when a worker is free for it, and at most `2 x workers
 flight.
 
     walk (main) -> read + preprocess (process pool, spawn) -> buckets by stack length S
-                -> one device call per K stacks of one S (predict._compiled, batched)
+                -> one device call per K stacks of one S (predict._compiled, batched; K = 1 on CPU)
                 -> predict.finish per stack -> one JSON line per stack (flushed)
 
 Reading overlaps device compute: the pool keeps reading while the main process runs a batch.
@@ -33,6 +33,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import resource
 import sys
 import time
 import zlib
@@ -114,7 +115,8 @@ def read_unit(root: str, unit: Unit, size: int, keep: float) -> dict:
     """Read and preprocess one unit (runs in a worker process; imports no JAX).
 
     Returns dict(unit, stacks=[(key, StackInput with images (S, size, size) preprocessed)],
-    errors=[(key, reason)], skipped=[(path, reason)], files, read_s, preprocess_s)."""
+    errors=[(key, reason)], skipped=[(path, reason)], files, read_s, preprocess_s, rss_mb: the
+    reading process's peak resident memory so far)."""
     from stackcls.io import scan
     from stackcls.io.inputs import resolve_stack_input
     from stackcls.preprocess import to_model_input
@@ -144,7 +146,21 @@ def read_unit(root: str, unit: Unit, size: int, keep: float) -> dict:
                else sum(1 for f in os.listdir(path) if is_nifti(f)))
     return dict(unit=unit, stacks=stacks, errors=errors, files=n_files,
                 skipped=[(printable(str(p)), str(r)) for p, r in res.skipped],
-                read_s=t1 - t0, preprocess_s=time.perf_counter() - t1)
+                read_s=t1 - t0, preprocess_s=time.perf_counter() - t1,
+                rss_mb=peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, since ru_maxrss keeps across exec the
+    peak of the parent a spawned worker was forked from; ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024)
 
 
 # ----------------------------------------------------------------------------- the output file
@@ -206,13 +222,22 @@ class Timing:
     wait_s: float = 0.0          # main process: waiting for a worker's unit
 
 
+def default_batch_slices() -> int:
+    """Slices per device call: XLA:CPU runs a 224 px MobileNet ~1.7x slower per slice in one call
+    of 60 slices than in five of 12 (activations out of cache; measured), so on CPU a stack is its
+    own call; accelerators want large batches."""
+    import jax
+    return 16 if jax.default_backend() == "cpu" else 256
+
+
 def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), workers: int = 2,
-                    batch_slices: int = 64, summary=None, progress: bool = True) -> dict:
+                    batch_slices: int | None = None, summary=None, progress: bool = True) -> dict:
     """Predict every stack under `root` into the JSONL file `out` (see the module docstring).
 
     model: a run directory or a loaded `TrainedModel` (preprocessing is read from its
     `input_size` and `config["keep"]`). workers: reader processes (0: read in this process).
-    batch_slices: slices per device call (K = max(1, batch_slices // S) stacks of length S).
+    batch_slices: slices per device call (K = max(1, batch_slices // S) stacks of length S;
+    default `default_batch_slices()`).
     summary: the CSV path (default: `out` with .csv). Returns counts and timings."""
     from stackcls.predict import MODES, _compiled, as_model, finish
 
@@ -225,11 +250,12 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
     if mode == "stack" and getattr(m, "stack_head", None) is None:
         raise ValueError(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
     size, keep = int(m.input_size), float(m.config.get("keep", 0.6))
-    run = _compiled(m, mode, batched=True)
+    run, single = _compiled(m, mode, batched=True), _compiled(m, mode)
+    batch_slices = batch_slices or default_batch_slices()
     out.parent.mkdir(parents=True, exist_ok=True)
     units_done, stacks_done = _load_done(out)
     t = Timing()
-    counts = dict(stacks=0, resumed=len(stacks_done), units=0, files=0, errors=0)
+    counts = dict(stacks=0, resumed=len(stacks_done), units=0, files=0, errors=0, reader_rss_mb=0.0)
     t_start = time.perf_counter()
 
     f = open(out, "a", encoding="utf-8")
@@ -239,9 +265,9 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
     def write(rec):
         f.write(json.dumps(_printable_tree(rec)) + "\n")
 
-    def unit_step(rel, k=1):
+    def unit_step(rel):
         left = pending[rel]
-        left[0] -= k
+        left[0] -= 1
         if left[0] == 0:
             write(left[1])
             f.flush()
@@ -252,7 +278,8 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
         K = max(1, batch_slices // S)
         x = np.stack([w.images for _, _, w in batch] + [batch[-1][2].images] * (K - len(batch)))
         t0 = time.perf_counter()
-        res = [np.asarray(o) for o in run(np.broadcast_to(x[..., None], x.shape + (3,)))]
+        x = np.broadcast_to(x[..., None], x.shape + (3,))
+        res = [np.asarray(o) for o in run(x)] if K > 1 else [np.asarray(o)[None] for o in single(x[0])]
         t1 = time.perf_counter()
         for i, (rel, key, w) in enumerate(batch):
             pred = finish(w, tuple(o[i] for o in res), mode)
@@ -269,6 +296,7 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
         t.preprocess_s += r["preprocess_s"]
         counts["units"] += 1
         counts["files"] += r["files"]
+        counts["reader_rss_mb"] = max(counts["reader_rss_mb"], r["rss_mb"])
         todo = [(key, w) for key, w in r["stacks"] if key not in stacks_done]
         pending[rel] = [len(todo) + 1, dict(unit=rel, done=len(r["stacks"]) + len(r["errors"]),
                                             skipped=r["skipped"])]
@@ -279,7 +307,7 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
         for key, w in todo:
             S = w.images.shape[0]
             buckets[S].append((rel, key, w))
-            if len(buckets[S]) * S >= batch_slices:
+            if len(buckets[S]) >= max(1, batch_slices // S):
                 flush(S)
         unit_step(rel)                        # the unit's own share: written once its stacks are
 
@@ -327,13 +355,13 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
     summary = Path(summary) if summary is not None else out.with_suffix(".csv")
     rows = write_summary(out, summary)
     wall = time.perf_counter() - t_start
-    return dict(counts, wall_s=wall, stacks_per_s=counts["stacks"] / max(wall, 1e-9),
+    return dict(counts, wall_s=wall, main_rss_mb=peak_rss_mb(), stacks_per_s=counts["stacks"] / max(wall, 1e-9),
                 files_per_s=counts["files"] / max(wall, 1e-9), summary=str(summary),
                 summary_rows=rows, **dataclasses.asdict(t))
 
 
 def archive_command(root, model, out, mode="stack", shard="0/1", workers=None,
-                    batch_slices: int = 64) -> int:
+                    batch_slices: int | None = None) -> int:
     """`stackcls predict ROOT --model RUN --out results.jsonl [--shard I/N] [--workers W]`."""
     try:
         sh = parse_shard(shard)
