@@ -26,7 +26,8 @@ Devices (`stackcls.parallel`): with a mesh of several devices, a vmapped group's
 sharded over it (the group padded with copies of its last job to a multiple of the device count;
 each job runs whole on one device, so results do not depend on the count), and the host driver's
 batch is sharded instead (one job: its gradient is summed across devices, equal to one device's
-to float rounding). The pool and frozen parameters are replicated on every device.
+to float rounding); a single job in a jitted scan is not sharded (each device runs it whole). The
+pool and frozen parameters are replicated on every device.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def distributed(port: str, pid: str, out: str) -> None:
         assert jax.process_count() == 2 and mesh.devices.size == 4
     tr, jobs, _ = tiny_trainer()
     res = tr.run(jobs, 3, keep_state=True)         # 3 jobs padded to 4, one per device of 2 processes
-    # the host driver too: one job, its batch sharded across the processes' devices
+    # one job alone (not vmapped): the same computation replicated on every device of both processes
     one = tr.run(jobs[:1], 2, vmapped=False, keep_state=True)[0]
     flat = lambda r: np.concatenate([np.ravel(parallel.fetch(a)) for a in jax.tree.leaves(r.trainable)])
     np.savez(out, jobs=np.stack([flat(r) for r in res]), loss=np.stack([r.train_loss for r in res]),
