@@ -35,12 +35,15 @@ _MESH: Mesh | None = None
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
     """Join a multi-process run once, before any JAX computation. Explicit arguments win; else a
-    SLURM job step with more than one task (srun) is detected by JAX itself from SLURM_* variables;
-    else (one process) nothing happens. Returns whether the process is part of a multi-process run.
+    SLURM job step with more than one task (srun: SLURM_STEP_NUM_TASKS > 1; the batch script itself,
+    a one-task step, is not one) is joined by JAX itself from the SLURM_* variables; else (one
+    process) nothing happens. Returns whether the process is part of a multi-process run.
 
-    CPU processes exchange collectives through gloo (XLA:CPU has no other cross-process transport)."""
+    CPU processes exchange collectives through gloo (ships with jaxlib; XLA:CPU needs one named)."""
     explicit = coordinator is not None
-    if not explicit and int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1"))) <= 1:
+    if explicit and (num_processes is None or process_id is None):
+        raise ValueError("parallel.initialize: a coordinator needs num_processes and process_id too")
+    if not explicit and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
         return False
     if jax.distributed.is_initialized():
         return True
@@ -49,8 +52,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     except (AttributeError, ValueError):  # a JAX without the option: its default transport
         pass
     if explicit:
-        if num_processes is None or process_id is None:
-            raise ValueError("parallel.initialize: a coordinator needs num_processes and process_id too")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:
         jax.distributed.initialize()      # JAX's SlurmCluster reads SLURM_* (coordinator: first node)

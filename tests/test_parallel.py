@@ -20,7 +20,7 @@ ROOT = HERE.parent
 def _env(n_devices: int) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
                PYTHONPATH=str(ROOT), STACKCLS_PROGRESS="0", JAX_PLATFORMS="cpu")
-    env.pop("SLURM_NTASKS", None)
+    env.pop("SLURM_STEP_NUM_TASKS", None)
     return env
 
 
@@ -101,6 +101,16 @@ def test_two_processes_train_sharded_and_agree(tmp_path):
     # and what one process on one device trains
     np.testing.assert_allclose(a["jobs"], ref["jobs"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(a["one"], ref["one"], rtol=1e-3, atol=1e-4)
+
+
+def test_initialize_needs_a_multi_task_step(monkeypatch):
+    from stackcls import parallel
+
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")       # an sbatch script without srun
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert parallel.initialize() is False
+    with pytest.raises(ValueError, match="num_processes and process_id"):
+        parallel.initialize("localhost:1")
 
 
 def test_devices_option_is_checked():
