@@ -3,14 +3,22 @@
 Hydra command line over the typed configuration of `stackcls.study.config` (presets
 `data=synthetic|acdc|dicom`, `protocol=quick|paper`; any field, e.g. `protocol.stack.epochs=100`);
 `-m` runs a sweep. Each run writes into its run_dir and resumes there (see docs/experiments.md).
+
+On a SLURM cluster (pip install 'stackcls[cluster]'), `hydra/launcher=stackcls_slurm` sends each
+run of a sweep to SLURM as one job of an array (docs/scaling.md); `hydra/launcher=submitit_local`
+runs the same jobs as local processes. A job of a sweep leaves `run_dir.txt` in the sweep's job
+folder, so `python -m experiments.report runs/multirun` finds the runs of that sweep.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from stackcls.study import config
 from stackcls.study.run import run
@@ -24,10 +32,31 @@ ConfigStore.instance().store(name="experiments", node={
               "output_subdir": None, "job": {"chdir": False}}})
 
 
+try:
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+except ImportError:       # the [cluster] extra is not installed: no SLURM launcher to configure
+    SlurmQueueConf = None
+
+if SlurmQueueConf is not None:
+    # One GPU per run, sized for the paper's protocol (Table 1: 154-746 GPU-minutes per backbone
+    # on a Quadro P5000 for depth 1's CV alone). A run that reaches the time limit is requeued
+    # (max_num_timeout) and resumes from its run_dir; override any field on the command line,
+    # e.g. hydra.launcher.partition=gpu hydra.launcher.timeout_min=720.
+    ConfigStore.instance().store(group="hydra/launcher", name="stackcls_slurm", node=SlurmQueueConf(
+        timeout_min=24 * 60, max_num_timeout=3, nodes=1, tasks_per_node=1, gpus_per_node=1,
+        cpus_per_task=8, mem_gb=64, array_parallelism=18, signal_delay_s=300,
+        submitit_folder="${hydra.sweep.dir}/.submitit/%j"))
+
+
 @hydra.main(config_path=None, config_name="experiments", version_base="1.3")
 def main(cfg) -> None:
     for name in ("absl", "orbax", "jax"):  # Hydra's stdout logging would print their INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:         # where experiments.report finds this sweep's runs
+        out = Path(hc.runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_dir.txt").write_text(str(Path(cfg.run_dir).expanduser().absolute()) + "\n")
     run(cfg)
 
 

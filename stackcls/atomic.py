@@ -3,6 +3,8 @@
 - `replace_atomically`: an interruption never leaves half a file (labels CSV, JSON records, CV job
   records, predictions); an existing file keeps its permissions, and a symlink keeps pointing at
   the file it names (the target is replaced, not the link).
+- In a multi-process run (`stackcls.parallel`) only process 0 writes: the others compute the same
+  results and their writes go nowhere, so no file has two writers.
 - `safe_name` / `inside`: a name read from a file (PatientID, series, phase) is hostile until made
   safe; no output may land outside the folder it was meant for.
 """
@@ -14,6 +16,7 @@ import json
 import os
 import re
 import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +27,12 @@ import numpy as np
 @contextlib.contextmanager
 def replace_atomically(path, mode: str = "w", **open_kw):
     """Open a temp file beside `path` for writing; on success it is flushed, fsynced and renamed
-    over `path`; on any error it is removed and `path` is left as it was."""
+    over `path`; on any error it is removed and `path` is left as it was. A process other than
+    process 0 of a multi-process run writes into os.devnull instead."""
+    if not _writer():
+        with open(os.devnull, mode, **open_kw) as f:
+            yield f
+        return
     path = Path(os.path.realpath(path))           # through symlinks: replace the file they name
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -45,6 +53,12 @@ def replace_atomically(path, mode: str = "w", **open_kw):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _writer() -> bool:
+    # JAX is imported only where a run already uses it (the labelling tool also writes here)
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
 
 
 STALE_TMP_S = 60.0   # a temp file older than this belongs to a save that was killed, not a live one

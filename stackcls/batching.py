@@ -5,6 +5,11 @@ prediction, Grad-CAM) goes through `map_chunks`: inputs are cut into `chunk` row
 is padded by repeating its last row so that one compiled shape serves the whole pass, and the
 outputs (any pytree with a leading sample axis) are trimmed and concatenated. Samples never
 interact inside these functions (inference-mode BatchNorm), so padding changes no real row.
+
+With several local devices (`stackcls.parallel.activate`) each chunk's rows are sharded over them
+and jit runs the chunk on all of them at once. Only chunks whose size the device count divides are
+sharded: the chunk size is never changed for it, since callers derive per-chunk random draws from
+it (`inference.extract`'s rotated views).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from stackcls import parallel
 
 
 def n_rows(tree) -> int:
@@ -36,6 +43,7 @@ def map_chunks(fn: Callable, inputs, chunk: int | None, *, with_index: bool = Fa
         if bar is not None:
             bar.update(n)
         return out
+    mesh = parallel.local_mesh()
     parts = []
     for i, s in enumerate(range(0, n, chunk)):
         piece = jax.tree.map(lambda a: a[s:s + chunk], inputs)
@@ -45,6 +53,8 @@ def map_chunks(fn: Callable, inputs, chunk: int | None, *, with_index: bool = Fa
                 lambda a: jnp.concatenate([jnp.asarray(a), jnp.repeat(jnp.asarray(a)[-1:], chunk - k, 0)]), piece)
         else:
             piece = jax.tree.map(jnp.asarray, piece)
+        if mesh is not None and n_rows(piece) % mesh.devices.size == 0:
+            piece = parallel.rows(piece, mesh)
         out = fn(piece, i) if with_index else fn(piece)
         parts.append(jax.tree.map(lambda a: a[:k], out) if k < chunk and pad else out)
         if bar is not None:

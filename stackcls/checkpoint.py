@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stackcls import backbones
+from stackcls import backbones, parallel
 from stackcls.atomic import write_json
 from stackcls.io.errors import ModelFileError
 from stackcls.models import Classifier, build_classifier
@@ -52,12 +52,16 @@ def _restore(path: Path, abs_state):
 def _save(path, module: nnx.Module, config: dict) -> Path:
     """`path/state` (orbax) from `module`, then `path/config.json` (the completion mark)."""
     path = Path(path).absolute()
+    if not parallel.is_writer():        # every process holds the same model; process 0 saves it
+        return path
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").unlink(missing_ok=True)
     target = path / "state"
     if target.exists():
         shutil.rmtree(target)
-    ckpt = ocp.StandardCheckpointer()
+    # a multi-process run: orbax's multi-process support, with process 0 the only one taking part
+    ckpt = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=0, active_processes={0})) if jax.process_count() > 1 else ocp.StandardCheckpointer()
     ckpt.save(target, nnx.state(module))
     ckpt.wait_until_finished()
     write_json(path / "config.json", config)

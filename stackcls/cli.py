@@ -32,6 +32,9 @@ def _inspect(a):
 
 
 def _predict(a):
+    if a.out is not None:                 # an archive: streamed, resumable, sharded
+        from stackcls.archive import archive_command
+        return archive_command(a.path, a.model, a.out, mode=a.mode, shard=a.shard, workers=a.workers)
     return predict_command(a.path, model=a.model, json_out=a.json, figure_out=a.figure,
                            mode=a.mode, review_below=a.review_below, queue_out=a.queue)
 
@@ -200,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or whose coverage is flagged, least sure first")
     s.add_argument("--queue", type=Path, default=Path("review_queue.csv"),
                    help="where --review-below writes the queue (default review_queue.csv)")
+    s.add_argument("--out", type=Path, default=None,
+                   help="archive mode: stream every stack into this JSONL file (resumes; summary "
+                        "CSV beside it); see stackcls.archive")
+    s.add_argument("--shard", default="0/1", help="archive mode: predict shard I of N (I/N)")
+    s.add_argument("--workers", type=int, default=None, help="archive mode: reader processes")
     s.set_defaults(func=_predict)
 
     s = sub.add_parser("label", help="label stacks interactively (saved after every change)")

@@ -21,6 +21,13 @@ per-job kernels as slow grouped convolutions). Every job's randomness derives fr
 name), so grouping does not change the draws. The step and the validation are written once
 (`_EpochFns`); an epoch drives them with `lax.scan` or, for convolutions on CPU, from Python.
 `sequence_trainer` is the stack head's loop (stack_model.py).
+
+Devices (`stackcls.parallel`): with a mesh of several devices, a vmapped group's job axis is
+sharded over it (the group padded with copies of its last job to a multiple of the device count;
+each job runs whole on one device, so results do not depend on the count), and the host driver's
+batch is sharded instead (one job: its gradient is summed across devices, equal to one device's
+to float rounding); a single job in a jitted scan is not sharded (each device runs it whole). The
+pool and frozen parameters are replicated on every device.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from stackcls import parallel
 from stackcls.augment import random_rotation
 from stackcls.decode import decode_batch
 from stackcls.models import Classifier, trainable_filter
@@ -187,6 +195,10 @@ class _EpochFns:
     def host(self, has_val: bool):
         """The same epoch driven from Python: one jitted call per batch and validation chunk."""
         step_j = jax.jit(self.step, donate_argnums=(0,))
+        mesh = parallel.mesh()
+        # one job: the batch is what there is to shard
+        place = (lambda a: parallel.rows(a)) if mesh is not None and self.B % mesh.devices.size == 0 \
+            else (lambda a: a)
         order_j = jax.jit(self.order, static_argnums=2)
         pred_j = jax.jit(self.predict)
 
@@ -196,7 +208,8 @@ class _EpochFns:
             carry = (state["trainable"], state["opt"], state["stats"], state["step"])
             losses = []
             for b in range(-(-int(data["n_items"]) // self.B)):
-                carry, loss = step_j(carry, jnp.int32(b), seq[b], vsel[b], shared, data["lr"], kstep)
+                carry, loss = step_j(carry, jnp.int32(b), place(seq[b]), place(vsel[b]), shared,
+                                     data["lr"], kstep)
                 losses.append(loss)
             tr, opt, stats, step = carry
             out = dict(train_loss=jnp.mean(jnp.stack(losses)))
@@ -226,9 +239,12 @@ class Trainer:
         self.init_trainable = tr
         self.per_job_stats = self.stage == "image"
         self.stats = stats
-        self.views = jax.tree.map(jnp.asarray, pool.views)
-        self.clean = jax.tree.map(jnp.asarray, pool.clean)
-        self.y = jnp.asarray(pool.y, jnp.int32)
+        # every device reads the whole pool and the frozen weights (parallel.replicated: a no-op
+        # on one device)
+        self.frozen, self.rest, self.stats = parallel.replicated((self.frozen, self.rest, self.stats))
+        self.views = parallel.replicated(jax.tree.map(jnp.asarray, pool.views))
+        self.clean = parallel.replicated(jax.tree.map(jnp.asarray, pool.clean))
+        self.y = parallel.replicated(jnp.asarray(pool.y, jnp.int32))
         self._compiled = {}
 
     def _epoch(self, n_batches: int, has_val: bool, vmapped: bool):
@@ -272,6 +288,10 @@ class Trainer:
             return [self.run([j], epochs, seed, [t], False, f"{desc} {i + 1}/{J}", keep_state,
                              (M, K))[0] for i, (j, t) in enumerate(zip(jobs, init))]
         vmapped = vmapped and J > 1
+        n_dev = parallel.size()
+        if vmapped and J % n_dev:   # copies of the last job fill the last device; their results are dropped
+            pad = n_dev - J % n_dev
+            jobs, init = list(jobs) + [jobs[-1]] * pad, init + [init[-1]] * pad
         has_val = K > 0
         Kp = int(math.ceil(K / self.C) * self.C) if has_val else self.C
         data = [self._job_data(j, M, Kp) for j in jobs]
@@ -287,17 +307,17 @@ class Trainer:
             return jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *xs)
 
         if vmapped:
-            state, dat = stack(states), stack(data)
+            state, dat = parallel.rows(stack(states)), parallel.rows(stack(data))
         else:
             # copies: the state is donated, and must not take the model's own arrays with it
             state, dat = jax.tree.map(jnp.copy, states[0]), jax.tree.map(jnp.asarray, data[0])
         hist = {k: [] for k in ("train_loss", "val_loss", "val_acc", "val_probs", "val_pen")}
         with tqdm(range(epochs), desc=desc, unit="epoch", leave=False) as bar:
             for e in bar:
-                ek = stack([jax.random.fold_in(k, e) for k in keys]) if vmapped else \
-                    jax.random.fold_in(keys[0], e)
+                ek = parallel.rows(stack([jax.random.fold_in(k, e) for k in keys])) if vmapped \
+                    else jax.random.fold_in(keys[0], e)
                 state, out = fn(state, dat, shared, ek)
-                out = jax.device_get(out)
+                out = parallel.fetch(out)
                 if not vmapped:
                     out = jax.tree.map(lambda a: np.asarray(a)[None], out)
                 for k in hist:
@@ -307,8 +327,10 @@ class Trainer:
                 if has_val:
                     post["val_acc"] = f"{np.mean(out['val_acc']):.3f}"
                 bar.set_postfix(post)
-        return [self._result(hist, i, j, epochs, has_val, state if keep_state else None,
-                             vmapped) for i, j in enumerate(jobs)]
+        # several processes: each holds only its devices' jobs
+        final = parallel.fetch(state) if keep_state and jax.process_count() > 1 else state
+        return [self._result(hist, i, j, epochs, has_val, final if keep_state else None,
+                             vmapped) for i, j in enumerate(jobs[:J])]
 
     def _result(self, hist: dict, i: int, job: Job, epochs: int, has_val: bool, state, vmapped):
         """Job i's curves from the per-epoch history (and its final state when given)."""

@@ -150,17 +150,19 @@ def _core(model, mode: str):
 _CACHE: dict = {}
 
 
-def _compiled(model, mode: str):
+def _compiled(model, mode: str, batched: bool = False):
     """The per-model, per-mode runner: x -> outputs of `_core`, one compiled call per input shape.
+    batched: x holds K stacks of one length (K, S, ...) and every output gains a leading K
+    (`stackcls.archive` runs many stacks in one device call).
 
     The function is traced once per shape with `make_jaxpr`, and the arrays it closes over (the
     model's weights) become arguments of the jitted evaluation instead of constants baked into the
     program (a closed-over VGG16 would otherwise be copied into the HLO and slow compilation)."""
-    key = (id(model), mode)
+    key = (id(model), mode, batched)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
-    fn = _core(model, mode)
+    fn = jax.vmap(_core(model, mode)) if batched else _core(model, mode)
     per_shape: dict = {}
 
     def run(x):
@@ -209,7 +211,11 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
     if spacing is not None:
         w.spacing = tuple(float(v) for v in spacing)
     x = model.preprocess(w.images, spacing=w.spacing)
-    out = _compiled(model, mode)(x)
+    return finish(w, _compiled(model, mode)(x), mode, model)
+
+
+def finish(w, out, mode: str, model) -> Prediction:
+    """The Prediction of stack input `w` (io.inputs.StackInput) from `_core`'s outputs `out`."""
     p_f, p_r, lab_f, lab_r, s_f, s_r, dir_logit = (np.asarray(v) for v in out)
     s_f, s_r, dir_logit = float(s_f), float(s_r), float(dir_logit)
     S = w.images.shape[0]

@@ -1,6 +1,6 @@
 """The study's configuration: typed, frozen, and the one place that states its defaults.
 
-    Study                      backbone, depth, weights, seed, run_dir, vmap, progress, ...
+    Study                      backbone, depth, weights, seed, run_dir, vmap, devices, ...
       data: DataConfig         synthetic (SyntheticData) | acdc | dicom      (the `data` presets)
       protocol: Protocol       paper (the dataclass defaults) | quick        (the `protocol` presets)
         learning_rates         per setting (depth0, depth1, scratch)
@@ -179,6 +179,7 @@ class Study:
     protocol: Any = QUICK
     run_dir: str = RUN_DIR
     vmap: Any = "auto"                  # train CV jobs together: auto (head-only always, convs on GPU) | true | false
+    devices: Any = "auto"               # devices to shard over: auto (all) | N (stackcls.parallel)
     progress: bool = True
     fail_after_jobs: Optional[int] = None  # tests: raise after this many CV jobs (simulates an interrupted run)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from stackcls import figures
+from stackcls import figures, parallel
 from stackcls.atomic import write_json
 from stackcls.explain import gradcam, gradcam_cells, tsne
 from stackcls.metrics import confusion_matrix
@@ -85,6 +85,8 @@ def run(cfg) -> dict:
         set_progress(False)
     run_dir = Path(study.run_dir).expanduser().absolute()
     check_run_dir(run_dir, study)
+    parallel.initialize()               # a SLURM job step of several tasks joins them; else nothing
+    parallel.activate(study.devices)
     p, seed = study.protocol, study.seed
     if study.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {study.method!r}")
@@ -129,7 +131,7 @@ def run(cfg) -> dict:
                    trivial=dict(all_in=trivial_row(te)),
                    n_train=dict(stacks=len(train_stacks), slices=int(len(tr["y"]))),
                    n_test=dict(stacks=len(test_stacks), slices=int(len(te["y"]))),
-                   device=jax.devices()[0].device_kind,
+                   device=jax.devices()[0].device_kind, devices=parallel.describe(),
                    timing=dict(total_seconds=round(time.perf_counter() - t_start, 3)))
     write_figures(run_dir, trained, evaluated, te, seed)
     write_json(run_dir / "results.json", results)

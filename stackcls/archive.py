@@ -1,0 +1,379 @@
+"""Prediction over an archive of any size: `stackcls predict ROOT --model RUN --out results.jsonl`.
+
+    summary = predict_archive(root, model, "results.jsonl", shard=(0, 4), workers=2)
+
+The tree is walked lazily into read units (`units`): an ACDC patient folder, a NIfTI file, or the
+candidate DICOM files of one folder (a DICOM series is read from the folder that holds its files;
+a series split over several folders is read as several partial series). No list of the tree is
+ever held: a unit is read when a worker is free for it, and at most `2 x workers` units are in
+flight.
+
+    walk (main) -> read + preprocess (process pool, spawn) -> buckets by stack length S
+                -> one device call per K stacks of one S (predict._compiled, batched; K = 1 on CPU)
+                -> predict.finish per stack -> one JSON line per stack (flushed)
+
+Reading overlaps device compute: the pool keeps reading while the main process runs a batch.
+Workers send each stack's preprocessed slices in one channel (float32, the grey copied to three
+channels on the host just before the device call).
+
+Output: one JSON line per stack (`unit`, `stack` and the `Prediction` fields, or `error`), and
+after the last stack of a unit a line {"unit": ..., "done": n_stacks, "skipped": [...]}. Resume: a
+unit with its "done" line is not read again; a unit without one is read again and only its stacks
+without a line are predicted (a line cut by a kill is removed first). `shard=(I, N)`: the units
+whose relative path hashes (crc32) to I mod N, so N array jobs cover every stack exactly once
+whatever order they walk in. The summary CSV (one row per stack) is rewritten from the JSONL at
+the end of every run, so it covers the resumed stacks too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import dataclasses
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from stackcls.atomic import replace_atomically
+from stackcls.cli import _printable_tree
+from stackcls.io import _NOT_IMAGES as NOT_IMAGES
+from stackcls.io.errors import printable
+from stackcls.io.nifti import is_nifti
+from stackcls.progress import bar as tqdm
+
+SUMMARY_COLUMNS = ("unit", "subject", "phase", "slices", "in_first", "in_last", "in_slices",
+                   "range_probability", "orientation", "warnings")
+
+
+# ----------------------------------------------------------------------------- the lazy walk
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """What one worker reads at once. rel: its path relative to the root ("." for the root
+    itself), its identity in the output and for sharding."""
+
+    rel: str
+    kind: str                        # "dicom" (files of one folder) | "nifti" | "acdc"
+    files: tuple[str, ...] = ()      # dicom: file names inside the folder
+
+
+def units(root) -> Iterator[Unit]:
+    """The read units under `root` in a fixed order (sorted names), found while walking; hidden
+    files and folders and files that are no images (by extension) are passed over."""
+    root = Path(root)
+    if root.is_file():
+        yield Unit(".", "nifti" if is_nifti(root.name) else "dicom",
+                   () if is_nifti(root.name) else ("",))
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, root)
+        if "Info.cfg" in filenames and any(is_nifti(f) for f in filenames):
+            dirnames[:] = []                 # an ACDC patient folder holds no further images
+            yield Unit(rel, "acdc")
+            continue
+        dicom = []
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            if is_nifti(f):
+                yield Unit(os.path.normpath(os.path.join(rel, f)), "nifti")
+            elif Path(f).suffix.lower() not in NOT_IMAGES | {".jsonl"}:
+                dicom.append(f)
+        if dicom:
+            yield Unit(rel, "dicom", tuple(dicom))
+
+
+def in_shard(unit: Unit, shard: tuple[int, int]) -> bool:
+    i, n = shard
+    return zlib.crc32(unit.rel.encode("utf-8", "surrogateescape")) % n == i
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard wants I/N (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+# ----------------------------------------------------------------------------- reading (workers)
+
+def read_unit(root: str, unit: Unit, size: int, keep: float) -> dict:
+    """Read and preprocess one unit (runs in a worker process; imports no JAX).
+
+    Returns dict(unit, stacks=[(key, StackInput with images (S, size, size) preprocessed)],
+    errors=[(key, reason)], skipped=[(path, reason)], files, read_s, preprocess_s, rss_mb: the
+    reading process's peak resident memory so far)."""
+    from stackcls.io import scan
+    from stackcls.io.inputs import resolve_stack_input
+    from stackcls.preprocess import to_model_input
+
+    t0 = time.perf_counter()
+    path = Path(root) / unit.rel
+    if unit.kind == "dicom":
+        source = [str(path / f) if f else str(path) for f in unit.files]
+    else:
+        source = path
+    res = scan(source, progress=False)
+    t1 = time.perf_counter()
+    stacks, errors, seen = [], [], defaultdict(int)
+    for st in res.stacks:
+        key = f"{unit.rel}|{st.key}"
+        seen[key] += 1
+        if seen[key] > 1:                    # several series of one subject and phase
+            key += f"|{seen[key]}"
+        try:
+            w = resolve_stack_input(st)
+        except ValueError as e:
+            errors.append((key, str(e)))
+            continue
+        w.images = to_model_input(w.images, size, keep)[..., 0]   # one channel: grey x 3
+        stacks.append((key, w))
+    n_files = (len(unit.files) if unit.kind == "dicom" else 1 if unit.kind == "nifti"
+               else sum(1 for f in os.listdir(path) if is_nifti(f)))
+    return dict(unit=unit, stacks=stacks, errors=errors, files=n_files,
+                skipped=[(printable(str(p)), str(r)) for p, r in res.skipped],
+                read_s=t1 - t0, preprocess_s=time.perf_counter() - t1,
+                rss_mb=peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, since ru_maxrss keeps across exec the
+    peak of the parent a spawned worker was forked from; ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024)
+
+
+# ----------------------------------------------------------------------------- the output file
+
+def _load_done(out: Path) -> tuple[set, set]:
+    """(units with a "done" line, stack keys with a line) of an existing output; a last line
+    cut short by a kill is removed."""
+    units_done, stacks_done = set(), set()
+    if not out.exists():
+        return units_done, stacks_done
+    with open(out, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            f.truncate(end)
+    for n, line in enumerate(data[:end].splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{out}: line {n} is not JSON; not an output of `stackcls predict "
+                             "--out` (choose another --out)") from None
+        if "done" in rec:
+            units_done.add(rec["unit"])
+        elif "stack" in rec:
+            stacks_done.add(rec["stack"])
+    return units_done, stacks_done
+
+
+def write_summary(jsonl, csv_path) -> int:
+    """One CSV row per stack line of `jsonl` (streamed; atomically written). Returns the rows."""
+    n = 0
+    with open(jsonl) as src, replace_atomically(csv_path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SUMMARY_COLUMNS)
+        for line in src:
+            rec = json.loads(line)
+            if "stack" not in rec:
+                continue
+            rng = rec.get("in_range_apex_to_base")
+            warn = [v for v in (rec.get("orientation_warning"), rec.get("error")) if v]
+            prob = rec.get("range_probability")
+            w.writerow([rec["unit"], rec.get("subject"), rec.get("phase"),
+                        len(rec.get("labels") or []) or "",
+                        "" if not rng else rng[0], "" if not rng else rng[1],
+                        "" if not rng else rng[1] - rng[0] + 1,
+                        "" if prob is None else prob, rec.get("orientation", ""), "; ".join(warn)])
+            n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- the driver
+
+@dataclasses.dataclass
+class Timing:
+    read_s: float = 0.0          # summed over workers
+    preprocess_s: float = 0.0    # summed over workers
+    device_s: float = 0.0        # main process: the batched calls, to their results
+    finish_s: float = 0.0        # main process: decoding to Predictions and writing lines
+    wait_s: float = 0.0          # main process: waiting for a worker's unit
+
+
+def default_batch_slices() -> int:
+    """Slices per device call: XLA:CPU runs a 224 px MobileNet ~1.7x slower per slice in one call
+    of 60 slices than in five of 12 (activations out of cache; measured), so on CPU a stack is its
+    own call; accelerators want large batches."""
+    import jax
+    return 16 if jax.default_backend() == "cpu" else 256
+
+
+def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), workers: int = 2,
+                    batch_slices: int | None = None, summary=None, progress: bool = True) -> dict:
+    """Predict every stack under `root` into the JSONL file `out` (see the module docstring).
+
+    model: a run directory or a loaded `TrainedModel` (preprocessing is read from its
+    `input_size` and `config["keep"]`). workers: reader processes (0: read in this process).
+    batch_slices: slices per device call (K = max(1, batch_slices // S) stacks of length S;
+    default `default_batch_slices()`).
+    summary: the CSV path (default: `out` with .csv). Returns counts and timings."""
+    from stackcls.predict import MODES, _compiled, as_model, finish
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    root, out = Path(root), Path(out)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    m = as_model(model)
+    if not hasattr(m, "model"):   # its preprocessing runs networks: not in reader processes
+        raise ValueError(f"model {model}: archive mode (--out) takes models of method=paper; a "
+                         f"method=anatomy model predicts through `stackcls predict` without --out")
+    if mode == "stack" and getattr(m, "stack_head", None) is None:
+        raise ValueError(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
+    size, keep = int(m.input_size), float(m.config.get("keep", 0.6))
+    run, single = _compiled(m, mode, batched=True), _compiled(m, mode)
+    batch_slices = batch_slices or default_batch_slices()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    units_done, stacks_done = _load_done(out)
+    t = Timing()
+    counts = dict(stacks=0, resumed=len(stacks_done), units=0, files=0, errors=0, reader_rss_mb=0.0)
+    t_start = time.perf_counter()
+
+    f = open(out, "a", encoding="utf-8")
+    pending = {}                           # unit rel -> [stacks still to write, done record]
+    buckets: dict[int, list] = defaultdict(list)
+
+    def write(rec):
+        f.write(json.dumps(_printable_tree(rec)) + "\n")
+
+    def unit_step(rel):
+        left = pending[rel]
+        left[0] -= 1
+        if left[0] == 0:
+            write(left[1])
+            f.flush()
+            del pending[rel]
+
+    def flush(S):
+        batch, buckets[S] = buckets[S], []
+        K = max(1, batch_slices // S)
+        x = np.stack([w.images for _, _, w in batch] + [batch[-1][2].images] * (K - len(batch)))
+        t0 = time.perf_counter()
+        x = np.broadcast_to(x[..., None], x.shape + (3,))
+        res = [np.asarray(o) for o in run(x)] if K > 1 else [np.asarray(o)[None] for o in single(x[0])]
+        t1 = time.perf_counter()
+        for i, (rel, key, w) in enumerate(batch):
+            pred = finish(w, tuple(o[i] for o in res), mode, m)
+            write(dict(unit=rel, stack=key, **pred.to_dict()))
+            counts["stacks"] += 1
+            unit_step(rel)
+        f.flush()
+        t.device_s += t1 - t0
+        t.finish_s += time.perf_counter() - t1
+
+    def take(r):
+        rel = r["unit"].rel
+        t.read_s += r["read_s"]
+        t.preprocess_s += r["preprocess_s"]
+        counts["units"] += 1
+        counts["files"] += r["files"]
+        counts["reader_rss_mb"] = max(counts["reader_rss_mb"], r["rss_mb"])
+        todo = [(key, w) for key, w in r["stacks"] if key not in stacks_done]
+        pending[rel] = [len(todo) + 1, dict(unit=rel, done=len(r["stacks"]) + len(r["errors"]),
+                                            skipped=r["skipped"])]
+        for key, why in r["errors"]:
+            if key not in stacks_done:
+                write(dict(unit=rel, stack=key, error=why))
+                counts["errors"] += 1
+        for key, w in todo:
+            S = w.images.shape[0]
+            buckets[S].append((rel, key, w))
+            if len(buckets[S]) >= max(1, batch_slices // S):
+                flush(S)
+        unit_step(rel)                        # the unit's own share: written once its stacks are
+
+    todo_units = (u for u in units(root) if in_shard(u, shard) and u.rel not in units_done)
+    n_units = sum(1 for u in units(root) if in_shard(u, shard) and u.rel not in units_done)
+    bar = tqdm(total=n_units, desc="predict", unit="unit", disable=not progress, file=sys.stderr,
+               smoothing=0.1)
+
+    def tick():
+        bar.update(1)
+        rate = counts["stacks"] / max(time.perf_counter() - t_start, 1e-9)
+        bar.set_postfix(stacks=counts["stacks"], stacks_s=f"{rate:.1f}")
+
+    try:
+        if workers <= 0:
+            for u in todo_units:
+                take(read_unit(str(root), u, size, keep))
+                tick()
+        else:
+            ctx = multiprocessing.get_context("spawn")      # this process holds JAX's threads
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                inflight = set()
+                more = True
+                while more or inflight:
+                    while more and len(inflight) < 2 * workers:
+                        u = next(todo_units, None)
+                        if u is None:
+                            more = False
+                        else:
+                            inflight.add(pool.submit(read_unit, str(root), u, size, keep))
+                    if not inflight:
+                        break
+                    t0 = time.perf_counter()
+                    done, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
+                    t.wait_s += time.perf_counter() - t0
+                    for fut in done:
+                        take(fut.result())
+                        tick()
+        for S in list(buckets):
+            if buckets[S]:
+                flush(S)
+    finally:
+        f.close()
+        bar.close()
+    summary = Path(summary) if summary is not None else out.with_suffix(".csv")
+    rows = write_summary(out, summary)
+    wall = time.perf_counter() - t_start
+    return dict(counts, wall_s=wall, main_rss_mb=peak_rss_mb(), stacks_per_s=counts["stacks"] / max(wall, 1e-9),
+                files_per_s=counts["files"] / max(wall, 1e-9), summary=str(summary),
+                summary_rows=rows, **dataclasses.asdict(t))
+
+
+def archive_command(root, model, out, mode="stack", shard="0/1", workers=None,
+                    batch_slices: int | None = None) -> int:
+    """`stackcls predict ROOT --model RUN --out results.jsonl [--shard I/N] [--workers W]`."""
+    try:
+        sh = parse_shard(shard)
+        res = predict_archive(root, model, out, mode=mode, shard=sh, batch_slices=batch_slices,
+                              workers=min(2, os.cpu_count() or 1) if workers is None else workers)
+    except ValueError as e:
+        print(printable(f"error: {e}"), file=sys.stderr)
+        return 2
+    print(printable(f"{res['stacks']} stacks predicted ({res['resumed']} already in {out}), "
+                    f"{res['errors']} not predictable, {res['units']} units, {res['files']} files; "
+                    f"{res['stacks_per_s']:.1f} stacks/s; summary {res['summary']}"))
+    return 0
