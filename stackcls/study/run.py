@@ -160,7 +160,8 @@ def run_anatomy_study(study: Study, run_dir: Path, t_start: float) -> dict:
                    n_train=dict(stacks=len(train_stacks), slices=int(sum(s.n_slices for s in train_stacks)),
                                 with_masks=int(with_masks)),
                    n_test=dict(stacks=len(test_stacks), slices=int(sum(s.n_slices for s in test_stacks))),
-                   device=jax.devices()[0].device_kind,
+                   # the anatomy networks train on one device (the CV jobs are not sharded yet)
+                   device=jax.devices()[0].device_kind, devices=parallel.describe(),
                    timing=dict(total_seconds=round(time.perf_counter() - t_start, 3)))
     write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(results_markdown(results))
