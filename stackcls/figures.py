@@ -22,6 +22,15 @@ def _plt():
     return plt
 
 
+def _slice_tile(ax, im):
+    """One slice in a grid: its 2-98 percentile window, no ticks."""
+    lo, hi = np.percentile(im, (2, 98))
+    ax.imshow(np.clip((im - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax
+
+
 def curves(settings: dict, path) -> Path:
     """settings: {name: dict(lr=float, train_loss (F, E), val_loss (F, E), val_acc (F, E))}: one
     row per setting; thin lines per fold, thick line their mean."""
@@ -128,12 +137,7 @@ def predictions(preds, images, path) -> Path:
     colors = ("tab:orange", "tab:green", "tab:blue")
     for row, (pred, imgs) in enumerate(zip(preds, images)):
         for r, c in enumerate(pred.apex_to_base):
-            ax = fig.add_subplot(gs[2 * row, r])
-            im = imgs[c]
-            lo, hi = np.percentile(im, (2, 98))
-            ax.imshow(np.clip((im - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax = _slice_tile(fig.add_subplot(gs[2 * row, r]), imgs[c])
             ax.set_title(f"{pred.labels[c]}", fontsize=8, color=colors[CLASSES.index(pred.labels[c])])
             if r == 0:
                 rng = pred.in_range_apex_to_base
@@ -225,12 +229,7 @@ def boundaries(preds, images, path, titles=None) -> Path:
     for row, (pred, imgs) in enumerate(zip(preds, images)):
         S = len(pred.labels)
         for r, c in enumerate(pred.apex_to_base):
-            ax = fig.add_subplot(gs[2 * row, r])
-            im = imgs[c]
-            lo, hi = np.percentile(im, (2, 98))
-            ax.imshow(np.clip((im - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax = _slice_tile(fig.add_subplot(gs[2 * row, r]), imgs[c])
             lv = (pred.level or [None] * S)[c]
             ax.set_title(f"{r}: {pred.labels[c]}" + (f"\n{lv}" if lv else "\n "), fontsize=7,
                          color=colors[pred.labels[c]])
