@@ -44,6 +44,7 @@ that of its (first, last) IN span under the ordered model.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 
@@ -210,8 +211,18 @@ def predict_stack(stack, model, mode: str = "stack", orientation: str | None = N
     w = resolve_stack_input(stack, orientation, phase)
     if spacing is not None:
         w.spacing = tuple(float(v) for v in spacing)
-    x = model.preprocess(w.images, spacing=w.spacing)
+    x = _preprocess(model, w.images, w.spacing)
     return finish(w, _compiled(model, mode)(x), mode, model)
+
+
+def _preprocess(model, images, spacing):
+    """model.preprocess with the stack's spacing when it takes one (models that resample to a
+    physical scale need it; a model written before spacing existed still works)."""
+    try:
+        takes = "spacing" in inspect.signature(model.preprocess).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return model.preprocess(images, spacing=spacing) if takes else model.preprocess(images)
 
 
 def finish(w, out, mode: str, model) -> Prediction:
