@@ -87,8 +87,8 @@ def test_same_as_predict_stack_and_summary(tree, run_dir, tmp_path):
             assert got["in_range"] == ref["in_range"] and got["orientation"] == ref["orientation"]
             np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-5)
     rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
-    assert len(rows) == 6 and rows[0]["range_probability"] == ""     # not in this Prediction
     r0 = recs[0]
+    assert len(rows) == 6 and float(rows[0]["range_probability"]) == pytest.approx(r0["range_probability"])
     assert rows[0]["subject"] == r0["subject"] and int(rows[0]["slices"]) == len(r0["labels"])
     if r0["in_range_apex_to_base"]:
         a, b = r0["in_range_apex_to_base"]

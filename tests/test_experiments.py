@@ -116,7 +116,8 @@ def test_load_model_and_report(tiny_run, tmp_path):
     assert pen.shape == (4, 256) and np.allclose(np.asarray(probs).sum(1), 1, atol=1e-5)
     assert report([str(run_dir), "--out", str(tmp_path)]) == 0
     t2 = (tmp_path / "table2.csv").read_text().splitlines()
-    assert len(t2) == 1 + 8  # 2 depths x (slice, slice_ordered, stack, stack_orientation_withheld)
+    # header + 2 depths x (slice, slice_ordered, stack, stack_orientation_withheld) + every slice IN
+    assert len(t2) == 1 + 8 + 1
     assert (tmp_path / "table1.md").is_file()
 
 

@@ -66,8 +66,8 @@ def check_devices_record(rec):
     # row uses the stated orientation.
     for depth in s1["depths"]:
         for mode, m1 in s1["depths"][depth]["test"].items():
-            if mode == "stack_orientation_withheld":
-                continue
+            if mode in ("stack_orientation_withheld", "calibration"):
+                continue       # calibration: nested per mode, compared below
             m4 = s4["depths"][depth]["test"][mode]
             for k, v in _drop_timing(m1).items():
                 if isinstance(v, dict):
@@ -77,6 +77,10 @@ def check_devices_record(rec):
                     assert m4[k] == pytest.approx(v, abs=1e-4), (depth, mode, k)
                 else:
                     assert m4[k] == v, (depth, mode, k)
+        for mode, c1 in s1["depths"][depth]["test"].get("calibration", {}).items():
+            c4 = s4["depths"][depth]["test"]["calibration"][mode]
+            for k in ("temperature", "ece", "brier"):
+                assert c4[k] == pytest.approx(c1[k], abs=1e-3), (depth, "calibration", mode, k)
 
 
 def _free_port() -> int:
