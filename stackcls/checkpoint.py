@@ -68,6 +68,20 @@ def _save(path, module: nnx.Module, config: dict) -> Path:
     return path
 
 
+def save_module(path, module: nnx.Module, config: dict) -> Path:
+    """Any module's state (orbax) with a JSON record of what it is (e.g. a CV fold's model at an
+    epoch); the record, written last, marks the save complete."""
+    return _save(path, module, config)
+
+
+def restore_into(path, module: nnx.Module) -> nnx.Module:
+    """The state saved at `path` in a module of the same architecture (`module`'s own values are
+    only its shapes)."""
+    graphdef, state0 = nnx.split(module)
+    abs_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state0)
+    return nnx.merge(graphdef, _restore(Path(path).absolute(), abs_state))
+
+
 def is_saved(path) -> bool:
     path = Path(path)
     return (path / "config.json").is_file() and (path / "state").is_dir()
@@ -98,13 +112,11 @@ def restore_model(path) -> tuple[Classifier, dict]:
     # concrete build (the ports initialise on the host, which eval_shape cannot trace); the
     # restored arrays replace every variable
     try:
-        graphdef, state0 = nnx.split(rebuild(config))
+        template = rebuild(config)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"{path / 'config.json'}: does not describe a classifier "
                              f"({type(e).__name__}: {e})") from None
-    abs_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state0)
-    state = _restore(path, abs_state)
-    return nnx.merge(graphdef, state), config
+    return restore_into(path, template), config
 
 
 def save_stack_model(path, model: StackModel) -> Path:
@@ -154,6 +166,4 @@ def restore_anatomy_model(path):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"{path / 'config.json'}: does not describe an anatomy model "
                              f"({type(e).__name__}: {e})") from None
-    graphdef, state0 = nnx.split(ens)
-    abs_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state0)
-    return nnx.merge(graphdef, _restore(path, abs_state)), config
+    return restore_into(path, ens), config

@@ -28,8 +28,7 @@ from flax import nnx
 from stackcls.anatomy import (EVIDENCE, AnatomyModel, Ensemble, batch_inputs, build_net, outputs,
                               train)
 from stackcls.atomic import savez, write_json
-from stackcls.checkpoint import (is_saved, restore_anatomy_model, save_anatomy_model, _restore,
-                                 _save)
+from stackcls.checkpoint import is_saved, restore_into, save_anatomy_model, save_module
 from stackcls.decode import decode_many
 from stackcls.metrics import stack_groups
 from stackcls.physical import canvas, mask_centre
@@ -102,7 +101,7 @@ def pretrained(cfg: AnatomyStage, backbone: str, weights, seed: int, run_dir: Pa
           seed=seed, desc="anatomy pretrain (built-in cohort)")
     print(f"[anatomy] pretrained on {len(stacks)} synthetic stacks "
           f"({(time.perf_counter() - t0) / 60:.1f} min)")
-    _save(d, net, dict(subjects=int(cfg.pretrain_subjects), epochs=int(cfg.pretrain_epochs)))
+    save_module(d, net, dict(subjects=int(cfg.pretrain_subjects), epochs=int(cfg.pretrain_epochs)))
     return net
 
 
@@ -149,7 +148,7 @@ def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights
             j = eval_epochs.index(epoch)
             outs = stack_outputs(va_stacks, cfg, lambda x: outputs(net, x))
             val[f, j], loss[f, j] = _exact(outs, va_stacks)
-            _save(d / f"epoch{epoch}", net, dict(epoch=epoch))
+            save_module(d / f"epoch{epoch}", net, dict(epoch=epoch))
             savez(d / f"epoch{epoch}" / "val.npz",
                   **{f"{n}{k}": o[n] for k, o in enumerate(outs) for n in ("probs", "evidence")})
             models[epoch][f] = nnx.clone(net)
@@ -168,11 +167,7 @@ def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights
 
 
 def _restore_net(path: Path, backbone: str, cfg: AnatomyStage):
-    import jax
-    net = build_net(backbone, cfg.net())
-    graphdef, state0 = nnx.split(net)
-    abs_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state0)
-    return nnx.merge(graphdef, _restore(path, abs_state))
+    return restore_into(path, build_net(backbone, cfg.net()))
 
 
 def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tuple[dict, Evaluated, dict]:
