@@ -18,8 +18,14 @@ ROOT = HERE.parent
 
 
 def _env(n_devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-               PYTHONPATH=str(ROOT), STACKCLS_PROGRESS="0", JAX_PLATFORMS="cpu")
+    # 4 simulated devices are 4 threads on a 2-core machine that also runs the other test worker:
+    # XLA:CPU aborts a collective whose threads do not all arrive within 40 s (seen once under
+    # load), so the tests give them 10 minutes
+    flags = (f"--xla_force_host_platform_device_count={n_devices} "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+             "--xla_cpu_collective_timeout_seconds=600")
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(ROOT), STACKCLS_PROGRESS="0",
+               JAX_PLATFORMS="cpu")
     env.pop("SLURM_STEP_NUM_TASKS", None)
     return env
 
