@@ -30,6 +30,19 @@ def _ds(v: float) -> str:
     return s if len(s) <= 16 else f"{v:.4g}"
 
 
+def _subject_header(ds, d, seed: int, description: str) -> None:
+    """The patient, study and series attributes both layouts (classic and enhanced) share."""
+    ds.Modality = "MR"
+    ds.Manufacturer = "stackcls phantom"
+    ds.PatientID = d.subject
+    ds.PatientName = f"Phantom^{d.subject}"
+    ds.PatientPosition = "HFS"
+    ds.StudyDate = "20260101"
+    ds.SeriesDescription = description
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.SeriesNumber = 1 + int(seed % 1000)
+
+
 def write_subject(d: SubjectData, out_dir: Path, seed: int) -> list[tuple[int, int, Path]]:
     """Write all frames of subject `d` under out_dir/<subject>/; returns (phase, slice, path) for
     every file (slice = apex-to-base rank)."""
@@ -63,15 +76,7 @@ def write_subject(d: SubjectData, out_dir: Path, seed: int) -> list[tuple[int, i
         ds.StudyInstanceUID = study
         ds.SeriesInstanceUID = series
         ds.FrameOfReferenceUID = frame_ref
-        ds.Modality = "MR"
-        ds.Manufacturer = "stackcls phantom"
-        ds.PatientID = d.subject
-        ds.PatientName = f"Phantom^{d.subject}"
-        ds.PatientPosition = "HFS"
-        ds.StudyDate = "20260101"
-        ds.SeriesDescription = "SA cine bSSFP (synthetic)"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
-        ds.SeriesNumber = 1 + int(seed % 1000)
+        _subject_header(ds, d, seed, "SA cine bSSFP (synthetic)")
         ds.AcquisitionNumber = 1
         ds.InstanceNumber = number
         ds.ScanningSequence = "GR"
@@ -137,17 +142,10 @@ def write_subject_enhanced(d: SubjectData, out_dir: Path, seed: int) -> list[tup
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, sop
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_ref
-    ds.Modality = "MR"
-    ds.Manufacturer = "stackcls phantom"
-    ds.PatientID = d.subject
-    ds.PatientName = f"Phantom^{d.subject}"
-    ds.PatientPosition = "HFS"
-    ds.StudyDate = ds.ContentDate = "20260101"
+    _subject_header(ds, d, seed, "SA cine bSSFP (synthetic, enhanced)")
+    ds.ContentDate = "20260101"
     ds.ContentTime = "120000"
     ds.AcquisitionDateTime = "20260101120000"
-    ds.SeriesDescription = "SA cine bSSFP (synthetic, enhanced)"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
-    ds.SeriesNumber = 1 + int(seed % 1000)
     ds.InstanceNumber = 1
     ds.MRAcquisitionType = "2D"
     ds.MagneticFieldStrength = "1.5"
