@@ -453,7 +453,6 @@ class AnatomyModel:
                                     for k, v in self.config["anatomy"].items()})
         self.localise_size = int(self.config.get("localise_size", 256))
         fn, self._state = _ensemble_fn(self.ensemble)
-        self._fn = fn
         self._jit = jax.jit(fn)
 
     @property
