@@ -18,11 +18,14 @@ InstanceNumber, file names or SliceLocation (whose sign differs between scanners
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
+import mmap
 import multiprocessing
 import os
 import sys
 import threading
+import time
 import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +46,8 @@ TRIGGER_TOL_MS = 0.5     # two images at one position closer than this in time a
 ORIENT_COS_TOL = 0.9998  # ~1.1 degrees: normals closer than this belong to one stack
 GZIP_MAGIC = b"\x1f\x8b"
 POOL_MIN_FILES = 400     # a scan of fewer files reads in this process (benchmarks/io.py)
+POOL_SAMPLE = 24         # files read here first, timed, to choose between this process and a pool
+POOL_SLOW_FILE_S = 0.002  # CPU seconds per file from which workers pay (see _read_in_pool)
 MAX_WORKERS = 8
 _CHUNK = 1 << 22
 
@@ -115,7 +120,7 @@ def _native_pixels(ds) -> np.ndarray | None:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     raw = ds.PixelData
     n = frames * rows * cols * bits // 8
-    if not isinstance(raw, bytes) or len(raw) < n:
+    if not isinstance(raw, (bytes, memoryview)) or len(raw) < n:
         return None  # pydicom reports the truncation
     dtype = {(8, False): "u1", (8, True): "i1", (16, False): "<u2", (16, True): "<i2"}[bits, signed]
     arr = np.frombuffer(raw, dtype=dtype, count=frames * rows * cols)
@@ -151,10 +156,13 @@ def _gunzip(path: str, raw: bytes) -> bytes:
     return b"".join(out)
 
 
-def read_images(path, budget: StackBudget | None = None, pixels: bool = True) -> list[DicomSlice]:
+def read_images(path, budget: StackBudget | None = None, pixels: bool = True,
+                into: np.ndarray | None = None) -> list[DicomSlice]:
     """Read one DICOM file (gzipped or not) into DicomSlices, one per image or frame; raises
     StackReadError(path, reason) if unusable. Sizes are checked before decoding (limits.py);
-    `budget` caps the decoded bytes per series. pixels=False: the header only (`image` None)."""
+    `budget` caps the decoded bytes per series. pixels=False: the header only (`image` None).
+    into: a float32 (images, rows, cols) array the images are decoded into (the worker pool's
+    shared memory); each slice's `image` is then a view of it."""
     # imported on the first DICOM read: pydicom takes ~0.8 s, and NIfTI-only users never need it
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -176,7 +184,7 @@ def read_images(path, budget: StackBudget | None = None, pixels: bool = True) ->
         # this succeeds: the decoded file (within the per-file limit) is dropped if over budget.
         log = _ChargeLog()
         try:
-            out = _slices_from_dataset(path, fast, log, pixels)
+            out = _slices_from_dataset(path, fast, log, pixels, into)
         except Exception:  # noqa: BLE001
             out = None
         if out is not None:
@@ -201,7 +209,7 @@ def read_images(path, budget: StackBudget | None = None, pixels: bool = True) ->
     except Exception as e:  # noqa: BLE001
         raise StackReadError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
     try:
-        return _slices_from_dataset(path, ds, budget, pixels)
+        return _slices_from_dataset(path, ds, budget, pixels, into)
     except StackReadError:
         raise
     except Exception as e:  # noqa: BLE001 - pydicom parses values lazily: bad bytes surface here
@@ -242,7 +250,7 @@ def _decode(path: str, ds) -> np.ndarray:
 
 
 def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
-                         pixels: bool = True) -> list[DicomSlice]:
+                         pixels: bool = True, into: np.ndarray | None = None) -> list[DicomSlice]:
     kind = hdr.sop_kind(ds)
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -286,15 +294,33 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
                                     int(ds.get("BitsAllocated", 0) or 0) / 8))
     images = None
     if pixels:
-        # all frames at once, in place from the one float32 copy; each frame its own rescale
-        images = _decode(path, ds).astype(np.float32)
-        images *= np.array([h[3] for h in heads], np.float32)[:, None, None]
-        images += np.array([h[4] for h in heads], np.float32)[:, None, None]
-        finite = np.isfinite(images).all(axis=(1, 2))
-        if not finite.all():
-            k = int(np.argmin(finite))
-            raise StackReadError(path, "pixel values are not finite after RescaleSlope/Intercept"
-                                 + (f" (frame {k + 1})" if multi else ""))
+        # all frames at once, in place from the one float32 copy; each frame its own rescale.
+        # A pass over the pixels is skipped only where it changes no bit: x * 1 is x, and x + 0 is
+        # x unless x is -0.0, which only a negative slope makes from a stored 0.
+        stored = _decode(path, ds)
+        if into is None:
+            images = stored.astype(np.float32)
+        elif into.shape == stored.shape:
+            images = into
+            images[...] = stored  # the same conversion as astype
+        else:
+            raise StackReadError(path, f"{stored.shape[0]} image(s) of {shape} where the header "
+                                       f"pass read {into.shape[0]} of {into.shape[1:]}: file "
+                                       "changed during the scan?")
+        slopes = [h[3] for h in heads]
+        intercepts = [h[4] for h in heads]
+        if any(v != 1 for v in slopes):
+            images *= np.array(slopes, np.float32)[:, None, None]
+        if any(v != 0 for v in intercepts) or any(v < 0 for v in slopes):
+            images += np.array(intercepts, np.float32)[:, None, None]
+        # stored integers of up to 32 bits times a slope within +-1e6 plus an intercept within
+        # +-1e7 (hdr.rescale) are finite in float32: only float stored values need the check
+        if stored.dtype.kind == "f" or stored.dtype.itemsize > 4:
+            finite = np.isfinite(images).all(axis=(1, 2))
+            if not finite.all():
+                k = int(np.argmin(finite))
+                raise StackReadError(path, "pixel values are not finite after RescaleSlope/"
+                                     "Intercept" + (f" (frame {k + 1})" if multi else ""))
     out = []
     for k, (ipp, normal, ps, slope, intercept, trig, order, kind_, echo, thick) in enumerate(heads):
         image = None if images is None else images[k]
@@ -423,6 +449,7 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
         rank[ab_order] = np.arange(len(centers))  # position cluster -> apex-to-base rank
         # cine array (T, S, H, W) for ES estimation; missing slices are NaN-free zeros
         H, W = g0.shape
+        cine = None
         subject_es = es.get(g0.subject) if isinstance(es, dict) else es
         if subject_es is not None:
             es_t = int(subject_es)
@@ -469,18 +496,24 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
                 meta["echo"] = g0.echo
             if len(ranks) < len(centers):
                 meta["warnings"].append(f"phase {t}: {len(centers) - len(ranks)} slice(s) missing")
+            if cine is not None and len(ranks) == len(centers):
+                # the cine holds this phase in rank order already: all phases kept share its
+                # memory, a few are copied out so the cine can go
+                images = cine[t] if phases == "all" else cine[t].copy()
+            else:
+                images = np.stack([s.image for s in ss])
             stacks.append(Stack(
-                images=np.stack([s.image for s in ss]), sources=[s.source for s in ss],
+                images=images, sources=[s.source for s in ss],
                 subject=g0.subject, phase=name, slice_ids=ranks, frame=t, positions=pos,
                 spacing=spacing, orientation_known=known, meta=meta,
             ))
     return stacks, skipped, warns
 
 
-def _read_one(f: str, budget=None, pixels: bool = True):
+def _read_one(f: str, budget=None, pixels: bool = True, into=None):
     """read_images, with a failure as the skipped entry (path, reason)."""
     try:
-        return read_images(f, budget, pixels)
+        return read_images(f, budget, pixels, into)
     except StackReadError as e:
         return e.path, e.reason
     except OSError as e:
@@ -490,6 +523,17 @@ def _read_one(f: str, budget=None, pixels: bool = True):
 def _read_header(f: str):
     log = _ChargeLog()
     return _read_one(f, log, pixels=False), log.calls
+
+
+_shared: np.ndarray | None = None  # the pool's pass-2 output, float32, set before the fork
+
+
+def _read_pixels(job):
+    """Pass 2 in a worker: the file's images decoded into the shared memory at `offset`, as
+    `n` images of `shape`; None, or the skipped entry (path, reason)."""
+    f, offset, n, shape = job
+    res = _read_one(f, into=_shared[offset:offset + n * shape[0] * shape[1]].reshape(n, *shape))
+    return res if isinstance(res, tuple) else None
 
 
 def _pool_size(files: list[str], workers: int | None) -> int:
@@ -516,13 +560,19 @@ def _pool_size(files: list[str], workers: int | None) -> int:
     return min(workers, len(files))
 
 
-def _read_in_pool(files: list[str], n_workers: int, kinds):
+def _read_in_pool(files: list[str], n_workers: int, kinds, budget: StackBudget):
     """(slices, skipped, budget) as the in-process loop gives them, read by n_workers processes in
     two passes: headers of every file (nothing decoded), the per-stack budget charged here in file
     order, then pixels only for the files that have an image in a kept stack (not over the budget,
     a kept kind). Each worker holds one chunk of files at a time; the per-file limits apply in the
-    workers as in one process."""
-    budget, skipped, per_file = StackBudget(), [], {}
+    workers as in one process. The images come back through memory shared with the workers of
+    pass 2 (forked after it is allocated), not pickled through a pipe: copying them there cost
+    more than decoding them."""
+    global _shared
+    # imported here, not once per worker: it is most of what a small scan costs a worker (~0.5 s)
+    import pydicom  # noqa: F401
+    from pydicom import datadict, filereader, uid  # noqa: F401
+    skipped, per_file = [], {}
     chunk = max(1, min(64, len(files) // (n_workers * 8)))
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
@@ -537,16 +587,40 @@ def _read_in_pool(files: list[str], n_workers: int, kinds):
                 skipped.append((e.path, e.reason))
                 continue
             per_file[f] = res
-        need = [f for f, sl in per_file.items()
-                if any((s.subject, s.study, s.group, s.shape) not in budget.over
-                       and (kinds is None or s.kind in kinds) for s in sl)]
-        for f, res in zip(need, pool.map(_read_one, need, chunksize=chunk)):
-            if isinstance(res, tuple):
-                skipped.append(res)
-                del per_file[f]
-            else:
-                per_file[f] = res
-    return [s for sl in per_file.values() for s in sl], skipped, budget
+    need = [f for f, sl in per_file.items()
+            if any((s.subject, s.study, s.group, s.shape) not in budget.over
+                   and (kinds is None or s.kind in kinds) for s in sl)]
+    jobs, offset = [], 0
+    for f in need:
+        sl = per_file[f]
+        jobs.append((f, offset, len(sl), sl[0].shape))
+        offset += len(sl) * sl[0].shape[0] * sl[0].shape[1]
+    if jobs:
+        # anonymous shared memory: the forked workers write into the pages this process reads
+        _shared = np.frombuffer(mmap.mmap(-1, offset * 4), np.float32)
+        try:
+            with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+                for (f, start, n, (h, w)), res in zip(jobs, pool.map(_read_pixels, jobs,
+                                                                       chunksize=chunk)):
+                    if res is not None:
+                        skipped.append(res)
+                        del per_file[f]
+                        continue
+                    block = _shared[start:start + n * h * w].reshape(n, h, w)
+                    for k, s in enumerate(per_file[f]):
+                        s.image = block[k]
+        finally:
+            _shared = None
+    return [s for sl in per_file.values() for s in sl], skipped
+
+
+def _read_here(files: list[str], budget: StackBudget, slices: list, skipped: list) -> None:
+    for f in files:
+        res = _read_one(f, budget)
+        if isinstance(res, tuple):
+            skipped.append(res)
+        else:
+            slices += res
 
 
 def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True,
@@ -557,18 +631,32 @@ def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True,
     workers: processes reading the files (_pool_size; None: automatic, 1: in this process)."""
     files = [str(f) for f in files]
     n_workers = _pool_size(files, workers)
-    if n_workers > 1:
-        slices, skipped, budget = _read_in_pool(files, n_workers, kinds)
-    else:
-        slices, skipped, budget = [], [], StackBudget()
-        it = tqdm(files, desc="reading DICOM", unit="file", leave=False,
-                  disable=not progress or len(files) < 200)
-        for f in it:
-            res = _read_one(f, budget)
-            if isinstance(res, tuple):
-                skipped.append(res)
-            else:
-                slices += res
+    slices, skipped, budget = [], [], StackBudget()
+    # Workers pay only for files slow to read (compressed, or read by pydicom): the two passes
+    # cost about twice the CPU of one (measured: 1,480 fast-path files, 0.22 CPU s here, 0.46 in
+    # two workers). So an automatic pool first reads a sample here and goes on in workers only
+    # when it took POOL_SLOW_FILE_S a file (the first file, which pays for imports, not counted).
+    # The budget is charged in file order either way.
+    head = files if n_workers == 1 else files[:POOL_SAMPLE] if workers is None else []
+    gc_was = gc.isenabled()
+    gc.disable()  # the scan makes no cycles; collections walking its many small objects cost ~20%
+    try:
+        t = None
+        for f in tqdm(head, desc="reading DICOM", unit="file", leave=False,
+                      disable=not progress or len(head) < 200):
+            _read_here([f], budget, slices, skipped)
+            t = time.process_time() if t is None else t
+        rest = files[len(head):]
+        if rest and workers is None and \
+                time.process_time() - t < POOL_SLOW_FILE_S * (len(head) - 1):
+            _read_here(rest, budget, slices, skipped)
+        elif rest:
+            more, skipped2 = _read_in_pool(rest, n_workers, kinds, budget)
+            slices += more
+            skipped += skipped2
+    finally:
+        if gc_was:
+            gc.enable()
     if budget.over:  # a series over the per-stack limit is dropped whole, not loaded in part
         for path in dict.fromkeys(s.path for s in slices
                                   if (s.subject, s.study, s.group, s.shape) in budget.over):

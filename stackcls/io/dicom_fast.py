@@ -83,56 +83,66 @@ def _ascii(b: bytes) -> str:
     return b.decode("ascii")
 
 
-class FastElement:
-    __slots__ = ("tag", "VR", "_raw", "_items", "_value", "_done")
+_VRS = {v: (v.decode(), v in _LONG_VRS) for v in _LONG_VRS | _SHORT_VRS}
+_BINARY = {"OB", "OW", "UN", "OD", "OF", "OL", "OV"}
+_VIEW_BYTES = 1 << 16   # a binary value this long (the pixel data) is a view of the file, no copy
+_MISSING = object()
+# Values converted once per scan, not once per file: most header values (UIDs, orientation,
+# spacing, sizes) repeat from file to file. Keyed by (VR, bytes); a list is copied out, callers own it.
+_converted: dict = {}
+_CONVERTED_MAX = 1 << 16
+_CONVERTED_BYTES = 128
 
-    def __init__(self, tag: int, vr: str, raw: bytes | None, items=None):
-        self.tag, self.VR, self._raw, self._items, self._done = tag, vr, raw, items, False
 
-    @property
-    def keyword(self) -> str:
-        return _keyword(self.tag)
+def _value(raw: bytes, vr: str, a, b: int):
+    """The value of the element whose bytes are raw[a:b] (for a sequence, `a` is its items)."""
+    if vr == "SQ":
+        return a
+    if b - a > _CONVERTED_BYTES:
+        if vr in _BINARY and b - a >= _VIEW_BYTES:
+            return memoryview(raw)[a:b]
+        return _convert(vr, raw[a:b])
+    key = (vr, raw[a:b])
+    v = _converted.get(key, _MISSING)
+    if v is _MISSING:
+        v = _convert(vr, key[1])
+        if len(_converted) >= _CONVERTED_MAX:
+            _converted.clear()
+        _converted[key] = v
+    return list(v) if v.__class__ is list else v
 
-    @property
-    def value(self):
-        if not self._done:
-            self._value, self._done = self._convert(), True
-        return self._value
 
-    def _convert(self):
-        vr, raw = self.VR, self._raw
-        if vr == "SQ":
-            return self._items
-        if vr == "??":
-            raise Fallback("ambiguous VR")
-        if vr in ("OB", "OW", "UN", "OD", "OF", "OL", "OV"):
-            return raw
-        if not raw:  # pydicom: empty text is '', an empty number None
-            return "" if vr in _TEXT or vr in _SINGLE_TEXT or vr in _STRING else None
-        if vr in _NUMBERS:
-            fmt, size = _NUMBERS[vr]
-            n = len(raw) // size
-            if n * size != len(raw):
-                raise Fallback("odd number length")
-            vals = struct.unpack(f"<{n}{fmt}", raw)
-            return vals[0] if n == 1 else list(vals)
-        s = _ascii(raw)
-        if vr == "DS" or vr == "IS":
-            parts = [p.strip() for p in s.split("\\")]
-            if any(not p for p in parts):
-                raise Fallback("empty number in a list")
-            conv = float if vr == "DS" else _int
-            vals = [conv(p) for p in parts]
-            return vals[0] if len(vals) == 1 else vals
-        if vr in _TEXT:
-            parts = [p.rstrip("\0 ") for p in s.split("\\")]
-            return parts[0] if len(parts) == 1 else parts
-        if vr in _SINGLE_TEXT:
-            return s.rstrip("\0 ")
-        if vr in _STRING:
-            parts = s.rstrip(" \0").split("\\")
-            return parts[0] if len(parts) == 1 else parts
-        raise Fallback(f"VR {vr}")
+def _convert(vr: str, raw: bytes):
+    if vr == "??":
+        raise Fallback("ambiguous VR")
+    if vr in _BINARY:
+        return raw
+    if not raw:  # pydicom: empty text is '', an empty number None
+        return "" if vr in _TEXT or vr in _SINGLE_TEXT or vr in _STRING else None
+    if vr in _NUMBERS:
+        fmt, size = _NUMBERS[vr]
+        n = len(raw) // size
+        if n * size != len(raw):
+            raise Fallback("odd number length")
+        vals = struct.unpack(f"<{n}{fmt}", raw)
+        return vals[0] if n == 1 else list(vals)
+    s = _ascii(raw)
+    if vr == "DS" or vr == "IS":
+        parts = [p.strip() for p in s.split("\\")]
+        if any(not p for p in parts):
+            raise Fallback("empty number in a list")
+        conv = float if vr == "DS" else _int
+        vals = [conv(p) for p in parts]
+        return vals[0] if len(vals) == 1 else vals
+    if vr in _TEXT:
+        parts = [p.rstrip("\0 ") for p in s.split("\\")]
+        return parts[0] if len(parts) == 1 else parts
+    if vr in _SINGLE_TEXT:
+        return s.rstrip("\0 ")
+    if vr in _STRING:
+        parts = s.rstrip(" \0").split("\\")
+        return parts[0] if len(parts) == 1 else parts
+    raise Fallback(f"VR {vr}")
 
 
 def _int(s: str) -> int:
@@ -146,77 +156,109 @@ def _int(s: str) -> int:
         return int(f)
 
 
+class FastElement:
+    """One element of a FastDataset, as `ds[key]` and iteration give it (tag, VR, keyword, value)."""
+
+    __slots__ = ("tag", "VR", "_ds")
+
+    def __init__(self, tag: int, vr: str, ds: "FastDataset"):
+        self.tag, self.VR, self._ds = tag, vr, ds
+
+    @property
+    def keyword(self) -> str:
+        return _keyword(self.tag)
+
+    @property
+    def value(self):
+        return self._ds.get(self.tag)
+
+
 class FastDataset:
-    """The pydicom Dataset surface the readers use, over parsed elements (tag -> FastElement)."""
+    """The pydicom Dataset surface the readers use, over parsed elements: tag -> (VR, start, end)
+    of the value in the file's bytes (a sequence: ("SQ", items, 0)), converted when first read."""
 
-    def __init__(self, elems: dict, file_meta=None):
-        self._elems = elems
-        self.file_meta = file_meta
+    __slots__ = ("_elems", "_raw", "_vals", "file_meta")
 
-    def _elem(self, key):
-        tag = _tag(key) if isinstance(key, str) else key
-        return None if tag is None else self._elems.get(tag)
-
-    def __contains__(self, key) -> bool:
-        return self._elem(key) is not None
-
-    def __getitem__(self, key):
-        e = self._elem(key)
-        if e is None:
-            raise KeyError(key)
-        return e
+    def __init__(self, elems: dict, raw: bytes, file_meta=None):
+        self._elems, self._raw, self._vals, self.file_meta = elems, raw, {}, file_meta
 
     def get(self, key, default=None):
-        e = self._elem(key)
-        return default if e is None else e.value
+        tag = _tag_cache.get(key)
+        if tag is None:
+            if key.__class__ is not str:
+                tag = key
+            elif (tag := _tag(key)) is None:
+                return default
+        v = self._vals.get(tag, _MISSING)
+        if v is _MISSING:
+            e = self._elems.get(tag)
+            if e is None:
+                return default
+            v = self._vals[tag] = _value(self._raw, *e)
+        return v
+
+    def _tag_of(self, key):
+        tag = _tag_cache.get(key)
+        if tag is None:
+            tag = _tag(key) if key.__class__ is str else key
+        return tag
+
+    def __contains__(self, key) -> bool:
+        return self._tag_of(key) in self._elems
+
+    def __getitem__(self, key):
+        tag = self._tag_of(key)
+        e = self._elems.get(tag)
+        if e is None:
+            raise KeyError(key)
+        return FastElement(tag, e[0], self)
 
     def __getattr__(self, name):
         if name.startswith("_") or not name[:1].isupper():
             raise AttributeError(name)
-        e = self._elem(name)
-        if e is None:
+        tag = _tag(name)
+        if tag is None or tag not in self._elems:
             raise AttributeError(name)
-        return e.value
+        return self.get(tag)
 
     def __iter__(self):
-        return iter(self._elems.values())
+        return (FastElement(tag, e[0], self) for tag, e in self._elems.items())
 
     def __len__(self) -> int:
         return len(self._elems)
 
 
-def _dataset(raw: bytes, p: int, end: int, implicit: bool, depth: int,
+def _dataset(raw: bytes, p: int, end: int, implicit: bool, depth: int, memo: dict,
              stop_tag: int | None = None) -> tuple[dict, int]:
     """Elements from raw[p:end] (to an item delimiter when stop_tag is given); (elements, end)."""
     elems = {}
     while p < end:
+        if p + 8 > end:
+            raise Fallback("truncated element")
         if implicit:
-            if p + 8 > end:
-                raise Fallback("truncated element")
             g, e, length = _TAG_LEN_IMPLICIT.unpack_from(raw, p)
             tag = g << 16 | e
             p += 8
             vr = "SQ" if length == _UNDEFINED else _implicit_vr(tag)
         else:
-            if p + 8 > end:
-                raise Fallback("truncated element")
             g, e, vrb, length = _TAG_LEN_EXPLICIT.unpack_from(raw, p)
             tag = g << 16 | e
             if g == 0xFFFE:  # item / delimiter tags carry no VR
                 length = _U32.unpack_from(raw, p + 4)[0]
                 p += 8
                 vr = ""
-            elif vrb in _SHORT_VRS:
-                p += 8
-                vr = vrb.decode()
-            elif vrb in _LONG_VRS:
-                if p + 12 > end:
-                    raise Fallback("truncated element")
-                length = _U32.unpack_from(raw, p + 8)[0]
-                p += 12
-                vr = vrb.decode()
             else:
-                raise Fallback(f"unknown VR {vrb!r}")
+                info = _VRS.get(vrb)
+                if info is None:
+                    raise Fallback(f"unknown VR {vrb!r}")
+                vr, long = info
+                if long:
+                    if p + 12 > end:
+                        raise Fallback("truncated element")
+                    length = _U32.unpack_from(raw, p + 8)[0]
+                    p += 12
+                else:
+                    p += 8
         if tag == stop_tag:
             return elems, p
         if g == 0xFFFE:
@@ -224,45 +266,68 @@ def _dataset(raw: bytes, p: int, end: int, implicit: bool, depth: int,
         if length == _UNDEFINED:
             if vr not in ("SQ", "UN") or depth >= _MAX_DEPTH:
                 raise Fallback("undefined length")
-            items, p = _items(raw, p, len(raw), implicit or vr == "UN", depth + 1, None)
-            elems[tag] = FastElement(tag, "SQ", None, items)
+            items, p = _items(raw, p, len(raw), implicit or vr == "UN", depth + 1, None, memo)
+            elems[tag] = ("SQ", items, 0)
             continue
         if p + length > end:
             raise Fallback("value past the end")
         if vr == "SQ":
             if depth >= _MAX_DEPTH:
                 raise Fallback("nested too deep")
-            items, _ = _items(raw, p, p + length, implicit, depth + 1, p + length)
-            elems[tag] = FastElement(tag, "SQ", None, items)
+            items, _ = _items(raw, p, p + length, implicit, depth + 1, p + length, memo)
+            elems[tag] = ("SQ", items, 0)
         else:
-            elems[tag] = FastElement(tag, vr, raw[p:p + length])
+            elems[tag] = (vr, p, p + length)
         p += length
     if stop_tag is not None:
         raise Fallback("no item delimiter")
     return elems, p
 
 
-def _items(raw: bytes, p: int, end: int, implicit: bool, depth: int, bound: int | None):
-    """Sequence items from p: up to `bound`, or to the sequence delimiter when bound is None."""
+def _items(raw: bytes, p: int, end: int, implicit: bool, depth: int, bound: int | None,
+           memo: dict):
+    """Sequence items from p: up to `bound`, or to the sequence delimiter when bound is None.
+
+    An item whose bytes equal an item parsed before in this file is that item's dataset again
+    (`memo`): the frames of an enhanced file repeat most functional group items byte for byte.
+    Exact: parsing reads nothing past where it stops, and every bound it checks lies past that."""
     items = []
     while bound is None or p < bound:
         if p + 8 > end:
             raise Fallback("truncated sequence")
         g, e, length = _TAG_LEN_IMPLICIT.unpack_from(raw, p)
         tag = g << 16 | e
+        start = p
         p += 8
         if tag == _SEQ_END and bound is None:
             return items, p
         if tag != _ITEM:
             raise Fallback("not an item")
         if length == _UNDEFINED:
-            elems, p = _dataset(raw, p, end, implicit, depth, _ITEM_END)
-        else:
-            if p + length > end:
-                raise Fallback("item past the end")
-            elems, _ = _dataset(raw, p, p + length, implicit, depth)
-            p += length
-        items.append(FastDataset(elems))
+            # same start, same bytes up to the delimiter: look up by the first bytes, then compare
+            key = (implicit, depth, raw[start:start + 32])
+            for seen, ds in memo.get(key, ()):
+                if raw.startswith(seen, start) and start + len(seen) <= end:
+                    items.append(ds)
+                    p = start + len(seen)
+                    break
+            else:
+                elems, p = _dataset(raw, p, end, implicit, depth, memo, _ITEM_END)
+                ds = FastDataset(elems, raw)
+                items.append(ds)
+                memo.setdefault(key, []).append((raw[start:p], ds))
+            continue
+        if p + length > end:
+            raise Fallback("item past the end")
+        key = (implicit, depth, raw[start:p + length])
+        ds = memo.get(key)
+        if ds is None:
+            elems, stop = _dataset(raw, p, p + length, implicit, depth, memo)
+            ds = FastDataset(elems, raw)
+            if stop == p + length:  # read nothing past the item (see above)
+                memo[key] = ds
+        items.append(ds)
+        p += length
     return items, p
 
 
@@ -278,19 +343,17 @@ def parse(raw: bytes) -> FastDataset | None:
         meta_end = 144 + _U32.unpack_from(raw, 140)[0]
         if meta_end > len(raw):
             return None
-        meta, _ = _dataset(raw, 132, meta_end, False, _MAX_DEPTH)
-        ts_elem = meta.get(0x00020010)
-        if ts_elem is None:
-            return None
-        ts = ts_elem.value
+        memo: dict = {}
+        meta, _ = _dataset(raw, 132, meta_end, False, _MAX_DEPTH, memo)
+        ts = FastDataset(meta, raw).get(0x00020010)
         if ts not in (EXPLICIT_LE, IMPLICIT_LE):
             return None
-        elems, _ = _dataset(raw, meta_end, len(raw), ts == IMPLICIT_LE, 0)
+        elems, _ = _dataset(raw, meta_end, len(raw), ts == IMPLICIT_LE, 0, memo)
         if any(t >> 16 == 2 for t in elems):  # meta elements after the meta group: odd file
             return None
     except (Fallback, struct.error, UnicodeDecodeError):
         return None
-    return FastDataset(elems, {"TransferSyntaxUID": _uid(ts)})
+    return FastDataset(elems, raw, {"TransferSyntaxUID": _uid(ts)})
 
 
 _uids: dict = {}
