@@ -87,7 +87,7 @@ def _split_folder(folder: Path):
             if f.startswith("."):
                 continue
             p = os.path.join(dirpath, f)
-            if Path(f).suffix.lower() in _NOT_IMAGES and not nii.is_nifti(f):
+            if os.path.splitext(f)[1].lower() in _NOT_IMAGES and not nii.is_nifti(f):
                 ignored.append((p, f"not an image ({Path(f).suffix} file)"))
             elif nii.is_mask_of_image(p):
                 ignored.append((p, "segmentation mask (_gt) of the image beside it"))

@@ -85,11 +85,34 @@ class DicomSlice:
     trigger: float | None
     instance: int | None
     sop: str
-    image: np.ndarray
+    # the stored values as decoded (None: header only) and their rescale; `image` applies it. Kept
+    # as stored until a stack is built, which converts each image once, straight into its place.
+    stored: np.ndarray | None
+    slope: float = 1.0
+    intercept: float = 0.0
     kind: str = enh.MAGNITUDE     # enh.image_kind: images of different kinds never share a stack
     echo: str | None = None
     order_tag: str = "InstanceNumber"  # what `instance` holds: the phase order without TriggerTime
     frame_no: int | None = None   # 1-based frame of a multi-frame file
+
+    @property
+    def image(self) -> np.ndarray | None:
+        """The rescaled image, float32 (rows, cols)."""
+        if self.stored is None:
+            return None
+        out = np.empty(self.stored.shape, np.float32)
+        self.image_into(out)
+        return out
+
+    def image_into(self, out: np.ndarray) -> None:
+        """The rescaled image written into `out` (float32): stored value x slope + intercept in
+        float32. A pass is skipped only where it changes no bit: x * 1 is x, and x + 0 is x unless x
+        is -0.0, which only a negative slope makes from a stored 0."""
+        out[...] = self.stored
+        if self.slope != 1:
+            out *= np.float32(self.slope)
+        if self.intercept != 0 or self.slope < 0:
+            out += np.float32(self.intercept)
 
     @property
     def source(self) -> str:
@@ -251,8 +274,8 @@ def _decode(path: str, ds) -> np.ndarray:
 
 def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
                          pixels: bool = True, into: np.ndarray | None = None) -> list[DicomSlice]:
-    kind = hdr.sop_kind(ds)
     if "PixelData" not in ds:
+        kind = hdr.sop_kind(ds)
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise StackReadError(path, f"float pixel data ({kind}) is not supported")
         raise StackReadError(path, f"not an image: {kind} without pixel data")
@@ -292,45 +315,29 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
         budget.charge(path, (subject, study, group, shape), f"series {group} of {subject}",
                       decoded_bytes(frames * shape[0] * shape[1],
                                     int(ds.get("BitsAllocated", 0) or 0) / 8))
-    images = None
-    if pixels:
-        # all frames at once, in place from the one float32 copy; each frame its own rescale.
-        # A pass over the pixels is skipped only where it changes no bit: x * 1 is x, and x + 0 is
-        # x unless x is -0.0, which only a negative slope makes from a stored 0.
-        stored = _decode(path, ds)
-        if into is None:
-            images = stored.astype(np.float32)
-        elif into.shape == stored.shape:
-            images = into
-            images[...] = stored  # the same conversion as astype
-        else:
-            raise StackReadError(path, f"{stored.shape[0]} image(s) of {shape} where the header "
-                                       f"pass read {into.shape[0]} of {into.shape[1:]}: file "
-                                       "changed during the scan?")
-        slopes = [h[3] for h in heads]
-        intercepts = [h[4] for h in heads]
-        if any(v != 1 for v in slopes):
-            images *= np.array(slopes, np.float32)[:, None, None]
-        if any(v != 0 for v in intercepts) or any(v < 0 for v in slopes):
-            images += np.array(intercepts, np.float32)[:, None, None]
-        # stored integers of up to 32 bits times a slope within +-1e6 plus an intercept within
-        # +-1e7 (hdr.rescale) are finite in float32: only float stored values need the check
-        if stored.dtype.kind == "f" or stored.dtype.itemsize > 4:
-            finite = np.isfinite(images).all(axis=(1, 2))
-            if not finite.all():
-                k = int(np.argmin(finite))
-                raise StackReadError(path, "pixel values are not finite after RescaleSlope/"
-                                     "Intercept" + (f" (frame {k + 1})" if multi else ""))
+    stored = _decode(path, ds) if pixels else None
+    if into is not None and into.shape != stored.shape:
+        raise StackReadError(path, f"{stored.shape[0]} image(s) of {shape} where the header pass "
+                                   f"read {into.shape[0]} of {into.shape[1:]}: file changed "
+                                   "during the scan?")
     out = []
     for k, (ipp, normal, ps, slope, intercept, trig, order, kind_, echo, thick) in enumerate(heads):
-        image = None if images is None else images[k]
         out.append(DicomSlice(
             path=path, subject=subject, study=study, series=series, group=group,
             series_description=description, shape=shape, ipp=ipp, normal=normal,
             pixel_spacing=ps, thickness=thick, trigger=trig, instance=order[0],
-            sop=f"{sop} [frame {k + 1}]" if multi and sop else sop, image=image, kind=kind_,
-            echo=echo, order_tag=order[1], frame_no=k + 1 if multi else None,
+            sop=f"{sop} [frame {k + 1}]" if multi and sop else sop,
+            stored=None if stored is None else stored[k], slope=slope, intercept=intercept,
+            kind=kind_, echo=echo, order_tag=order[1], frame_no=k + 1 if multi else None,
         ))
+        # stored integers of up to 32 bits times a slope within +-1e6 plus an intercept within
+        # +-1e7 (hdr.rescale) are finite in float32: only float stored values need the check
+        if stored is not None and (stored.dtype.kind == "f" or stored.dtype.itemsize > 4) and \
+                not np.isfinite(out[-1].image).all():
+            raise StackReadError(path, "pixel values are not finite after RescaleSlope/Intercept"
+                                 + (f" (frame {k + 1})" if multi else ""))
+        if into is not None:
+            out[-1].image_into(into[k])
     return out
 
 
@@ -464,7 +471,7 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
                 cine = np.zeros((n_phases, len(centers), H, W), np.float32)
                 for p, items in timeline.items():
                     for t, s in enumerate(items):
-                        cine[t, rank[p]] = s.image
+                        s.image_into(cine[t, rank[p]])
                 es_t, es_how = estimate_es(cine)
             else:
                 es_t, es_how = estimate_es(np.zeros((n_phases, 1, 1, 1), np.float32))
@@ -501,7 +508,9 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
                 # memory, a few are copied out so the cine can go
                 images = cine[t] if phases == "all" else cine[t].copy()
             else:
-                images = np.stack([s.image for s in ss])
+                images = np.empty((len(ss), H, W), np.float32)
+                for i, s in enumerate(ss):
+                    s.image_into(images[i])
             stacks.append(Stack(
                 images=images, sources=[s.source for s in ss],
                 subject=g0.subject, phase=name, slice_ids=ranks, frame=t, positions=pos,
@@ -607,8 +616,8 @@ def _read_in_pool(files: list[str], n_workers: int, kinds, budget: StackBudget):
                         del per_file[f]
                         continue
                     block = _shared[start:start + n * h * w].reshape(n, h, w)
-                    for k, s in enumerate(per_file[f]):
-                        s.image = block[k]
+                    for k, s in enumerate(per_file[f]):  # rescaled by the worker
+                        s.stored, s.slope, s.intercept = block[k], 1.0, 0.0
         finally:
             _shared = None
     return [s for sl in per_file.values() for s in sl], skipped

@@ -88,6 +88,10 @@ def _index(item) -> dict:
     out = {}
     if item is None:
         return out
+    if hasattr(item, "first_items"):  # a dicom_fast dataset: the same, from its cached indexes
+        for first in reversed(item.first_items()):
+            out.update(first.keyword_index())
+        return out
     for elem in item:
         if elem.VR == "SQ" and len(elem.value):
             for e in elem.value[0]:

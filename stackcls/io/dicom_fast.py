@@ -177,24 +177,39 @@ class FastDataset:
     """The pydicom Dataset surface the readers use, over parsed elements: tag -> (VR, start, end)
     of the value in the file's bytes (a sequence: ("SQ", items, 0)), converted when first read."""
 
-    __slots__ = ("_elems", "_raw", "_vals", "file_meta")
+    __slots__ = ("_elems", "_raw", "_vals", "_keywords", "file_meta")
 
     def __init__(self, elems: dict, raw: bytes, file_meta=None):
         self._elems, self._raw, self._vals, self.file_meta = elems, raw, {}, file_meta
+        self._keywords = None
+
+    def first_items(self) -> list:
+        """The first item of each non-empty sequence, in tag order (the functional groups of an
+        enhanced frame)."""
+        return [e[1][0] for e in self._elems.values() if e[0] == "SQ" and e[1]]
+
+    def keyword_index(self) -> dict:
+        """keyword -> element, for the elements with a keyword. Kept: the items an enhanced file
+        repeats frame after frame are one dataset (see _items), indexed once."""
+        if self._keywords is None:
+            self._keywords = {kw: FastElement(tag, e[0], self) for tag, e in self._elems.items()
+                              if (kw := _keyword(tag))}
+        return self._keywords
 
     def get(self, key, default=None):
+        v = self._vals.get(key, _MISSING)  # by the key asked with: a keyword or a tag
+        if v is not _MISSING:
+            return v
         tag = _tag_cache.get(key)
         if tag is None:
             if key.__class__ is not str:
                 tag = key
             elif (tag := _tag(key)) is None:
                 return default
-        v = self._vals.get(tag, _MISSING)
-        if v is _MISSING:
-            e = self._elems.get(tag)
-            if e is None:
-                return default
-            v = self._vals[tag] = _value(self._raw, *e)
+        e = self._elems.get(tag)
+        if e is None:
+            return default
+        v = self._vals[key] = _value(self._raw, *e)
         return v
 
     def _tag_of(self, key):

@@ -109,7 +109,7 @@ def float_list(ds, tag, n):
 
 def geometry(path: str, ds):
     """(ImagePositionPatient, unit normal, PixelSpacing) checked, or StackReadError."""
-    missing = [t for t in GEOMETRY_TAGS if t not in ds or ds[t].value in (None, "", [])]
+    missing = [t for t in GEOMETRY_TAGS if ds.get(t) in (None, "", [])]
     if missing:
         raise StackReadError(path, f"missing geometry tag(s) {', '.join(missing)} ({sop_kind(ds)}): "
                                    "cannot place the slice in a stack")

@@ -60,8 +60,10 @@ def mask_beside(path) -> Path | None:
 
 def is_mask_of_image(path) -> bool:
     """A `<stem>_gt` NIfTI whose image `<stem>.nii[.gz]` lies beside it: a mask, not an image."""
+    if not is_nifti(path):
+        return False
     stem = nifti_stem(path)
-    return (stem.endswith("_gt") and is_nifti(path)
+    return (stem.endswith("_gt")
             and any(Path(path).with_name(stem[:-3] + suf).is_file() for suf in NIFTI_SUFFIXES))
 
 
