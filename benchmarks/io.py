@@ -8,10 +8,11 @@ after one warm-up run (file cache warm for both):
 - stackcls: `stackcls.io.scan(folder, phases="all")` (every phase of every stack in memory);
 - dcm2niix: `dcm2niix -o TMP -z n FOLDER` (NIfTI written to a temp folder, which it needs anyway).
 Prints files/s for both and the ratio (> 1: stackcls is faster), for the scan as it runs (worker
-processes from 400 files, stackcls.io.dicom._pool_size) and read in one process. Also the
-CPU seconds each used (this process and its children: the workers, dcm2niix), which other jobs on
-shared cores disturb less than wall time. Absolute numbers on shared CPUs are noise; the ratio is
-what to compare, best of a few runs.
+processes from 400 files when files are slow to read, stackcls.io.dicom.scan_dicom) and read in
+one process. Also the CPU seconds each used (this process and its children: the workers,
+dcm2niix), which other jobs on shared cores disturb less than wall time. The three are run in
+turn, --reps rounds (after one warm-up round), so a change in the machine's load falls on all
+three alike: times are the best of the rounds, ratios the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,16 +35,19 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _best(f, reps):
-    """(best wall seconds, best CPU seconds) over reps runs after a warm-up."""
-    f()
-    ts, cs = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), _cpu()
-        f()
-        ts.append(time.perf_counter() - t)
-        cs.append(_cpu() - c)
-    return min(ts), min(cs)
+def _rounds(fs, reps):
+    """[(wall seconds, CPU seconds) of each of fs] per round: fs run in turn, reps rounds after a
+    warm-up round."""
+    out = []
+    for r in range(reps + 1):
+        row = []
+        for f in fs:
+            t, c = time.perf_counter(), _cpu()
+            f()
+            row.append((time.perf_counter() - t, _cpu() - c))
+        if r:
+            out.append(row)
+    return out
 
 
 def _dcm2niix() -> str:
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("folder", nargs="?", type=Path, default=None)
     ap.add_argument("--subjects", type=int, default=20)
     ap.add_argument("--enhanced", action="store_true")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args(argv)
     exe = _dcm2niix()
     with tempfile.TemporaryDirectory(prefix="stackcls-io-bench-") as tmp:
@@ -89,15 +94,20 @@ def main(argv=None) -> int:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         res = ours()
-        (t_ours, c_ours), (t_one, c_one) = _best(ours, a.reps), _best(one_process, a.reps)
-        t_theirs, c_theirs = _best(theirs, a.reps)
+        load = os.getloadavg()[0]
+        rounds = _rounds((ours, one_process, theirs), a.reps)
+        load = max(load, os.getloadavg()[0])
     print(f"{folder if a.folder else 'phantom cohort'}: {n_files} files, {len(res.stacks)} stacks, "
-          f"{len(res.skipped)} skipped; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    for name, t, c in (("stackcls scan", t_ours, c_ours), ("  in 1 process", t_one, c_one),
-                       ("dcm2niix", t_theirs, c_theirs)):
+          f"{len(res.skipped)} skipped; {os.cpu_count()} CPUs, load {load:.1f} (1-min average, "
+          "the higher of start and end)")
+    for k, name in enumerate(("stackcls scan", "  in 1 process", "dcm2niix")):
+        t, c = min(r[k][0] for r in rounds), min(r[k][1] for r in rounds)
         print(f"{name:<14}: {t:.3f} s ({n_files / t:,.0f} files/s), {c:.3f} CPU s")
-    print(f"ratio (dcm2niix time / stackcls time): {t_theirs / t_ours:.2f} "
-          f"(in 1 process {t_theirs / t_one:.2f}; CPU time {c_theirs / c_ours:.2f})")
+
+    def ratio(k, i):  # median over rounds of dcm2niix / stackcls (time i=0, CPU i=1)
+        return statistics.median(r[2][i] / r[k][i] for r in rounds)
+    print(f"ratio (dcm2niix time / stackcls time, median of {a.reps} rounds): {ratio(0, 0):.2f} "
+          f"(in 1 process {ratio(1, 0):.2f}; CPU time {ratio(0, 1):.2f})")
     return 0
 
 

@@ -18,6 +18,7 @@ InstanceNumber, file names or SliceLocation (whose sign differs between scanners
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import io
 import mmap
@@ -133,7 +134,7 @@ def _native_pixels(ds) -> np.ndarray | None:
     (pydicom then decodes it, or explains why it cannot)."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    if ts is None or ts.is_compressed or not ts.is_little_endian or "PixelData" not in ds:
+    if ts is None or not _native_syntax(ts) or "PixelData" not in ds:
         return None
     bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0) or 0)
     signed = int(ds.get("PixelRepresentation", 0)) == 1
@@ -151,6 +152,12 @@ def _native_pixels(ds) -> np.ndarray | None:
     if stored < bits:  # unused high bits (e.g. old overlays) are not part of the value
         arr = arr & ((1 << stored) - 1)
     return arr
+
+
+@functools.lru_cache(maxsize=64)
+def _native_syntax(ts) -> bool:
+    """Uncompressed little endian (pydicom's UID properties, asked once per syntax)."""
+    return not ts.is_compressed and ts.is_little_endian
 
 
 def _gunzip(path: str, raw: bytes) -> bytes:

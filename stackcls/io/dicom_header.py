@@ -128,9 +128,13 @@ def geometry(path: str, ds):
     # the cross product written out: np.cross costs more than the rest of the header (same floats)
     r0, r1, r2, c0, c1, c2 = iop
     normal = np.array([r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0])
-    with np.errstate(all="ignore"):
-        nn = np.linalg.norm(normal)
-    if not (np.all(np.isfinite(iop)) and np.isfinite(nn) and nn > 0.5):
+    finite = all(math.isfinite(v) for v in iop)
+    if finite and all(abs(v) < 1e50 for v in iop):  # nothing can overflow: no warning to silence
+        nn = math.sqrt(normal.dot(normal))  # what np.linalg.norm computes, bit for bit
+    else:
+        with np.errstate(all="ignore"):
+            nn = float(np.linalg.norm(normal))
+    if not (finite and math.isfinite(nn) and nn > 0.5):
         raise StackReadError(path, f"degenerate ImageOrientationPatient {iop}")
     return np.array(ipp), normal / nn, (ps[0], ps[1])
 
