@@ -156,3 +156,18 @@ def test_small_scans_stay_in_process(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(dcm.scan_dicom(files, progress=False)[0]) == 1
+
+
+def test_integer_histogram_equals_numpy():
+    """geometry._histogram(integers=True) (the ES threshold's histogram, value by value counted
+    once) against np.histogram: counts, dtypes and edges, on negative, constant and wide ranges."""
+    from stackcls.io.geometry import _histogram
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 900, 60_000), rng.integers(-2000, 3000, 1000), np.full(100, 7),
+             rng.integers(0, 65_535, 20_000), np.array([-5, 12]), np.array([3])]
+    for c in cases:
+        v = c.astype(np.float32).reshape(-1, 1)  # any shape: ravelled
+        ref, ours = np.histogram(v, bins=128), _histogram(v.ravel(), 128, integers=True)
+        for a, b in zip(ref, ours):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)

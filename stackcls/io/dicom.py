@@ -479,7 +479,9 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
                 for p, items in timeline.items():
                     for t, s in enumerate(items):
                         s.image_into(cine[t, rank[p]])
-                es_t, es_how = estimate_es(cine)
+                es_t, es_how = estimate_es(cine, integers=all(
+                    s.stored.dtype.kind in "iu" and s.slope == 1 and s.intercept == 0
+                    for items in timeline.values() for s in items))
             else:
                 es_t, es_how = estimate_es(np.zeros((n_phases, 1, 1, 1), np.float32))
         if n_phases == 1:

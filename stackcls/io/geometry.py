@@ -37,8 +37,24 @@ def apex_to_base(normal_lps: np.ndarray, along_normal: np.ndarray):
     return order, t[order], True, note
 
 
-def _otsu(values: np.ndarray, bins: int = 128) -> float:
-    hist, edges = np.histogram(values, bins=bins)
+def _histogram(values: np.ndarray, bins: int, integers: bool):
+    """np.histogram(values, bins). integers: the values are known to be integers (stored values
+    without rescale), so each distinct value is binned once with its count as weight, ~3x faster
+    and the same result: the same values give the same outer edges, and a value's bin depends on it
+    alone."""
+    if not integers or values.size == 0:
+        return np.histogram(values, bins=bins)
+    ints = values.astype(np.intp)
+    lo = int(ints.min())
+    counts = np.bincount(ints - lo if lo else ints)
+    present = np.flatnonzero(counts)
+    hist, edges = np.histogram((present + lo).astype(values.dtype), bins=bins,
+                               weights=counts[present])
+    return hist.astype(np.intp), edges
+
+
+def _otsu(values: np.ndarray, bins: int = 128, integers: bool = False) -> float:
+    hist, edges = _histogram(values, bins, integers)
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
@@ -51,13 +67,14 @@ def _otsu(values: np.ndarray, bins: int = 128) -> float:
     return float(centers[int(np.argmax(between))])
 
 
-def estimate_es(cine: np.ndarray) -> tuple[int, str]:
+def estimate_es(cine: np.ndarray, integers: bool = False) -> tuple[int, str]:
     """Estimate the end-systolic phase of a cine (T, S, H, W) ordered in time, ED first.
 
     ES is where the LV blood pool is smallest. Bright-blood (SSFP) cine: count the pixels brighter
     than one Otsu threshold (computed over all phases, so it is the same for every phase) inside a
     central disk (radius 30 % of the smaller image side) of the middle third of the slices, and take
     the phase (other than ED) with the fewest. With two phases, ES is the second.
+    integers: every value of the cine is known to be an integer (a faster, identical threshold).
     Returns (phase index, how it was chosen).
     """
     T, S = cine.shape[:2]
@@ -70,7 +87,7 @@ def estimate_es(cine: np.ndarray) -> tuple[int, str]:
     disk = (yy - (H - 1) / 2) ** 2 + (xx - (W - 1) / 2) ** 2 <= (0.3 * min(H, W)) ** 2
     lo, hi = S // 3, max(S // 3 + 1, (2 * S + 2) // 3)
     vals = cine[:, lo:hi][..., disk]  # (T, s, n)
-    thr = _otsu(vals.ravel())
+    thr = _otsu(vals.ravel(), integers=integers)
     area = (vals > thr).reshape(T, -1).sum(axis=1)
     es = 1 + int(np.argmin(area[1:]))
     return es, (f"estimated: smallest bright-pool area (Otsu threshold, central disk, slices "
