@@ -304,20 +304,32 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
     sop = str(ds.get("SOPInstanceUID", "") or "")
     inst = ds.get("InstanceNumber")
     inst = None if inst in (None, "") else int(inst)
-    heads = []
+    heads, memo = [], {}
+
+    def check(fn, v, *where):
+        """fn(*where, v), once for the frames that read `fn.reads` from the same elements. A check
+        that raises is not kept: the first frame raising ends the file, as without the memo."""
+        key = v.sources(fn.reads) if multi else None
+        if key is None:
+            return fn(*where, v)
+        key = (fn, key)
+        if key not in memo:
+            memo[key] = fn(*where, v)
+        return memo[key]
+
     for k, v in enumerate(views):
         where = f"{path} [frame {k + 1}]" if multi else path
-        ipp, normal, ps = hdr.geometry(where, v)
-        slope, intercept = hdr.rescale(where, v)
-        trig = hdr.trigger_time(where, v)
+        ipp, normal, ps = check(hdr.geometry, v, where)
+        slope, intercept = check(hdr.rescale, v, where)
+        trig = check(hdr.trigger_time, v, where)
         if multi:  # frames of one file share its InstanceNumber: order by time index, then frame
-            tp = enh.temporal_index(v)
+            tp = check(enh.temporal_index, v)
             order = (tp, "TemporalPositionIndex") if tp is not None else \
                 ((inst or 0) * 100000 + k + 1, "InstanceNumber and frame number")
         else:
             order = (inst, "InstanceNumber")
-        heads.append((ipp, normal, ps, slope, intercept, trig, order, enh.image_kind(v),
-                      hdr.echo(v), hdr.thickness(v)))
+        heads.append((ipp, normal, ps, slope, intercept, trig, order, check(enh.image_kind, v),
+                      check(hdr.echo, v), check(hdr.thickness, v)))
     if budget is not None:
         budget.charge(path, (subject, study, group, shape), f"series {group} of {subject}",
                       decoded_bytes(frames * shape[0] * shape[1],

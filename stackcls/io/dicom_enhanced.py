@@ -13,6 +13,7 @@ different kinds never merge into one stack's phases.
 
 from __future__ import annotations
 
+from stackcls.io.dicom_fast import FastElement
 from stackcls.io.errors import StackReadError
 
 MAGNITUDE = "MAGNITUDE"
@@ -81,6 +82,18 @@ class FrameView:
         elem = self._find(key)
         return default if elem is None else elem.value
 
+    def sources(self, keys) -> tuple | None:
+        """Which of the frame's own elements each of `keys` is (None: found at the file's top level
+        or nowhere, the same for every frame): frames with equal sources read equal values.
+        None for a pydicom dataset, whose elements are not kept as the same objects."""
+        out = []
+        for k in keys:
+            e = self._own.get(k)
+            if e is not None and e.__class__ is not FastElement:
+                return None
+            out.append(e)
+        return tuple(out)
+
 
 def _index(item) -> dict:
     """keyword -> element over the first item of each functional group sequence in a (per-frame or
@@ -126,3 +139,7 @@ def temporal_index(view) -> int | None:
         return None if v in (None, "") else int(v)
     except (TypeError, ValueError):
         return None
+
+
+image_kind.reads = ("FrameType", "ImageType", "ComplexImageComponent")  # see dicom_header's end
+temporal_index.reads = ("TemporalPositionIndex",)

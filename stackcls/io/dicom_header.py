@@ -139,6 +139,8 @@ def geometry(path: str, ds):
     return np.array(ipp), normal / nn, (ps[0], ps[1])
 
 
+
+
 def _number(path: str, ds, tag: str, default):
     v = ds.get(tag)
     if v in (None, ""):
@@ -211,3 +213,12 @@ def sop_kind(ds) -> str:
     if not sop_class and getattr(ds, "file_meta", None) is not None:  # e.g. DICOMDIR
         sop_class = ds.file_meta.get("MediaStorageSOPClassUID")
     return getattr(sop_class, "name", None) or (str(sop_class) if sop_class else "unknown SOP class")
+
+
+# The keywords each per-frame check reads: dicom.py computes a check once for all the frames of a
+# multi-frame file that find these in the same elements (a memo; a check reading more must say so).
+geometry.reads = GEOMETRY_TAGS
+rescale.reads = ("RescaleSlope", "RescaleIntercept")
+trigger_time.reads = ("TriggerTime", "NominalCardiacTriggerDelayTime")
+echo.reads = ("EchoNumbers", "EffectiveEchoTime")
+thickness.reads = ("SliceThickness",)
