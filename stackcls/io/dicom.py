@@ -46,6 +46,8 @@ POSITION_TOL_MM = 0.1    # two images closer than this along the normal are at t
 TRIGGER_TOL_MS = 0.5     # two images at one position closer than this in time are duplicates
 ORIENT_COS_TOL = 0.9998  # ~1.1 degrees: normals closer than this belong to one stack
 GZIP_MAGIC = b"\x1f\x8b"
+_checked: dict = {}      # check() results by their sources' bytes, for a whole scan
+_CHECKED_MAX = 1 << 14
 POOL_MIN_FILES = 400     # a scan of fewer files reads in this process (benchmarks/io.py)
 POOL_SAMPLE = 24         # files read here first, timed, to choose between this process and a pool
 POOL_SLOW_FILE_S = 0.002  # CPU seconds per file from which workers pay (see _read_in_pool)
@@ -304,16 +306,21 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
     sop = str(ds.get("SOPInstanceUID", "") or "")
     inst = ds.get("InstanceNumber")
     inst = None if inst in (None, "") else int(inst)
-    heads, memo = [], {}
+    heads, frame_memo = [], {}
 
     def check(fn, v, *where):
-        """fn(*where, v), once for the frames that read `fn.reads` from the same elements. A check
-        that raises is not kept: the first frame raising ends the file, as without the memo."""
-        key = v.sources(fn.reads) if multi else None
-        if key is None:
+        """fn(*where, v), computed once for the images that read `fn.reads` from the same sources:
+        the same elements of one multi-frame file (FrameView.sources), or the same bytes in any
+        file read by dicom_fast (FastDataset.sources; the position repeats at every phase, the
+        orientation and rescale in every file of a series). A check that raises is not kept, so
+        the first image raising still ends its file."""
+        if not hasattr(v, "sources") or (key := v.sources(fn.reads)) is None:
             return fn(*where, v)
+        memo = frame_memo if multi else _checked
         key = (fn, key)
         if key not in memo:
+            if len(memo) >= _CHECKED_MAX:
+                memo.clear()
             memo[key] = fn(*where, v)
         return memo[key]
 
@@ -371,7 +378,8 @@ def _groups(slices: list[DicomSlice]) -> list[list[DicomSlice]]:
         clusters: list[tuple[np.ndarray, list]] = []
         for s in by_key[key]:
             for ref, members in clusters:
-                if abs(float(np.dot(ref, s.normal))) > ORIENT_COS_TOL:
+                # the same array (check() shares it across a series' files): a unit vector, in
+                if s.normal is ref or abs(float(np.dot(ref, s.normal))) > ORIENT_COS_TOL:
                     members.append(s)
                     break
             else:
@@ -406,6 +414,13 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
     echoes = defaultdict(set)  # a stack names its echo only where its series has several
     for s in slices:
         echoes[(s.subject, s.study, s.group)].add(s.echo)
+    # With every phase kept, the cines are the stacks' memory: taken from one buffer, which numpy
+    # asks the kernel to back with huge pages (a few page faults, not one per 4 KB, which cost ~20%
+    # of a scan). Full grids need exactly one value per image pixel; a cine that does not fit (a
+    # grid with gaps) gets its own array. Untouched parts (skipped series) take no memory.
+    arena = np.empty(sum(s.shape[0] * s.shape[1] for s in slices) if phases == "all" else 0,
+                     np.float32)
+    arena_used = 0
     for group in _groups(slices):
         g0 = group[0]
         normal = g0.normal
@@ -413,19 +428,20 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
         where = (f"series {g0.group} of {g0.subject}"
                  + (f" ({g0.kind.lower()} images)" if g0.kind != enh.MAGNITUDE else "")
                  + (f" ({g0.echo})" if several and g0.echo else ""))
-        d = np.array([float(s.ipp @ normal) for s in group])
-        # cluster positions along the normal
+        along = {}  # one product per position array (check() shares it across the phases)
+        d = np.array([along[id(s.ipp)] if id(s.ipp) in along else
+                      along.setdefault(id(s.ipp), float(s.ipp @ normal)) for s in group])
+        # cluster positions along the normal: a new position where the gap to the previous image in
+        # position order exceeds the tolerance
         order = np.argsort(d, kind="stable")
+        d_sorted = d[order]
+        new = np.empty(len(d), bool)
+        new[0] = True
+        new[1:] = np.diff(d_sorted) > POSITION_TOL_MM
         pos_id = np.empty(len(group), dtype=int)
-        centers, k = [], -1
-        for i in order:
-            if k < 0 or d[i] - centers[k][-1] > POSITION_TOL_MM:
-                k += 1
-                centers.append([d[i]])
-            else:
-                centers[k].append(d[i])
-            pos_id[i] = k
-        centers = np.array([np.mean(c) for c in centers])
+        pos_id[order] = np.cumsum(new) - 1
+        bounds = [*np.flatnonzero(new), len(d)]
+        centers = np.array([np.mean(d_sorted[a:b]) for a, b in zip(bounds, bounds[1:])])
         if len(centers) < 2:
             for s in group:
                 skipped.append((s.source, f"single-slice series: {where} has {len(group)} image(s), all "
@@ -487,10 +503,16 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
         else:
             want = phases == "all" or "ES" in ((phases,) if isinstance(phases, str) else phases)
             if want and n_phases > 2:
-                cine = np.zeros((n_phases, len(centers), H, W), np.float32)
+                size = n_phases * len(centers) * H * W
+                if arena_used + size <= arena.size:
+                    cine = arena[arena_used:arena_used + size].reshape(n_phases, len(centers), H, W)
+                    arena_used += size
+                else:
+                    cine = np.empty((n_phases, len(centers), H, W), np.float32)
                 for p, items in timeline.items():
                     for t, s in enumerate(items):
                         s.image_into(cine[t, rank[p]])
+                    cine[len(items):, rank[p]] = 0
                 es_t, es_how = estimate_es(cine, integers=all(
                     s.stored.dtype.kind in "iu" and s.slope == 1 and s.intercept == 0
                     for items in timeline.values() for s in items))

@@ -188,6 +188,21 @@ class FastDataset:
         enhanced frame)."""
         return [e[1][0] for e in self._elems.values() if e[0] == "SQ" and e[1]]
 
+    def sources(self, keys) -> tuple | None:
+        """The (VR, bytes) of each of `keys` (None where absent): what their values are made from,
+        so that equal sources mean equal values, in any file. None if one is a sequence."""
+        out = []
+        for k in keys:
+            tag = _tag_cache.get(k)
+            e = self._elems.get(_tag(k) if tag is None else tag)
+            if e is None:
+                out.append(None)
+            elif e[0] == "SQ":
+                return None
+            else:
+                out.append((e[0], self._raw[e[1]:e[2]]))
+        return tuple(out)
+
     def keyword_index(self) -> dict:
         """keyword -> element, for the elements with a keyword. Kept: the items an enhanced file
         repeats frame after frame are one dataset (see _items), indexed once."""
@@ -364,7 +379,8 @@ def parse(raw: bytes) -> FastDataset | None:
         if ts not in (EXPLICIT_LE, IMPLICIT_LE):
             return None
         elems, _ = _dataset(raw, meta_end, len(raw), ts == IMPLICIT_LE, 0, memo)
-        if any(t >> 16 == 2 for t in elems):  # meta elements after the meta group: odd file
+        # meta elements after the meta group: odd file (min first: the loop only for odd files)
+        if elems and min(elems) >> 16 <= 2 and any(t >> 16 == 2 for t in elems):
             return None
     except (Fallback, struct.error, UnicodeDecodeError):
         return None

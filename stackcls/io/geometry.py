@@ -6,6 +6,8 @@ points left, anterior and inferior, roughly APEX_DIRECTION. NIfTI affines are RA
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 APEX_DIRECTION = np.array([1.0, -1.0, -1.0]) / np.sqrt(3.0)  # LPS
@@ -46,7 +48,9 @@ def _histogram(values: np.ndarray, bins: int, integers: bool):
         return np.histogram(values, bins=bins)
     ints = values.astype(np.intp)
     lo = int(ints.min())
-    counts = np.bincount(ints - lo if lo else ints)
+    if lo:
+        ints -= lo
+    counts = np.bincount(ints)
     present = np.flatnonzero(counts)
     hist, edges = np.histogram((present + lo).astype(values.dtype), bins=bins,
                                weights=counts[present])
@@ -67,6 +71,15 @@ def _otsu(values: np.ndarray, bins: int = 128, integers: bool = False) -> float:
     return float(centers[int(np.argmax(between))])
 
 
+@functools.lru_cache(maxsize=16)
+def _disk(H: int, W: int) -> np.ndarray:
+    """The central disk of estimate_es (radius 30 % of the smaller side), an (H, W) bool mask."""
+    yy, xx = np.mgrid[:H, :W]
+    disk = (yy - (H - 1) / 2) ** 2 + (xx - (W - 1) / 2) ** 2 <= (0.3 * min(H, W)) ** 2
+    disk.flags.writeable = False
+    return disk
+
+
 def estimate_es(cine: np.ndarray, integers: bool = False) -> tuple[int, str]:
     """Estimate the end-systolic phase of a cine (T, S, H, W) ordered in time, ED first.
 
@@ -82,9 +95,7 @@ def estimate_es(cine: np.ndarray, integers: bool = False) -> tuple[int, str]:
         return 0, "single phase: ES = ED"
     if T == 2:
         return 1, "two phases: ES = the second"
-    H, W = cine.shape[2:]
-    yy, xx = np.mgrid[:H, :W]
-    disk = (yy - (H - 1) / 2) ** 2 + (xx - (W - 1) / 2) ** 2 <= (0.3 * min(H, W)) ** 2
+    disk = _disk(*cine.shape[2:])
     lo, hi = S // 3, max(S // 3 + 1, (2 * S + 2) // 3)
     vals = cine[:, lo:hi][..., disk]  # (T, s, n)
     thr = _otsu(vals.ravel(), integers=integers)
