@@ -13,7 +13,7 @@ different kinds never merge into one stack's phases.
 
 from __future__ import annotations
 
-from stackcls.io.dicom_fast import FastElement
+from stackcls.io.dicom_fast import FastDataset, tag_of
 from stackcls.io.errors import StackReadError
 
 MAGNITUDE = "MAGNITUDE"
@@ -56,18 +56,26 @@ class FrameView:
     """One frame of a multi-frame dataset, read like a classic header: `get`, `in` and `[]` (by
     keyword) look in the frame's functional group items, then the shared ones, then the top-level
     dataset. The group elements are indexed once (the shared ones once per file): a lookup is then a
-    dict access, not a walk over a dozen sequence items per frame."""
+    dict access, not a walk over a dozen sequence items per frame. A dicom_fast dataset is indexed
+    by tag, to the item holding it (no element objects made for the many never read)."""
 
     def __init__(self, ds, per_frame_item, shared: dict):
         self.file_meta = getattr(ds, "file_meta", None)
         self._ds = ds
+        self._fast = isinstance(ds, FastDataset)
         self._own = {**shared, **_index(per_frame_item)}
 
     def _find(self, key):
-        elem = self._own.get(key)
-        if elem is None and key in self._ds:
-            elem = self._ds[key]
-        return elem
+        if self._fast:
+            key = tag_of(key)
+            item = self._own.get(key)
+            if item is not None:
+                return item[key]
+        else:
+            elem = self._own.get(key)
+            if elem is not None:
+                return elem
+        return self._ds[key] if key in self._ds else None
 
     def __contains__(self, key) -> bool:
         return self._find(key) is not None
@@ -79,31 +87,32 @@ class FrameView:
         return elem
 
     def get(self, key, default=None):
+        if self._fast:
+            tag = tag_of(key)
+            item = self._own.get(tag)
+            return item.get(tag) if item is not None else self._ds.get(tag, default)
         elem = self._find(key)
         return default if elem is None else elem.value
 
     def sources(self, keys) -> tuple | None:
-        """Which of the frame's own elements each of `keys` is (None: found at the file's top level
-        or nowhere, the same for every frame): frames with equal sources read equal values.
-        None for a pydicom dataset, whose elements are not kept as the same objects."""
-        out = []
-        for k in keys:
-            e = self._own.get(k)
-            if e is not None and e.__class__ is not FastElement:
-                return None
-            out.append(e)
-        return tuple(out)
+        """The item each of `keys` is found in among the frame's own groups (None: at the file's
+        top level or nowhere, the same for every frame): frames with equal sources read equal
+        values. None for a pydicom dataset, read without the tag index."""
+        if not self._fast:
+            return None
+        return tuple(self._own.get(tag_of(k)) for k in keys)
 
 
 def _index(item) -> dict:
     """keyword -> element over the first item of each functional group sequence in a (per-frame or
-    shared) group item; the first sequence holding a keyword wins."""
+    shared) group item; the first sequence holding a keyword wins. For a dicom_fast dataset the
+    same as tag -> the item holding it."""
     out = {}
     if item is None:
         return out
-    if hasattr(item, "first_items"):  # a dicom_fast dataset: the same, from its cached indexes
+    if isinstance(item, FastDataset):
         for first in reversed(item.first_items()):
-            out.update(first.keyword_index())
+            out.update(dict.fromkeys(first.tags(), first))
         return out
     for elem in item:
         if elem.VR == "SQ" and len(elem.value):

@@ -156,6 +156,14 @@ def _int(s: str) -> int:
         return int(f)
 
 
+def tag_of(key) -> int | None:
+    """The tag of a keyword (None for an unknown one); a tag as it is."""
+    tag = _tag_cache.get(key)
+    if tag is None:
+        tag = _tag(key) if key.__class__ is str else key
+    return tag
+
+
 class FastElement:
     """One element of a FastDataset, as `ds[key]` and iteration give it (tag, VR, keyword, value)."""
 
@@ -177,11 +185,10 @@ class FastDataset:
     """The pydicom Dataset surface the readers use, over parsed elements: tag -> (VR, start, end)
     of the value in the file's bytes (a sequence: ("SQ", items, 0)), converted when first read."""
 
-    __slots__ = ("_elems", "_raw", "_vals", "_keywords", "file_meta")
+    __slots__ = ("_elems", "_raw", "_vals", "file_meta")
 
     def __init__(self, elems: dict, raw: bytes, file_meta=None):
         self._elems, self._raw, self._vals, self.file_meta = elems, raw, {}, file_meta
-        self._keywords = None
 
     def first_items(self) -> list:
         """The first item of each non-empty sequence, in tag order (the functional groups of an
@@ -203,14 +210,6 @@ class FastDataset:
                 out.append((e[0], self._raw[e[1]:e[2]]))
         return tuple(out)
 
-    def keyword_index(self) -> dict:
-        """keyword -> element, for the elements with a keyword. Kept: the items an enhanced file
-        repeats frame after frame are one dataset (see _items), indexed once."""
-        if self._keywords is None:
-            self._keywords = {kw: FastElement(tag, e[0], self) for tag, e in self._elems.items()
-                              if (kw := _keyword(tag))}
-        return self._keywords
-
     def get(self, key, default=None):
         v = self._vals.get(key, _MISSING)  # by the key asked with: a keyword or a tag
         if v is not _MISSING:
@@ -227,17 +226,14 @@ class FastDataset:
         v = self._vals[key] = _value(self._raw, *e)
         return v
 
-    def _tag_of(self, key):
-        tag = _tag_cache.get(key)
-        if tag is None:
-            tag = _tag(key) if key.__class__ is str else key
-        return tag
-
     def __contains__(self, key) -> bool:
-        return self._tag_of(key) in self._elems
+        return tag_of(key) in self._elems
+
+    def tags(self):
+        return self._elems.keys()
 
     def __getitem__(self, key):
-        tag = self._tag_of(key)
+        tag = tag_of(key)
         e = self._elems.get(tag)
         if e is None:
             raise KeyError(key)
