@@ -92,6 +92,7 @@ _MISSING = object()
 _converted: dict = {}
 _CONVERTED_MAX = 1 << 16
 _CONVERTED_BYTES = 128
+_MEMO_TRIES = 8        # undefined-length items compared against per first bytes (see _items)
 
 
 def _value(raw: bytes, vr: str, a, b: int):
@@ -341,7 +342,11 @@ def _items(raw: bytes, p: int, end: int, implicit: bool, depth: int, bound: int 
                 elems, p = _dataset(raw, p, end, implicit, depth, memo, _ITEM_END)
                 ds = FastDataset(elems, raw)
                 items.append(ds)
-                memo.setdefault(key, []).append((raw[start:p], ds))
+                seen = memo.setdefault(key, [])
+                seen.append((raw[start:p], ds))
+                if len(seen) > _MEMO_TRIES:  # items alike in their first bytes only: a bounded
+                    del seen[0]              # search, not one growing with the frames
+
             continue
         if p + length > end:
             raise Fallback("item past the end")
