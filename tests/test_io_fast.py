@@ -88,6 +88,59 @@ def test_fast_parser_equals_pydicom_on_series(tmp_path):
         _same(_outcome(f), _pydicom_only(f))
 
 
+def _undefined_lengths(ds):
+    """Every sequence and item of ds written with undefined length, as Siemens XA writes them."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            elem.is_undefined_length = True
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = True
+                _undefined_lengths(item)
+
+
+def test_fast_parser_equals_pydicom_on_enhanced_layouts(tmp_path):
+    """Multi-frame files whose frames repeat functional group items byte for byte (parsed once,
+    dicom_fast._items) and rescale with negative slopes, in defined- and undefined-length layouts;
+    and classic files sharing their header values (checked once per scan, dicom.check)."""
+    classic = make_series(tmp_path / "c", n_slices=3, n_phases=3, slope=-2.5, intercept=0)
+    classic += make_series(tmp_path / "d", n_slices=2, n_phases=2, series="1.2.3.4.8", slope=1.5,
+                           intercept=-1024)
+    for k, f in enumerate(classic[9:]):  # values alike up to their last byte: told apart
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope = f"2.5{k}"
+        ds.save_as(f)
+    defined = to_enhanced(classic, tmp_path / "defined.dcm")
+    ds = pydicom.dcmread(defined)
+    _undefined_lengths(ds)
+    ds.save_as(tmp_path / "undefined.dcm", enforce_file_format=True)
+    raw = (tmp_path / "undefined.dcm").read_bytes()
+    assert b"\xfe\xff\xdd\xe0" in raw  # a sequence delimiter: the layout was written
+    for f in [*classic, defined, str(tmp_path / "undefined.dcm")]:
+        assert _fast_reads(f), f
+        _same(_outcome(f), _pydicom_only(f))
+
+
+def test_rescale_into_float32():
+    """DicomSlice.image_into against the plain float32 arithmetic it stands for (astype, then
+    times slope, plus intercept), bit for bit: signed zeros included (a stored 0 times a negative
+    slope is -0.0, and + 0 makes it +0.0)."""
+    stored = np.array([[0, 1, 7], [300, 65535, 2]], np.uint16)
+    for slope in (1.0, -1.0, 2.5, -2.0, 1e-3):
+        for intercept in (0.0, -1024.0, 0.5):
+            ref = stored.astype(np.float32)
+            ref *= np.float32(slope)
+            ref += np.float32(intercept)
+            s = dcm.DicomSlice(path="x", subject="s", study="", series="", group="",
+                               series_description="", shape=stored.shape, ipp=np.zeros(3),
+                               normal=np.ones(3), pixel_spacing=(1.0, 1.0), thickness=None,
+                               trigger=None, instance=None, sop="", stored=stored, slope=slope,
+                               intercept=intercept)
+            out = s.image
+            assert out.dtype == np.float32
+            np.testing.assert_array_equal(out, ref)
+            assert (np.signbit(out) == np.signbit(ref)).all(), (slope, intercept)
+
+
 def test_fast_parser_refuses_what_it_does_not_know():
     head = b"\0" * 128 + b"DICM"
     assert dicom_fast.parse(b"") is None and dicom_fast.parse(head) is None
@@ -130,6 +183,15 @@ def _pool_check(folder):
         pooled = dcm.scan_dicom(files, phases, progress=False, workers=2)
         same_stacks(one[0], pooled[0])
         assert sorted(one[1]) == sorted(pooled[1]) and one[2] == pooled[2]
+        # automatic: a sample read here, timed, then (every file "slow") the rest in workers
+        saved = dcm.POOL_MIN_FILES, dcm.POOL_SAMPLE, dcm.POOL_SLOW_FILE_S
+        dcm.POOL_MIN_FILES, dcm.POOL_SAMPLE, dcm.POOL_SLOW_FILE_S = 1, 5, 0.0
+        try:
+            auto = dcm.scan_dicom(files, phases, progress=False)
+        finally:
+            dcm.POOL_MIN_FILES, dcm.POOL_SAMPLE, dcm.POOL_SLOW_FILE_S = saved
+        same_stacks(one[0], auto[0])
+        assert sorted(one[1]) == sorted(auto[1]) and one[2] == auto[2]
     reasons = dict(one[1])
     assert str(folder / "bad.dcm") in reasons
     assert all("per-stack limit" in r for p, r in one[1] if "/a/" in p)

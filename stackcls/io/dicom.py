@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import io
 import mmap
 import multiprocessing
@@ -591,10 +590,9 @@ def _read_pixels(job):
 def _pool_size(files: list[str], workers: int | None) -> int:
     """Worker processes to read `files`: 1 (in this process) for fewer than POOL_MIN_FILES files,
     where starting workers costs more than they save; else one per usable core, at most
-    MAX_WORKERS. Counted in files, not bytes: a few large multi-frame files read slower in workers
-    (each header is parsed twice, once per pass, and the images cross a pipe; measured: the
-    20-file enhanced phantom cohort, 0.20 s in one process, 0.52 s in two). Workers are forked (a fresh interpreter would spend longer importing numpy and
-    pydicom than most scans take), so only from a process without other threads: forking a
+    MAX_WORKERS (scan_dicom still reads fast files here, see there). Workers are forked (a fresh
+    interpreter would spend longer importing numpy and pydicom than most scans take), so only
+    from a process without other threads: forking a
     multi-threaded process (JAX, a GUI) can deadlock the child. tqdm's monitor thread only sleeps
     between checks of its bars, and is allowed."""
     if workers is None:
@@ -666,13 +664,12 @@ def _read_in_pool(files: list[str], n_workers: int, kinds, budget: StackBudget):
     return [s for sl in per_file.values() for s in sl], skipped
 
 
-def _read_here(files: list[str], budget: StackBudget, slices: list, skipped: list) -> None:
-    for f in files:
-        res = _read_one(f, budget)
-        if isinstance(res, tuple):
-            skipped.append(res)
-        else:
-            slices += res
+def _read_here(f: str, budget: StackBudget, slices: list, skipped: list) -> None:
+    res = _read_one(f, budget)
+    if isinstance(res, tuple):
+        skipped.append(res)
+    else:
+        slices += res
 
 
 def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True,
@@ -684,31 +681,29 @@ def scan_dicom(files, phases=("ED", "ES"), es=None, progress: bool = True,
     files = [str(f) for f in files]
     n_workers = _pool_size(files, workers)
     slices, skipped, budget = [], [], StackBudget()
-    # Workers pay only for files slow to read (compressed, or read by pydicom): the two passes
+    # Workers pay only for files slow to read (compressed, or read by pydicom): their two passes
     # cost about twice the CPU of one (measured: 1,480 fast-path files, 0.22 CPU s here, 0.46 in
     # two workers). So an automatic pool first reads a sample here and goes on in workers only
     # when it took POOL_SLOW_FILE_S a file (the first file, which pays for imports, not counted).
     # The budget is charged in file order either way.
     head = files if n_workers == 1 else files[:POOL_SAMPLE] if workers is None else []
-    gc_was = gc.isenabled()
-    gc.disable()  # the scan makes no cycles; collections walking its many small objects cost ~20%
-    try:
+    with tqdm(total=len(files), desc="reading DICOM", unit="file", leave=False,
+              disable=not progress or len(files) < 200) as bar:
         t = None
-        for f in tqdm(head, desc="reading DICOM", unit="file", leave=False,
-                      disable=not progress or len(head) < 200):
-            _read_here([f], budget, slices, skipped)
+        for f in head:
+            _read_here(f, budget, slices, skipped)
+            bar.update()
             t = time.process_time() if t is None else t
         rest = files[len(head):]
         if rest and workers is None and \
                 time.process_time() - t < POOL_SLOW_FILE_S * (len(head) - 1):
-            _read_here(rest, budget, slices, skipped)
+            for f in rest:
+                _read_here(f, budget, slices, skipped)
+                bar.update()
         elif rest:
             more, skipped2 = _read_in_pool(rest, n_workers, kinds, budget)
             slices += more
             skipped += skipped2
-    finally:
-        if gc_was:
-            gc.enable()
     if budget.over:  # a series over the per-stack limit is dropped whole, not loaded in part
         for path in dict.fromkeys(s.path for s in slices
                                   if (s.subject, s.study, s.group, s.shape) in budget.over):
