@@ -192,8 +192,8 @@ def read_images(path, budget: StackBudget | None = None, pixels: bool = True,
     """Read one DICOM file (gzipped or not) into DicomSlices, one per image or frame; raises
     StackReadError(path, reason) if unusable. Sizes are checked before decoding (limits.py);
     `budget` caps the decoded bytes per series. pixels=False: the header only (`image` None).
-    into: a float32 (images, rows, cols) array the images are decoded into (the worker pool's
-    shared memory); each slice's `image` is then a view of it."""
+    into: a float32 (images, rows, cols) array the rescaled images are also written into (the
+    worker pool's shared memory)."""
     # imported on the first DICOM read: pydicom takes ~0.8 s, and NIfTI-only users never need it
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -317,11 +317,12 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
             return fn(*where, v)
         memo = frame_memo if multi else _checked
         key = (fn, key)
-        if key not in memo:
+        out = memo.get(key, memo)  # memo itself: not there (None is a result)
+        if out is memo:
             if len(memo) >= _CHECKED_MAX:
                 memo.clear()
-            memo[key] = fn(*where, v)
-        return memo[key]
+            out = memo[key] = fn(*where, v)
+        return out
 
     for k, v in enumerate(views):
         where = f"{path} [frame {k + 1}]" if multi else path
@@ -377,7 +378,8 @@ def _groups(slices: list[DicomSlice]) -> list[list[DicomSlice]]:
         clusters: list[tuple[np.ndarray, list]] = []
         for s in by_key[key]:
             for ref, members in clusters:
-                # the same array (check() shares it across a series' files): a unit vector, in
+                # the same array as ref (check() shares it across a series' files) is its own
+                # unit normal: always within the tolerance
                 if s.normal is ref or abs(float(np.dot(ref, s.normal))) > ORIENT_COS_TOL:
                     members.append(s)
                     break
@@ -611,13 +613,13 @@ def _pool_size(files: list[str], workers: int | None) -> int:
 
 
 def _read_in_pool(files: list[str], n_workers: int, kinds, budget: StackBudget):
-    """(slices, skipped, budget) as the in-process loop gives them, read by n_workers processes in
-    two passes: headers of every file (nothing decoded), the per-stack budget charged here in file
-    order, then pixels only for the files that have an image in a kept stack (not over the budget,
-    a kept kind). Each worker holds one chunk of files at a time; the per-file limits apply in the
-    workers as in one process. The images come back through memory shared with the workers of
-    pass 2 (forked after it is allocated), not pickled through a pipe: copying them there cost
-    more than decoding them."""
+    """(slices, skipped) as the in-process loop gives them, read by n_workers processes in two
+    passes: headers of every file (nothing decoded), `budget` charged here in file order, then
+    pixels only for the files that have an image in a kept stack (not over the budget, a kept
+    kind). Each worker holds one chunk of files at a time; the per-file limits apply in the
+    workers as in one process. The rescaled images come back through memory shared with the
+    workers of pass 2 (forked after it is allocated), not pickled through a pipe (which copies
+    each image twice more)."""
     global _shared
     # imported here, not once per worker: it is most of what a small scan costs a worker (~0.5 s)
     import pydicom  # noqa: F401

@@ -10,6 +10,11 @@ converted as pydicom converts them (text stripped of trailing spaces and NULs, D
 multiple values split on backslash); a text value with bytes outside ASCII raises `Fallback`, as
 its meaning would depend on SpecificCharacterSet. The caller reads with pydicom whenever this
 returns None or anything raises, so a file this cannot read exactly is read as before.
+
+What makes it cheap: an element is parsed to (VR, start, end) in the file's bytes and converted
+when first read; a conversion is kept for the scan by its bytes (headers repeat from file to file);
+an item whose bytes repeat an item of the same file (an enhanced file's frames repeat most of their
+functional groups) is that item's dataset again; the pixel data is a view of the file's bytes.
 """
 
 from __future__ import annotations
