@@ -107,7 +107,9 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, masks=None,
     source: a DICOM folder (recursive; several subjects and series allowed) or a list of DICOM files
         in any order; a NIfTI file (3-D: one stack, 4-D: a cine); a folder in the ACDC layout
         (`patientXXX/patientXXX_frameYY.nii.gz` + `Info.cfg`); or a folder mixing these.
-    phases: ("ED", "ES") by default; names, temporal indices, or "all" for every cine phase.
+    phases: ("ED", "ES") by default; names, temporal indices, or "all" for every cine phase (then
+        the DICOM stacks' images are views of one buffer per scan: a stack kept alone keeps it
+        all, so copy its images to keep only them).
     labels: optional labels CSV path (or rows) attached to the stacks it names; for DICOM/4-D NIfTI
         the ES frame it names is the one loaded.
     es: the ES temporal index (int), overriding the estimate (see geometry.estimate_es).
