@@ -649,7 +649,7 @@ def _read_in_pool(files: list[str], n_workers: int, kinds, budget: StackBudget):
         offset += len(sl) * sl[0].shape[0] * sl[0].shape[1]
     if jobs:
         # anonymous shared memory: the forked workers write into the pages this process reads
-        _shared = np.frombuffer(mmap.mmap(-1, offset * 4), np.float32)
+        _shared = np.frombuffer(mmap.mmap(-1, max(offset, 1) * 4), np.float32)
         try:
             with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
                 for (f, start, n, (h, w)), res in zip(jobs, pool.map(_read_pixels, jobs,
