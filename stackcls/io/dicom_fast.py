@@ -347,11 +347,10 @@ def _items(raw: bytes, p: int, end: int, implicit: bool, depth: int, bound: int 
                 elems, p = _dataset(raw, p, end, implicit, depth, memo, _ITEM_END)
                 ds = FastDataset(elems, raw)
                 items.append(ds)
-                seen = memo.setdefault(key, [])
-                seen.append((raw[start:p], ds))
-                if len(seen) > _MEMO_TRIES:  # items alike in their first bytes only: a bounded
-                    del seen[0]              # search, not one growing with the frames
-
+                tries = memo.setdefault(key, [])
+                tries.append((raw[start:p], ds))
+                if len(tries) > _MEMO_TRIES:  # items alike in their first bytes only: a bounded
+                    del tries[0]              # search, not one growing with the frames
             continue
         if p + length > end:
             raise Fallback("item past the end")
