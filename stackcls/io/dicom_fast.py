@@ -93,7 +93,8 @@ _BINARY = {"OB", "OW", "UN", "OD", "OF", "OL", "OV"}
 _VIEW_BYTES = 1 << 16   # a binary value this long (the pixel data) is a view of the file, no copy
 _MISSING = object()
 # Values converted once per scan, not once per file: most header values (UIDs, orientation,
-# spacing, sizes) repeat from file to file. Keyed by (VR, bytes); a list is copied out, callers own it.
+# spacing, sizes) repeat from file to file. Keyed by (VR, bytes); a list is copied out (the caller
+# owns it).
 _converted: dict = {}
 _CONVERTED_MAX = 1 << 16
 _CONVERTED_BYTES = 128
@@ -171,7 +172,7 @@ def tag_of(key) -> int | None:
 
 
 class FastElement:
-    """One element of a FastDataset, as `ds[key]` and iteration give it (tag, VR, keyword, value)."""
+    """One element of a FastDataset, as `ds[key]` and iteration give it: tag, VR, keyword, value."""
 
     __slots__ = ("tag", "VR", "_ds")
 
