@@ -13,7 +13,7 @@ different kinds never merge into one stack's phases.
 
 from __future__ import annotations
 
-from stackcls.io.dicom_fast import FastDataset, tag_of
+from stackcls.io.dicom_fast import FastDataset, tag_of, tags_of
 from stackcls.io.errors import StackReadError
 
 MAGNITUDE = "MAGNITUDE"
@@ -100,7 +100,8 @@ class FrameView:
         values. None for a pydicom dataset, read without the tag index."""
         if not self._fast:
             return None
-        return tuple(self._own.get(tag_of(k)) for k in keys)
+        own = self._own
+        return tuple([own.get(t) for t in tags_of(keys)])
 
 
 def _index(item) -> dict:
@@ -112,7 +113,7 @@ def _index(item) -> dict:
         return out
     if isinstance(item, FastDataset):
         for first in reversed(item.first_items()):
-            out.update(dict.fromkeys(first.tags(), first))
+            out.update(first.owner_index())
         return out
     for elem in item:
         if elem.VR == "SQ" and len(elem.value):

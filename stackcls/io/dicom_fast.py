@@ -171,6 +171,17 @@ def tag_of(key) -> int | None:
     return tag
 
 
+_tags_cache: dict = {}
+
+
+def tags_of(keys: tuple) -> tuple:
+    """tag_of for each of `keys` (a tuple, looked up once)."""
+    tags = _tags_cache.get(keys)
+    if tags is None:
+        tags = _tags_cache[keys] = tuple(tag_of(k) for k in keys)
+    return tags
+
+
 class FastElement:
     """One element of a FastDataset, as `ds[key]` and iteration give it: tag, VR, keyword, value."""
 
@@ -192,10 +203,11 @@ class FastDataset:
     """The pydicom Dataset surface the readers use, over parsed elements: tag -> (VR, start, end)
     of the value in the file's bytes (a sequence: ("SQ", items, 0)), converted when first read."""
 
-    __slots__ = ("_elems", "_raw", "_vals", "file_meta")
+    __slots__ = ("_elems", "_raw", "_vals", "_owner", "file_meta")
 
     def __init__(self, elems: dict, raw: bytes, file_meta=None):
         self._elems, self._raw, self._vals, self.file_meta = elems, raw, {}, file_meta
+        self._owner = None
 
     def first_items(self) -> list:
         """The first item of each non-empty sequence, in tag order (the functional groups of an
@@ -206,9 +218,8 @@ class FastDataset:
         """The (VR, bytes) of each of `keys` (None where absent): what their values are made from,
         so that equal sources mean equal values, in any file. None if one is a sequence."""
         out = []
-        for k in keys:
-            tag = _tag_cache.get(k)
-            e = self._elems.get(_tag(k) if tag is None else tag)
+        for tag in tags_of(keys):
+            e = self._elems.get(tag)
             if e is None:
                 out.append(None)
             elif e[0] == "SQ":
@@ -236,8 +247,12 @@ class FastDataset:
     def __contains__(self, key) -> bool:
         return tag_of(key) in self._elems
 
-    def tags(self):
-        return self._elems.keys()
+    def owner_index(self) -> dict:
+        """tag -> this dataset, for each of its elements. Kept: the items an enhanced file repeats
+        frame after frame are one dataset (see _items), indexed once."""
+        if self._owner is None:
+            self._owner = dict.fromkeys(self._elems, self)
+        return self._owner
 
     def __getitem__(self, key):
         tag = tag_of(key)
