@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from stackcls import backbones
-from stackcls.archive import in_shard, parse_shard, predict_archive, units
+from stackcls import archive
+from stackcls.archive import default_workers, in_shard, parse_shard, predict_archive, units
 from stackcls.checkpoint import save_model, save_stack_model
 from stackcls.cli import main
 from stackcls.inference import load_model
@@ -139,3 +140,10 @@ def test_command_with_reader_processes(tree, run_dir, tmp_path, capsys):
     assert (out.with_suffix(".csv")).is_file()
     assert main(["predict", str(tree), "--model", str(run_dir), "--out", str(out), "--shard", "3/2"]) == 2
     assert "--shard" in capsys.readouterr().err
+
+
+def test_default_workers_by_core_count(monkeypatch):
+    """Reader threads in this process up to 2 cores, one reader process per spare core above."""
+    for cpus, want in ((1, 0), (2, 0), (3, 2), (8, 7), (64, 8)):
+        monkeypatch.setattr(archive.os, "sched_getaffinity", lambda _, n=cpus: set(range(n)), raising=False)
+        assert default_workers() == want
