@@ -1,25 +1,31 @@
-"""End-to-end prediction throughput (files -> labels) on the built-in cohort: stacks/s, files/s and
-where the time goes (reading, preprocessing, device).
+"""End-to-end prediction throughput (files -> labels) on the built-in cohort: stacks/s, files/s,
+CPU time per stack and where the time goes (reading, preprocessing, device).
 
     python benchmarks/predict.py [--subjects 20] [--backbone mobilenet] [--size SIZE]
-                                 [--path archive|per_stack] [--workers 2] [--batch-slices 64]
-                                 [--copies K] [--no-warmup]
+                                 [--path per_stack archive] [--before CHECKOUT] [--repeats 3]
+                                 [--workers W] [--batch-slices 64] [--copies K] [--no-warmup]
 
 per_stack: what `stackcls predict ROOT --model RUN` has done since the start (the tree read whole
-by `io.scan`, then `predict_stack` one stack at a time: preprocessing, one device call). It runs
-on any checkout, so today's main can be measured with PYTHONPATH pointing at it.
-archive: `stackcls predict ROOT --model RUN --out X.jsonl` (stackcls.archive: reader processes
-overlapped with device calls, stacks of one length batched).
+by `io.scan`, then `predict_stack` one stack at a time: preprocessing, one device call).
+archive: `stackcls predict ROOT --model RUN --out X.jsonl` (stackcls.archive: readers overlapped
+with device calls, stacks of one length batched). --before CHECKOUT also times the per_stack path
+of another checkout (e.g. `--before /work/main`: today's code), in a subprocess.
+
+The paths are timed alternately, --repeats passes each, so every one sees the same machine load
+(the load average is recorded beside every pass); the medians are reported, with the ratio of the
+archive's stacks/s to each per-stack path's.
 
 The model: the backbone at its input size (224 for MobileNet) with random weights (the speed is
 that of trained ones) and a random stack head, mode "stack". Every shape is compiled in a warm-up
-pass over the same tree first, so the timed pass is the steady state an archive runs in. Reading
-and preprocessing of the archive path are summed over its worker processes (they overlap the
-device time, so the shares can add up to more than the wall time).
+pass per path over the same tree first, so the timed passes are the steady state an archive runs
+in. Reading and preprocessing of the archive path are summed over its readers (they overlap the
+device time, so the shares can add up to more than the wall time). cpu_ms_per_stack: CPU time of
+the process timing the path, all its threads (reader processes not included).
 
 --copies K predicts a tree of K hard-linked copies of the cohort's subject folders (K x 2 x
-subjects stacks, no extra disk): with --no-warmup and a small --size, the peak memory of the
-main process and of the largest reader process against the tree's size.
+subjects stacks, no extra disk): with --path archive --workers 2 --no-warmup --repeats 1 and a
+small --size, the peak memory of the main process and of the largest reader process against the
+tree's size.
 """
 
 from __future__ import annotations

@@ -5,16 +5,20 @@
 The tree is walked lazily into read units (`units`): an ACDC patient folder, a NIfTI file, or the
 candidate DICOM files of one folder (a DICOM series is read from the folder that holds its files;
 a series split over several folders is read as several partial series). No list of the tree is
-ever held: a unit is read when a worker is free for it, and at most `2 x workers` units are in
-flight.
+ever held: a unit is read when a reader is free for it, and at most 2 per reader are in flight.
 
-    walk (main) -> read + preprocess (process pool, spawn) -> buckets by stack length S
+    walk (main) -> read + preprocess (readers: threads of this process, or spawned processes)
+                -> buckets by stack length S
                 -> one device call per K stacks of one S (predict._compiled, batched; K = 1 on CPU)
                 -> predict.finish per stack -> one JSON line per stack (flushed)
 
-Reading overlaps device compute: the pool keeps reading while the main process runs a batch.
-Workers send each stack's preprocessed slices in one channel (float32, the grey copied to three
-channels on the host just before the device call).
+Readers (`default_workers`): on up to 2 cores, `READ_THREADS` threads of this process (numpy
+and XLA release the GIL, so reading overlaps the device; reader processes there were slower, as
+they pickle every preprocessed stack back and compete with XLA's threads); on more cores, spawned
+processes. BLAS gets one thread (`_one_blas_thread`). Readers hand over each stack's
+preprocessed slices in one grey channel (`preprocess.grey_model_input`), copied into RGB inside
+the compiled call. Device calls are asynchronous: a call's stacks are written while the next runs.
+Units are taken in walk order, so the output is the same file whatever the timing.
 
 Output: one JSON line per stack (`unit`, `stack` and the `Prediction` fields, or `error`), and
 after the last stack of a unit a line {"unit": ..., "done": n_stacks, "skipped": [...]}. Resume: a
@@ -112,7 +116,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- reading (workers)
 
 def read_unit(root: str, unit: Unit, size: int, keep: float) -> dict:
-    """Read and preprocess one unit (runs in a worker process; imports no JAX).
+    """Read and preprocess one unit (runs in a reader thread or process; imports no JAX).
 
     Returns dict(unit, stacks=[(key, StackInput with images (S, size, size) preprocessed)],
     errors=[(key, reason)], skipped=[(path, reason)], files, read_s, preprocess_s, rss_mb: the
