@@ -78,6 +78,10 @@ def test_same_as_predict_stack_and_summary(tree, run_dir, tmp_path):
     recs = stack_lines(out)
     assert len(recs) == 6 and len({r["stack"] for r in recs}) == 6
     assert sum("done" in r for r in lines(out)) == 3
+    # units are taken in walk order whatever the readers' timing: the same file every run
+    again = tmp_path / "again.jsonl"
+    predict_archive(tree, run_dir, again, workers=0, batch_slices=40, progress=False)
+    assert again.read_text() == out.read_text()
     model = load_model(run_dir)
     by_key = {(r["unit"], r["phase"]): r for r in recs}
     for u in ("site1/syn0000", "site2/copy/syn0000", "site1/syn0001"):
