@@ -13,9 +13,8 @@ ever held: a unit is read when a reader is free for it, and at most 2 per reader
                 -> predict.finish per stack -> one JSON line per stack (flushed)
 
 Readers (`default_workers`): on up to 2 cores, `READ_THREADS` threads of this process (numpy
-and XLA release the GIL, so reading overlaps the device; reader processes there were slower, as
-they pickle every preprocessed stack back and compete with XLA's threads); on more cores, spawned
-processes. BLAS gets one thread (`_one_blas_thread`). Readers hand over each stack's
+and XLA release the GIL, so reading overlaps the device; reader processes measured several times
+slower there, docs/scaling.md); on more cores, spawned processes. BLAS gets one thread (`_one_blas_thread`). Readers hand over each stack's
 preprocessed slices in one grey channel (`preprocess.grey_model_input`), copied into RGB inside
 the compiled call. Device calls are asynchronous: a call's stacks are written while the next runs.
 Units are taken in walk order, so the output is the same file whatever the timing.
@@ -240,9 +239,9 @@ def _one_blas_thread():
 
 
 def default_workers() -> int:
-    """Reader processes by core count: none up to 2 cores (reader threads in this process:
-    processes there were slower, as they pickle every preprocessed stack back and compete with
-    XLA's threads; measured in docs/scaling.md), else one per spare core, at most 8."""
+    """Reader processes by core count: none up to 2 cores (reader threads in this process; 1 or
+    2 reader processes measured 3-6x slower on 2 cores, docs/scaling.md), else one per spare
+    core, at most 8."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cpus <= 2 else min(cpus - 1, 8)
 

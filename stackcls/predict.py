@@ -164,9 +164,10 @@ def _compiled(model, mode: str, batched: bool = False, grey: bool = False):
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
-    core = _core(model, mode)
+    core = rgb = _core(model, mode)
     if grey:
-        core = (lambda f: lambda x: f(jnp.broadcast_to(x[..., None], x.shape + (3,))))(core)
+        def core(x):
+            return rgb(jnp.broadcast_to(x[..., None], x.shape + (3,)))
     fn = jax.vmap(core) if batched else core
     per_shape: dict = {}
 
