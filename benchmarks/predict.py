@@ -1,25 +1,31 @@
-"""End-to-end prediction throughput (files -> labels) on the built-in cohort: stacks/s, files/s and
-where the time goes (reading, preprocessing, device).
+"""End-to-end prediction throughput (files -> labels) on the built-in cohort: stacks/s, files/s,
+CPU time per stack and where the time goes (reading, preprocessing, device).
 
     python benchmarks/predict.py [--subjects 20] [--backbone mobilenet] [--size SIZE]
-                                 [--path archive|per_stack] [--workers 2] [--batch-slices 64]
-                                 [--copies K] [--no-warmup]
+                                 [--path per_stack archive] [--before CHECKOUT] [--repeats 3]
+                                 [--workers W] [--batch-slices 64] [--copies K] [--no-warmup]
 
 per_stack: what `stackcls predict ROOT --model RUN` has done since the start (the tree read whole
-by `io.scan`, then `predict_stack` one stack at a time: preprocessing, one device call). It runs
-on any checkout, so today's main can be measured with PYTHONPATH pointing at it.
-archive: `stackcls predict ROOT --model RUN --out X.jsonl` (stackcls.archive: reader processes
-overlapped with device calls, stacks of one length batched).
+by `io.scan`, then `predict_stack` one stack at a time: preprocessing, one device call).
+archive: `stackcls predict ROOT --model RUN --out X.jsonl` (stackcls.archive: readers overlapped
+with device calls, stacks of one length batched). --before CHECKOUT also times the per_stack path
+of another checkout (e.g. `--before /work/main`: today's code), in a subprocess.
+
+The paths are timed alternately, --repeats passes each, so every one sees the same machine load
+(the load average is recorded beside every pass); the medians are reported, with the ratio of the
+archive's stacks/s to each per-stack path's.
 
 The model: the backbone at its input size (224 for MobileNet) with random weights (the speed is
 that of trained ones) and a random stack head, mode "stack". Every shape is compiled in a warm-up
-pass over the same tree first, so the timed pass is the steady state an archive runs in. Reading
-and preprocessing of the archive path are summed over its worker processes (they overlap the
-device time, so the shares can add up to more than the wall time).
+pass per path over the same tree first, so the timed passes are the steady state an archive runs
+in. Reading and preprocessing of the archive path are summed over its readers (they overlap the
+device time, so the shares can add up to more than the wall time). cpu_ms_per_stack: CPU time of
+the process timing the path, all its threads (reader processes not included).
 
 --copies K predicts a tree of K hard-linked copies of the cohort's subject folders (K x 2 x
-subjects stacks, no extra disk): with --no-warmup and a small --size, the peak memory of the
-main process and of the largest reader process against the tree's size.
+subjects stacks, no extra disk): with --path archive --workers 2 --no-warmup --repeats 1 and a
+small --size, the peak memory of the main process and of the largest reader process against the
+tree's size.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,26 +61,27 @@ def per_stack(root: Path, model) -> dict:
     from stackcls.io import scan
     from stackcls.predict import predict_stack
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     res = scan(root, progress=False)
     t1 = time.perf_counter()
     for st in res.stacks:
         predict_stack(st, model)
-    t2 = time.perf_counter()
+    t2, cpu = time.perf_counter(), time.process_time() - c0
     prep = 0.0
     for st in res.stacks:                    # preprocessing alone, as predict_stack does it
         t = time.perf_counter()
         model.preprocess(st.images)
         prep += time.perf_counter() - t
-    return dict(stacks=len(res.stacks), wall_s=t2 - t0, read_s=t1 - t0, preprocess_s=prep,
+    return dict(stacks=len(res.stacks), wall_s=t2 - t0, cpu_s=cpu, read_s=t1 - t0, preprocess_s=prep,
                 device_s=t2 - t1 - prep)
 
 
-def archive(root: Path, model, out: Path, workers: int, batch_slices: int) -> dict:
+def archive(root: Path, model, out: Path, workers: int | None, batch_slices: int | None) -> dict:
     from stackcls.archive import predict_archive
 
+    c0 = time.process_time()
     r = predict_archive(root, model, out, workers=workers, batch_slices=batch_slices, progress=False)
-    return dict(stacks=r["stacks"], wall_s=r["wall_s"], read_s=r["read_s"],
+    return dict(stacks=r["stacks"], wall_s=r["wall_s"], cpu_s=time.process_time() - c0, read_s=r["read_s"],
                 preprocess_s=r["preprocess_s"], device_s=r["device_s"] + r["finish_s"],
                 wait_s=r["wait_s"], rss=dict(main=round(r["main_rss_mb"]), reader=round(r["reader_rss_mb"])))
 
@@ -89,49 +97,112 @@ def linked_tree(src: Path, dst: Path, copies: int) -> Path:
     return dst
 
 
+def serve(a) -> None:
+    """--serve: time the per-stack path of this process's checkout once per line read on stdin,
+    printing one JSON line each (the --before baseline, run alternately with the others)."""
+    from stackcls.inference import load_model
+    from stackcls.phantom import cohort
+
+    root = cohort(a.subjects, seed=0) / "dicom"
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(make_run(Path(tmp), a.backbone, a.size))
+        per_stack(root, model)                           # warm-up: every shape compiled
+        print(json.dumps(dict(ready=True)), flush=True)
+        for _ in iter(sys.stdin.readline, ""):
+            print(json.dumps(per_stack(root, model)), flush=True)
+
+
+def _summary(runs: list, n_files: int) -> dict:
+    """The timed passes of one path: median stacks/s, and the shares of the median pass."""
+    runs = sorted(runs, key=lambda r: r["wall_s"])
+    r = runs[len(runs) // 2]
+    wall = r["wall_s"]
+    out = dict(stacks=r["stacks"], stacks_per_s=round(r["stacks"] / wall, 2), wall_s=round(wall, 2),
+               files_per_s=round(n_files / wall, 1),
+               all_stacks_per_s=[round(x["stacks"] / x["wall_s"], 2) for x in runs],
+               load=[x["load"] for x in runs],
+               # CPU seconds of this process (all its threads; not reader processes) per stack
+               cpu_ms_per_stack=round(1000 * r["cpu_s"] / r["stacks"], 1),
+               share={k[:-2]: round(r[k] / wall, 3) for k in ("read_s", "preprocess_s", "device_s", "wait_s")
+                      if k in r})
+    if "rss" in r:
+        out["peak_rss_mb"] = r["rss"]
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--subjects", type=int, default=20)
     ap.add_argument("--backbone", default="mobilenet")
     ap.add_argument("--size", type=int, default=None, help="input size (default: the backbone's)")
-    ap.add_argument("--path", choices=["archive", "per_stack"], default="archive")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--path", nargs="+", choices=["archive", "per_stack"], default=["per_stack", "archive"])
+    ap.add_argument("--before", type=Path, default=None,
+                    help="a checkout (e.g. today's main) whose per_stack path is timed too, in a "
+                         "subprocess, alternately with the others")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per path, alternating")
+    ap.add_argument("--workers", type=int, default=None, help="default: archive.default_workers()")
     ap.add_argument("--batch-slices", type=int, default=None, help="default: archive.default_batch_slices()")
     ap.add_argument("--copies", type=int, default=1, help="tree of K linked copies of the cohort")
     ap.add_argument("--no-warmup", action="store_true", help="time the first pass (compiles included)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.serve:
+        return serve(a)
 
     from stackcls.inference import load_model
     from stackcls.phantom import cohort
 
     root = cohort(a.subjects, seed=0)
     n_files = json.loads((root / "cohort.json").read_text())["files"] * a.copies
+    before = None
+    if a.before is not None:
+        env = dict(os.environ, PYTHONPATH=str(a.before.resolve()))
+        before = subprocess.Popen([sys.executable, __file__, "--serve", "--subjects", str(a.subjects),
+                                   "--backbone", a.backbone] + (["--size", str(a.size)] if a.size else []),
+                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  cwd=str(a.before))
+        if "ready" not in json.loads(before.stdout.readline() or "{}"):
+            raise SystemExit(f"--before {a.before}: the baseline process did not start")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = load_model(make_run(tmp, a.backbone, a.size))
         tree = root / "dicom" if a.copies == 1 else linked_tree(root / "dicom", tmp / "tree", a.copies)
-        runs = []
-        # warm-up over the cohort itself (the copies hold the same stack lengths: every shape is
-        # compiled), then the timed pass over the tree
-        for rep, where in enumerate(([] if a.no_warmup else [root / "dicom"]) + [tree]):
-            if a.path == "per_stack":
-                runs.append(per_stack(where, model))
+        n = iter(range(10 ** 6))
+
+        def once(path, where):
+            if path == "before":
+                before.stdin.write("go\n")
+                before.stdin.flush()
+                r = json.loads(before.stdout.readline())
+            elif path == "per_stack":
+                r = per_stack(where, model)
             else:
-                runs.append(archive(where, model, tmp / f"out{rep}.jsonl", a.workers, a.batch_slices))
-        r = runs[-1]
-    wall = r["wall_s"]
-    res = dict(path=a.path, backbone=a.backbone, input_size=model.input_size, subjects=a.subjects,
-               copies=a.copies,
-               stacks=r["stacks"], files=n_files, wall_s=round(wall, 2),
-               stacks_per_s=round(r["stacks"] / wall, 2), files_per_s=round(n_files / wall, 1),
-               share={k[:-2]: round(r[k] / wall, 3) for k in ("read_s", "preprocess_s", "device_s", "wait_s")
-                      if k in r},
-               warmup_wall_s=round(runs[0]["wall_s"], 2) if len(runs) > 1 else None,
-               # peak resident memory (MB) of this process and of the largest reader process
-               peak_rss_mb=r.get("rss", dict(main=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))))
-    if a.path == "archive":
-        res.update(workers=a.workers, batch_slices=a.batch_slices)
+                r = archive(where, model, tmp / f"out{next(n)}.jsonl", a.workers, a.batch_slices)
+            return dict(r, load=round(os.getloadavg()[0], 1))
+
+        paths = (["before"] if before else []) + list(a.path)
+        warm = {}
+        if not a.no_warmup:   # over the cohort itself (the copies hold the same stack lengths)
+            warm = {p: once(p, root / "dicom")["wall_s"] for p in paths if p != "before"}
+        runs = {p: [] for p in paths}
+        for _ in range(a.repeats):       # alternating, so every path sees the same load
+            for p in paths:
+                runs[p].append(once(p, tree))
+    if before:
+        before.stdin.close()
+        before.wait()
+    res = dict(backbone=a.backbone, input_size=model.input_size, subjects=a.subjects, copies=a.copies,
+               files=n_files, repeats=a.repeats, cpus=os.cpu_count(),
+               warmup_wall_s={p: round(w, 2) for p, w in warm.items()},
+               **{p: _summary(r, n_files) for p, r in runs.items()})
+    if "archive" in runs:
+        from stackcls.archive import default_batch_slices, default_workers
+        res["archive"].update(workers=default_workers() if a.workers is None else a.workers,
+                              batch_slices=a.batch_slices or default_batch_slices())
+        for base in ("per_stack", "before"):
+            if base in runs:
+                res[f"ratio_archive_to_{base}"] = round(res["archive"]["stacks_per_s"] / res[base]["stacks_per_s"], 2)
     print(json.dumps(res, indent=1))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))

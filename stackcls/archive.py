@@ -5,16 +5,19 @@
 The tree is walked lazily into read units (`units`): an ACDC patient folder, a NIfTI file, or the
 candidate DICOM files of one folder (a DICOM series is read from the folder that holds its files;
 a series split over several folders is read as several partial series). No list of the tree is
-ever held: a unit is read when a worker is free for it, and at most `2 x workers` units are in
-flight.
+ever held: a unit is read when a reader is free for it, and at most 2 per reader are in flight.
 
-    walk (main) -> read + preprocess (process pool, spawn) -> buckets by stack length S
+    walk (main) -> read + preprocess (readers: threads of this process, or spawned processes)
+                -> buckets by stack length S
                 -> one device call per K stacks of one S (predict._compiled, batched; K = 1 on CPU)
                 -> predict.finish per stack -> one JSON line per stack (flushed)
 
-Reading overlaps device compute: the pool keeps reading while the main process runs a batch.
-Workers send each stack's preprocessed slices in one channel (float32, the grey copied to three
-channels on the host just before the device call).
+Readers (`default_workers`): on up to 2 cores, `READ_THREADS` threads of this process (numpy
+and XLA release the GIL, so reading overlaps the device; reader processes measured several times
+slower there, docs/scaling.md); on more cores, spawned processes. BLAS gets one thread (`_one_blas_thread`). Readers hand over each stack's
+preprocessed slices in one grey channel (`preprocess.grey_model_input`), copied into RGB inside
+the compiled call. Device calls are asynchronous: a call's stacks are written while the next runs.
+Units are taken in walk order, so the output is the same file whatever the timing.
 
 Output: one JSON line per stack (`unit`, `stack` and the `Prediction` fields, or `error`), and
 after the last stack of a unit a line {"unit": ..., "done": n_stacks, "skipped": [...]}. Resume: a
@@ -37,7 +40,7 @@ import resource
 import sys
 import time
 import zlib
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Iterator
 
@@ -112,14 +115,14 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- reading (workers)
 
 def read_unit(root: str, unit: Unit, size: int, keep: float) -> dict:
-    """Read and preprocess one unit (runs in a worker process; imports no JAX).
+    """Read and preprocess one unit (runs in a reader thread or process; imports no JAX).
 
     Returns dict(unit, stacks=[(key, StackInput with images (S, size, size) preprocessed)],
     errors=[(key, reason)], skipped=[(path, reason)], files, read_s, preprocess_s, rss_mb: the
     reading process's peak resident memory so far)."""
     from stackcls.io import scan
     from stackcls.io.inputs import resolve_stack_input
-    from stackcls.preprocess import to_model_input
+    from stackcls.preprocess import grey_model_input
 
     t0 = time.perf_counter()
     path = Path(root) / unit.rel
@@ -140,7 +143,7 @@ def read_unit(root: str, unit: Unit, size: int, keep: float) -> dict:
         except ValueError as e:
             errors.append((key, str(e)))
             continue
-        w.images = to_model_input(w.images, size, keep)[..., 0]   # one channel: grey x 3
+        w.images = grey_model_input(w.images, size, keep)   # RGB is grey x 3: made on the device
         stacks.append((key, w))
     n_files = (len(unit.files) if unit.kind == "dicom" else 1 if unit.kind == "nifti"
                else sum(1 for f in os.listdir(path) if is_nifti(f)))
@@ -215,11 +218,32 @@ def write_summary(jsonl, csv_path) -> int:
 
 @dataclasses.dataclass
 class Timing:
-    read_s: float = 0.0          # summed over workers
-    preprocess_s: float = 0.0    # summed over workers
-    device_s: float = 0.0        # main process: the batched calls, to their results
-    finish_s: float = 0.0        # main process: decoding to Predictions and writing lines
-    wait_s: float = 0.0          # main process: waiting for a worker's unit
+    read_s: float = 0.0          # summed over readers
+    preprocess_s: float = 0.0    # summed over readers
+    device_s: float = 0.0        # main thread: dispatching device calls and waiting for results
+    finish_s: float = 0.0        # main thread: decoding to Predictions and writing lines
+    wait_s: float = 0.0          # main thread: waiting for a reader's unit
+
+
+# Reader threads when reading in this process (workers=0): with the main thread's device calls
+# that is one busy thread per core of a 2-core machine, and reading still keeps up when the device
+# waits. Numpy and XLA release the GIL; only the DICOM header parsing holds it.
+READ_THREADS = 2
+
+
+def _one_blas_thread():
+    """The pipeline runs stacks in parallel, so BLAS (the resize's matmul) gets one thread: with
+    OpenBLAS's default threads, which spin while they wait, preprocessing took 4x the CPU time."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(1, user_api="blas")
+
+
+def default_workers() -> int:
+    """Reader processes by core count: none up to 2 cores (reader threads in this process; 1 or
+    2 reader processes measured 3-6x slower on 2 cores, docs/scaling.md), else one per spare
+    core, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cpus <= 2 else min(cpus - 1, 8)
 
 
 def default_batch_slices() -> int:
@@ -230,12 +254,13 @@ def default_batch_slices() -> int:
     return 16 if jax.default_backend() == "cpu" else 256
 
 
-def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), workers: int = 2,
+def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), workers: int | None = None,
                     batch_slices: int | None = None, summary=None, progress: bool = True) -> dict:
     """Predict every stack under `root` into the JSONL file `out` (see the module docstring).
 
     model: a run directory or a loaded `TrainedModel` (preprocessing is read from its
-    `input_size` and `config["keep"]`). workers: reader processes (0: read in this process).
+    `input_size` and `config["keep"]`). workers: reader processes; 0: `READ_THREADS` reader
+    threads in this process; None: `default_workers()`.
     batch_slices: slices per device call (K = max(1, batch_slices // S) stacks of length S;
     default `default_batch_slices()`).
     summary: the CSV path (default: `out` with .csv). Returns counts and timings."""
@@ -253,17 +278,20 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
     if mode == "stack" and getattr(m, "stack_head", None) is None:
         raise ValueError(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
     size, keep = int(m.input_size), float(m.config.get("keep", 0.6))
-    run, single = _compiled(m, mode, batched=True), _compiled(m, mode)
+    run, single = _compiled(m, mode, batched=True, grey=True), _compiled(m, mode, grey=True)
     batch_slices = batch_slices or default_batch_slices()
+    workers = default_workers() if workers is None else workers
     out.parent.mkdir(parents=True, exist_ok=True)
     units_done, stacks_done = _load_done(out)
     t = Timing()
-    counts = dict(stacks=0, resumed=len(stacks_done), units=0, files=0, errors=0, reader_rss_mb=0.0)
+    counts = dict(stacks=0, resumed=len(stacks_done), units=0, files=0, errors=0, reader_rss_mb=0.0,
+                  workers=workers)
     t_start = time.perf_counter()
 
     f = open(out, "a", encoding="utf-8")
     pending = {}                           # unit rel -> [stacks still to write, done record]
     buckets: dict[int, list] = defaultdict(list)
+    dispatched = []                        # the last device call: [(batch, its outputs)], not yet written
 
     def write(rec):
         f.write(json.dumps(_printable_tree(rec)) + "\n")
@@ -276,13 +304,12 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
             f.flush()
             del pending[rel]
 
-    def flush(S):
-        batch, buckets[S] = buckets[S], []
-        K = max(1, batch_slices // S)
-        x = np.stack([w.images for _, _, w in batch] + [batch[-1][2].images] * (K - len(batch)))
+    def write_dispatched():
+        if not dispatched:
+            return
+        batch, outs = dispatched.pop()
         t0 = time.perf_counter()
-        x = np.broadcast_to(x[..., None], x.shape + (3,))
-        res = [np.asarray(o) for o in run(x)] if K > 1 else [np.asarray(o)[None] for o in single(x[0])]
+        res = [np.asarray(o) for o in outs]
         t1 = time.perf_counter()
         for i, (rel, key, w) in enumerate(batch):
             pred = finish(w, tuple(o[i] for o in res), mode, m)
@@ -292,6 +319,21 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
         f.flush()
         t.device_s += t1 - t0
         t.finish_s += time.perf_counter() - t1
+
+    def flush(S):
+        """One device call for the stacks of length S. JAX dispatches it asynchronously: the
+        previous call's stacks are decoded and written while this one runs."""
+        batch, buckets[S] = buckets[S], []
+        K = max(1, batch_slices // S)
+        t0 = time.perf_counter()
+        if K > 1:
+            x = np.stack([w.images for _, _, w in batch] + [batch[-1][2].images] * (K - len(batch)))
+            outs = run(x)
+        else:
+            outs = [o[None] for o in single(batch[0][2].images)]
+        t.device_s += time.perf_counter() - t0
+        write_dispatched()
+        dispatched.append((batch, outs))
 
     def take(r):
         rel = r["unit"].rel
@@ -324,35 +366,39 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
         rate = counts["stacks"] / max(time.perf_counter() - t_start, 1e-9)
         bar.set_postfix(stacks=counts["stacks"], stacks_s=f"{rate:.1f}")
 
+    if workers > 0:
+        # spawned: this process holds JAX's threads
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_one_blas_thread)
+    else:
+        pool = cf.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="stackcls-read")
+    ahead = 2 * (workers if workers > 0 else READ_THREADS)
+    inflight = deque()       # units are taken in walk order: the same file whatever the timing
+
+    def take_next():
+        t0 = time.perf_counter()
+        r = inflight.popleft().result()
+        t.wait_s += time.perf_counter() - t0
+        take(r)
+        tick()
+
+    blas = _one_blas_thread()      # this process's readers and finishing (restored at the end)
     try:
-        if workers <= 0:
-            for u in todo_units:
-                take(read_unit(str(root), u, size, keep))
-                tick()
-        else:
-            ctx = multiprocessing.get_context("spawn")      # this process holds JAX's threads
-            with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                inflight = set()
-                more = True
-                while more or inflight:
-                    while more and len(inflight) < 2 * workers:
-                        u = next(todo_units, None)
-                        if u is None:
-                            more = False
-                        else:
-                            inflight.add(pool.submit(read_unit, str(root), u, size, keep))
-                    if not inflight:
-                        break
-                    t0 = time.perf_counter()
-                    done, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-                    t.wait_s += time.perf_counter() - t0
-                    for fut in done:
-                        take(fut.result())
-                        tick()
+        for u in todo_units:
+            inflight.append(pool.submit(read_unit, str(root), u, size, keep))
+            if len(inflight) >= ahead:
+                take_next()
+        while inflight:
+            take_next()
         for S in list(buckets):
             if buckets[S]:
                 flush(S)
+        write_dispatched()
     finally:
+        for fut in inflight:
+            fut.cancel()
+        pool.shutdown()
+        blas.restore_original_limits()
         f.close()
         bar.close()
     summary = Path(summary) if summary is not None else out.with_suffix(".csv")
@@ -369,7 +415,7 @@ def archive_command(root, model, out, mode="stack", shard="0/1", workers=None,
     try:
         sh = parse_shard(shard)
         res = predict_archive(root, model, out, mode=mode, shard=sh, batch_slices=batch_slices,
-                              workers=min(2, os.cpu_count() or 1) if workers is None else workers)
+                              workers=workers)
     except ValueError as e:
         print(printable(f"error: {e}"), file=sys.stderr)
         return 2

@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="archive mode: stream every stack into this JSONL file (resumes; summary "
                         "CSV beside it); see stackcls.archive")
     s.add_argument("--shard", default="0/1", help="archive mode: predict shard I of N (I/N)")
-    s.add_argument("--workers", type=int, default=None, help="archive mode: reader processes")
+    s.add_argument("--workers", type=int, default=None,
+                   help="archive mode: reader processes (0: reader threads; default: 0 on up to 2 "
+                        "cores, else one per spare core, at most 8)")
     s.set_defaults(func=_predict)
 
     s = sub.add_parser("label", help="label stacks interactively (saved after every change)")

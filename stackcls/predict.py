@@ -151,19 +151,24 @@ def _core(model, mode: str):
 _CACHE: dict = {}
 
 
-def _compiled(model, mode: str, batched: bool = False):
+def _compiled(model, mode: str, batched: bool = False, grey: bool = False):
     """The per-model, per-mode runner: x -> outputs of `_core`, one compiled call per input shape.
     batched: x holds K stacks of one length (K, S, ...) and every output gains a leading K
-    (`stackcls.archive` runs many stacks in one device call).
+    (`stackcls.archive` runs many stacks in one device call). grey: x holds the one channel of
+    `preprocess.grey_model_input` (..., S, size, size), copied into RGB inside the call.
 
     The function is traced once per shape with `make_jaxpr`, and the arrays it closes over (the
     model's weights) become arguments of the jitted evaluation instead of constants baked into the
     program (a closed-over VGG16 would otherwise be copied into the HLO and slow compilation)."""
-    key = (id(model), mode, batched)
+    key = (id(model), mode, batched, grey)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is model:
         return hit[1]
-    fn = jax.vmap(_core(model, mode)) if batched else _core(model, mode)
+    core = rgb = _core(model, mode)
+    if grey:
+        def core(x):
+            return rgb(jnp.broadcast_to(x[..., None], x.shape + (3,)))
+    fn = jax.vmap(core) if batched else core
     per_shape: dict = {}
 
     def run(x):

@@ -143,15 +143,22 @@ def resize(images, size) -> np.ndarray:
 def to_model_input(images, size, keep: float = 0.6) -> np.ndarray:
     """(S, H, W) raw slices -> (S, size, size, 3) float32 in 0..255, the input every backbone's
     `preprocess_input` expects: window (on the whole slice), centre crop, resize, grey to RGB."""
+    g = grey_model_input(images, size, keep)
+    return np.broadcast_to(g[..., None], g.shape + (3,)).copy()
+
+
+def grey_model_input(images, size, keep: float = 0.6) -> np.ndarray:
+    """`to_model_input`'s one grey channel, (S, size, size) float32 in 0..255: a third of the
+    bytes, for callers that copy it to RGB where it is used (`stackcls.archive`, on the device)."""
     x = _as_slices(np.asarray(images, dtype=np.float32), "to_model_input")
     h, w = _size_hw(size)
-    out = np.empty((len(x), h, w, 3), np.float32)
+    out = np.empty((len(x), h, w), np.float32)
     for i in range(0, len(x), 16):  # chunks small enough to stay in cache
         c = x[i:i + 16]
         params = _window_params(c, 2.0, 98.0)  # percentiles of the whole slice, as exported images
         r = resize(_apply_window(center_crop(c, keep).copy(), *params), (h, w))
         r *= np.float32(255.0)
-        out[i:i + 16] = np.clip(r, 0.0, 255.0, out=r)[..., None]
+        out[i:i + 16] = np.clip(r, 0.0, 255.0, out=r)
     return out
 
 

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from stackcls import backbones
-from stackcls.archive import in_shard, parse_shard, predict_archive, units
+from stackcls import archive
+from stackcls.archive import default_workers, in_shard, parse_shard, predict_archive, units
 from stackcls.checkpoint import save_model, save_stack_model
 from stackcls.cli import main
 from stackcls.inference import load_model
@@ -77,6 +78,10 @@ def test_same_as_predict_stack_and_summary(tree, run_dir, tmp_path):
     recs = stack_lines(out)
     assert len(recs) == 6 and len({r["stack"] for r in recs}) == 6
     assert sum("done" in r for r in lines(out)) == 3
+    # units are taken in walk order whatever the readers' timing: the same file every run
+    again = tmp_path / "again.jsonl"
+    predict_archive(tree, run_dir, again, workers=0, batch_slices=40, progress=False)
+    assert again.read_text() == out.read_text()
     model = load_model(run_dir)
     by_key = {(r["unit"], r["phase"]): r for r in recs}
     for u in ("site1/syn0000", "site2/copy/syn0000", "site1/syn0001"):
@@ -139,3 +144,10 @@ def test_command_with_reader_processes(tree, run_dir, tmp_path, capsys):
     assert (out.with_suffix(".csv")).is_file()
     assert main(["predict", str(tree), "--model", str(run_dir), "--out", str(out), "--shard", "3/2"]) == 2
     assert "--shard" in capsys.readouterr().err
+
+
+def test_default_workers_by_core_count(monkeypatch):
+    """Reader threads in this process up to 2 cores, one reader process per spare core above."""
+    for cpus, want in ((1, 0), (2, 0), (3, 2), (8, 7), (64, 8)):
+        monkeypatch.setattr(archive.os, "sched_getaffinity", lambda _, n=cpus: set(range(n)), raising=False)
+        assert default_workers() == want

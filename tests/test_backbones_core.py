@@ -89,6 +89,29 @@ def test_depthwise_shift_equals_grouped_conv(k, stride, padding, size):
     np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("k,stride,padding,size,cin,cout", [(3, 2, "SAME", 9, 3, 8), (3, 1, "SAME", 8, 3, 4),
+                                                             (3, 2, "VALID", 9, 2, 5), (5, 2, "SAME", 10, 1, 8)])
+def test_conv_shift_equals_convolution(k, stride, padding, size, cin, cout):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, size, size, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+    ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(L.conv_shift(x, w, (stride, stride), padding), ref, rtol=1e-5, atol=1e-5)
+    ga = jax.grad(lambda w: L.conv_shift(x, w, (stride, stride), padding).sum())(w)
+    gb = jax.grad(lambda w: jax.lax.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")).sum())(w)
+    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
+
+
+def test_mobilenet_stem_takes_the_shift_path_on_cpu():
+    """MobileNet 0.25's 3x3x3 -> 8 stem runs as conv_shift on CPU, VGG's -> 64 stem does not."""
+    assert L._few_taps(jnp.zeros((3, 3, 3, 8)), (1, 1)) == (jax.default_backend() == "cpu")
+    assert not L._few_taps(jnp.zeros((3, 3, 3, 64)), (1, 1))
+    assert not L._few_taps(jnp.zeros((1, 1, 8, 16)), (1, 1))
+    assert not L._few_taps(jnp.zeros((3, 3, 3, 8)), (2, 2))
+
+
 def test_batchnorm_train_and_inference():
     bn = L.BatchNorm("bn", 3, momentum=0.9)
     bn.gamma[...] = jnp.array([1.0, 2.0, 0.5])

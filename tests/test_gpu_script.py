@@ -31,7 +31,9 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert [report.index(h) for h in heads] == sorted(report.index(h) for h in heads)
     assert "failed" not in report and "not run" not in report, report
     pred = json.loads((tmp_path / "rep" / "predict.json").read_text())
-    assert pred["stacks"] == 4 and pred["stacks_per_s"] > 0 and pred["input_size"] == 32
+    assert pred["input_size"] == 32 and pred["ratio_archive_to_per_stack"] > 0
+    for path in ("per_stack", "archive"):
+        assert pred[path]["stacks"] == 4 and pred[path]["stacks_per_s"] > 0
     for dtype in ("float32", "bfloat16"):
         log = (tmp_path / "rep" / f"backbones_{dtype}.log").read_text()
         assert dtype in log and "img/s" in log

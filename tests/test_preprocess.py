@@ -7,6 +7,7 @@ from PIL import Image
 
 from stackcls.preprocess import (center_crop, oversample, patient_folds, resize, split_subjects,
                                  stack_arrays, to_model_input, window)
+from stackcls.preprocess import grey_model_input
 from stackcls.stack import Stack
 
 
@@ -152,3 +153,12 @@ def test_oversample():
     np.testing.assert_array_equal(np.sort(oversample(y, factor=1)), np.arange(6))
     with pytest.raises(ValueError):
         oversample(y, factor=0)
+
+
+def test_grey_model_input_is_each_rgb_channel():
+    x = np.random.default_rng(1).gamma(2.0, 100.0, (3, 40, 30)).astype(np.float32)
+    rgb = to_model_input(x, 24)
+    g = grey_model_input(x, 24)
+    assert g.shape == (3, 24, 24) and g.dtype == np.float32
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], g)

@@ -11,7 +11,8 @@ lax's "SAME", so we pass the string through.
 Depthwise convolutions: XLA:CPU runs `feature_group_count` convolutions far below their arithmetic
 cost, so on CPU `depthwise_conv` computes the same sum as kh*kw shifted multiply-adds over the
 padded input (stride 2 via strided slices). Same numbers up to float summation order; several
-times faster on CPU (benchmarks/backbones.py). GPUs keep the grouped convolution (cuDNN).
+times faster on CPU (benchmarks/backbones.py). GPUs keep the grouped convolution (cuDNN). Thin
+spatial convolutions (MobileNet's 3x3x3 -> 8 stem) are computed the same way on CPU (`_few_taps`).
 """
 
 from __future__ import annotations
@@ -122,7 +123,9 @@ class Conv2D(KerasLayer):
 
     def __call__(self, x):
         k = self.kernel[...].astype(x.dtype)
-        if k.shape[:2] == (1, 1):
+        if _few_taps(k, self.dilation):
+            y = conv_shift(x, k, self.strides, self.padding)
+        elif k.shape[:2] == (1, 1):
             # 1x1 conv (any padding: none needed) as a matmul over a strided subsample: same sum,
             # ~10-20% less CPU time than XLA:CPU's convolution (ResNet50V2 ratio 1.05 -> 1.12).
             sh, sw = self.strides
@@ -139,7 +142,8 @@ class Conv2D(KerasLayer):
 
 
 # "auto": shifted multiply-adds on CPU, grouped convolution elsewhere. Override with the env var
-# STACKCLS_DEPTHWISE=shift|grouped (read at trace time) for benchmarks and tests.
+# STACKCLS_DEPTHWISE=shift|grouped (read at trace time) for benchmarks and tests; "grouped" also
+# keeps thin stems (`_few_taps`) on XLA's convolution.
 DEPTHWISE_IMPL = os.environ.get("STACKCLS_DEPTHWISE", "auto")
 
 
@@ -178,6 +182,44 @@ def depthwise_conv_shift(x, kernel, strides, padding):
                                (1, sh, sw, 1))
             t = sl * taps[i, j]
             y = t if y is None else y + t
+    return y
+
+
+def _few_taps(kernel, dilation) -> bool:
+    """Whether a convolution is cheaper as `conv_shift` here: on CPU, a spatial kernel whose
+    output pixels need at most 256 multiply-adds each (MobileNet 0.25's 3x3x3 -> 8 stem).
+    XLA:CPU runs such a thin convolution far below its arithmetic rate (that stem took a third of
+    the trunk's time; about 3x faster as one fused loop). Wider ones (VGG's 3x3x3 -> 64 stem)
+    measured slower that way. 1x1 convolutions stay matmuls: as multiply-adds XLA fused the
+    preceding layer into every tap and the trunk got slower."""
+    kh, kw, cin, cout = kernel.shape
+    return (DEPTHWISE_IMPL != "grouped" and jax.default_backend() == "cpu"
+            and tuple(dilation) == (1, 1) and kh * kw > 1 and kh * kw * cin * cout <= 256)
+
+
+def conv_shift(x, kernel, strides, padding):
+    """Convolution, kernel (kh, kw, Cin, F), as kh*kw*Cin shifted, strided slices of the padded
+    input times the kernel's rows: one fused elementwise loop. The same sum as the convolution up
+    to float summation order."""
+    n, h, w, c = x.shape
+    kh, kw = kernel.shape[:2]
+    sh, sw = strides
+    if padding == "SAME":
+        (pt, pb), oh = _same_pads(h, kh, sh)
+        (pl, pr), ow = _same_pads(w, kw, sw)
+        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    elif padding == "VALID":
+        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    else:
+        raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            sl = jax.lax.slice(x, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c),
+                               (1, sh, sw, 1))
+            for ci in range(c):
+                t = sl[..., ci:ci + 1] * kernel[i, j, ci]
+                y = t if y is None else y + t
     return y
 
 
