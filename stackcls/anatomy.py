@@ -55,6 +55,13 @@ class AnatomyConfig:
     rotation: float = 45.0
     shift_mm: float = 24.0
     scale: float = 0.1
+    # neighbouring slices shown as the input's colour channels: 0, the slice alone (grey in all
+    # three); 1, (previous, this, next) slice of the stack, the ends repeated (2.5-D input)
+    context: int = 0
+    # each stack's `end_slices` slices at either end are drawn this many times as often as the
+    # others (1: uniform): the labels change only there, the middle of a stack is always IN
+    end_weight: float = 1.0
+    end_slices: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -63,6 +70,9 @@ class AnatomyConfig:
             ("canvas", self.canvas >= self.size, ">= size"),
             ("widths", len(self.widths) == 4 and min(self.widths) >= 1, "4 positive channel counts"),
             ("epochs", self.epochs >= 1, ">= 1"),
+            ("context", self.context in (0, 1), "0 or 1: the backbones take three channels"),
+            ("end_weight", self.end_weight >= 1, ">= 1"),
+            ("end_slices", self.end_slices >= 1, ">= 1"),
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("class_weight", self.class_weight in ("sqrt", "balanced", "none"),
@@ -198,10 +208,29 @@ def _warp(img, coords):
             + (at(r0 + 1, c0) * (1 - fc) + at(r0 + 1, c0 + 1) * fc) * fr)
 
 
+def with_context(x: np.ndarray, context: int) -> np.ndarray:
+    """One stack's slices (S, n, n), in stack order, -> model inputs (S, n, n, 3).
+
+    context 0: each slice grey in all three channels, as the ImageNet backbone was fed colour.
+    context 1: (previous, this, next) slice, an end slice standing in for its missing neighbour.
+    Whether a slice still holds a cavity is easier to judge beside its neighbours: at the apex the
+    cavity shrinks towards it, at the base the atrium opens beyond it. Which neighbour comes first
+    does not matter to the trained model (training swaps them at random), so the direction of the
+    stack, often unknown here, need not be."""
+    x = np.asarray(x, np.float32)
+    if context == 0:
+        return np.repeat(x[..., None], 3, -1)
+    idx = np.arange(len(x))
+    return np.stack([x[np.maximum(idx - 1, 0)], x, x[np.minimum(idx + 1, len(x) - 1)]], -1)
+
+
 def augment(key, canvas, onehot, cfg: AnatomyConfig):
-    """One training sample: a `cfg.size` crop of a canvas (C, C) and its one-hot mask (C, C, 4),
-    randomly rotated, scaled, flipped and shifted (the same map for both), and gamma-adjusted."""
+    """One training sample: a `cfg.size` crop of a canvas (C, C, 3) (or grey (C, C)) and its
+    one-hot mask (C, C, 4), randomly rotated, scaled, flipped and shifted (the same map for both),
+    gamma-adjusted, and the neighbour channels swapped half of the time."""
     ka, ks, kf, kt, kg = jax.random.split(key, 5)
+    if canvas.ndim == 2:
+        canvas = jnp.repeat(canvas[..., None], 3, -1)
     C, n = canvas.shape[0], cfg.size
     t = jnp.deg2rad(jax.random.uniform(ka, (), minval=-cfg.rotation, maxval=cfg.rotation))
     s = jnp.exp(jax.random.uniform(ks, (), minval=-cfg.scale, maxval=cfg.scale))
@@ -211,18 +240,21 @@ def augment(key, canvas, onehot, cfg: AnatomyConfig):
     r, c = jnp.meshgrid(o, o * flip, indexing="ij")
     src_r = s * (jnp.cos(t) * r - jnp.sin(t) * c) + (C - 1) / 2.0 + shift[0]
     src_c = s * (jnp.sin(t) * r + jnp.cos(t) * c) + (C - 1) / 2.0 + shift[1]
-    both = jnp.concatenate([canvas[..., None], onehot], -1)
+    both = jnp.concatenate([canvas, onehot], -1)
     out = _warp(both, (src_r, src_c))
-    x = out[..., 0] / 255.0
+    x = out[..., :3] / 255.0
     gamma = jnp.exp(jax.random.uniform(kg, (), minval=-0.35, maxval=0.35))
     x = jnp.clip(x, 0, 1) ** gamma * 255.0
-    target = out[..., 1:]
+    # a key of its own, so the other draws stay those of single-slice training
+    x = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 7)), x[..., ::-1], x)
+    target = out[..., 3:]
     # pixels the warp took from outside the canvas are background
     target = target.at[..., 0].add(1.0 - jnp.sum(target, -1))
-    return jnp.repeat(x[..., None], 3, -1), target
+    return x, target
 
 
 def centre_crop(canvas: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, C, ...) -> (N, size, size, ...)."""
     C = canvas.shape[1]
     o = (C - size) // 2
     return canvas[:, o:o + size, o:o + size]
@@ -289,10 +321,33 @@ def _step_fn(graphdef, cfg: AnatomyConfig):
     return tx, step
 
 
+def end_slices(stack_index: np.ndarray, k: int) -> np.ndarray:
+    """(N,) bool: the slice is among the first or last k of its stack (stack_index: the stack of
+    each slice, the slices of a stack consecutive and in order)."""
+    si = np.asarray(stack_index)
+    start = np.r_[True, si[1:] != si[:-1]]
+    first = np.flatnonzero(start)
+    n = np.diff(np.r_[first, len(si)])
+    pos = np.arange(len(si)) - np.repeat(first, n)
+    return (pos < k) | (pos >= np.repeat(n, n) - k)
+
+
+def _epoch_order(rng, N: int, size: int, weight: np.ndarray | None) -> np.ndarray:
+    """`size` training indices for one epoch: a permutation (repeated as needed), or with
+    per-slice weights a draw without replacement from the slices each repeated round(weight)
+    times, so an epoch costs the same whatever the weighting."""
+    if weight is None:
+        order = rng.permutation(N)
+        return np.concatenate([order, rng.permutation(N)])[:size]
+    pool = np.repeat(np.arange(N), np.round(weight).astype(int))
+    return rng.permutation(pool)[:size] if len(pool) >= size else rng.choice(pool, size)
+
+
 def train(net: AnatomyNet, data: dict, cfg: AnatomyConfig, seed: int = 0, desc: str = "anatomy",
           eval_every: int = 0, on_eval=None) -> dict:
-    """Train `net` in place on data = dict(canvas (N, C, C) float32 0..255 grey, masks (N, C, C)
-    uint8, has_mask (N,) bool, y (N,) int). Every `eval_every` epochs (and after the last)
+    """Train `net` in place on data = dict(canvas (N, C, C, 3) float32 0..255 (with_context),
+    masks (N, C, C) uint8, has_mask (N,) bool, y (N,) int, and stack_index (N,) for
+    cfg.end_weight). Every `eval_every` epochs (and after the last)
     `on_eval(net, epoch)` is called with the weights of that epoch. Returns the loss history."""
     canvas, masks = np.asarray(data["canvas"], np.float32), np.asarray(data["masks"], np.uint8)
     has_mask, y = np.asarray(data["has_mask"], bool), np.asarray(data["y"], np.int32)
@@ -301,6 +356,11 @@ def train(net: AnatomyNet, data: dict, cfg: AnatomyConfig, seed: int = 0, desc: 
     N, B = len(y), cfg.batch_size
     steps = max(1, math.ceil(N / B))
     total = cfg.epochs * steps
+    weight = None
+    if cfg.end_weight != 1.0:
+        if "stack_index" not in data:
+            raise ValueError("end_weight needs the stack of each slice (data['stack_index'])")
+        weight = np.where(end_slices(data["stack_index"], cfg.end_slices), cfg.end_weight, 1.0)
     graphdef, params, stats, rest = nnx.split(net, nnx.Param, nnx.BatchStat, ...)
     tx, step = _step_fn(graphdef, cfg)
     opt_state = tx.init(params)
@@ -308,8 +368,7 @@ def train(net: AnatomyNet, data: dict, cfg: AnatomyConfig, seed: int = 0, desc: 
     rng = np.random.default_rng(seed)
     history, t0, t = [], time.perf_counter(), 0
     for epoch in tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False):
-        order = rng.permutation(N)
-        order = np.concatenate([order, rng.permutation(N)])[:steps * B]   # full batches only
+        order = _epoch_order(rng, N, steps * B, weight)     # full batches only
         losses = []
         for b in range(steps):
             i = np.sort(order[b * B:(b + 1) * B])
@@ -351,7 +410,7 @@ def precise_bn(net: AnatomyNet, canvas: np.ndarray, cfg: AnatomyConfig, seed: in
         @jax.jit
         def fn(state, x):
             m = nnx.merge(graphdef, state, copy=True)
-            m(jnp.repeat(x[..., None], 3, -1), train=True)
+            m(_rgb(x), train=True)
             return nnx.state(m, nnx.BatchStat)
         _BN[graphdef] = fn
     rng = np.random.default_rng(seed)
@@ -369,6 +428,11 @@ def precise_bn(net: AnatomyNet, canvas: np.ndarray, cfg: AnatomyConfig, seed: in
 _INFER: dict = {}
 
 
+def _rgb(x):
+    """Model inputs (N, n, n, 3) as they are; grey ones (N, n, n) repeated into the channels."""
+    return jnp.repeat(x[..., None], 3, -1) if x.ndim == 3 else x
+
+
 def _infer(graphdef):
     """The jitted inference of one architecture (cached: every fold and evaluation reuses it)."""
     fn = _INFER.get(graphdef)
@@ -376,9 +440,7 @@ def _infer(graphdef):
         @jax.jit
         def fn(state, xb):
             m = nnx.merge(graphdef, state, copy=True)
-            if xb.ndim == 3:                        # grey canvases: the backbones want RGB
-                xb = jnp.repeat(xb[..., None], 3, -1)
-            seg, logits, pen = m(xb)
+            seg, logits, pen = m(_rgb(xb))
             p = jax.nn.softmax(seg, -1)
             return (m.slice_probs(logits), pen, evidence(p), p[..., 2] + p[..., 3],
                     jnp.argmax(seg, -1).astype(jnp.uint8))
@@ -415,7 +477,7 @@ def build_net(backbone: str, cfg: AnatomyConfig, weights=None, seed: int = 0) ->
 
 
 def _ensemble_fn(ensemble: Ensemble):
-    """fn(state, x (N, n, n) grey) -> (probs, penultimate, evidence, lv map), each the mean over
+    """fn(state, x (N, n, n, 3) model inputs) -> (probs, penultimate, evidence, lv map), each the mean over
     the K models (vmapped over their stacked weights: one compiled call for the whole ensemble)."""
     nets = list(ensemble.nets)
     graphdef = nnx.graphdef(nets[0])
@@ -423,7 +485,7 @@ def _ensemble_fn(ensemble: Ensemble):
 
     def one(state, x):
         m = nnx.merge(graphdef, state, copy=True)
-        seg, logits, pen = m(jnp.repeat(x[..., None], 3, -1))
+        seg, logits, pen = m(_rgb(x))
         return m.slice_probs(logits), pen, jax.nn.softmax(seg, -1)
 
     def fn(state, x):
@@ -449,8 +511,9 @@ class AnatomyModel:
     calibration: object = None     # temperatures of the range probabilities (stackcls.calibration)
 
     def __post_init__(self):
-        self.cfg = AnatomyConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                    for k, v in self.config["anatomy"].items()})
+        # runs saved before `context` existed fed the slice alone
+        self.cfg = AnatomyConfig(**{"context": 0, **{k: (tuple(v) if isinstance(v, list) else v)
+                                                     for k, v in self.config["anatomy"].items()}})
         self.localise_size = int(self.config.get("localise_size", 256))
         fn, self._state = _ensemble_fn(self.ensemble)
         self._jit = jax.jit(fn)
@@ -460,7 +523,7 @@ class AnatomyModel:
         return self.cfg.size
 
     def run(self, x, chunk: int = 16) -> dict:
-        """Ensemble outputs over grey model inputs (N, n, n), as numpy."""
+        """Ensemble outputs over model inputs (N, n, n, 3), as numpy."""
         out = map_chunks(lambda xb: self._jit(self._state, xb), jnp.asarray(x, jnp.float32), chunk)
         return dict(zip(OUTPUTS, (np.asarray(a) for a in out)))
 
@@ -479,15 +542,15 @@ class AnatomyModel:
 
 
 def model_inputs(images, spacing, cfg: AnatomyConfig, localise_size: int, lv_map):
-    """Physical normalisation and localisation of one stack: (x (S, n, n), info)."""
+    """Physical normalisation and localisation of one stack: (x (S, n, n, 3), info)."""
     xs, infos = batch_inputs([(images, spacing)], cfg, localise_size, lv_map)
     return xs[0], infos[0]
 
 
 def batch_inputs(stacks, cfg: AnatomyConfig, localise_size: int, lv_map):
     """Physical normalisation and localisation of many stacks [(images, spacing)], each model
-    pass batched over all of them: ([x (S_i, n, n)], [info]). lv_map(x) gives the LV
-    probability maps of grey canvases (one model's or an ensemble's).
+    pass batched over all of them: ([x (S_i, n, n, 3)], [info]). lv_map(x) gives the LV
+    probability maps of model inputs (one model's or an ensemble's).
 
     Pass 1 puts the whole image on a canvas of localise_size pixels at SPACING_MM and finds the
     heart in the LV map; pass 2 cuts the model's field of view around it (the image centre when
@@ -496,7 +559,7 @@ def batch_inputs(stacks, cfg: AnatomyConfig, localise_size: int, lv_map):
     fulls, infos = [], []
     for images, spacing in stacks:
         full, _, info = physical.canvas(images, spacing, localise_size)
-        fulls.append(full)
+        fulls.append(with_context(full, cfg.context))
         infos.append(info)
     lv = lv_map(np.concatenate(fulls))
     cut = np.cumsum([0] + [len(f) for f in fulls])
@@ -506,6 +569,6 @@ def batch_inputs(stacks, cfg: AnatomyConfig, localise_size: int, lv_map):
         centre = physical.heart_centre(lv[cut[k]:cut[k + 1]], info["spacing"], info["centre"])
         x, _, info = physical.canvas(images, spacing, cfg.canvas, centre)
         info["localised"] = centre is not None
-        xs.append(centre_crop(x, cfg.size))
+        xs.append(with_context(centre_crop(x, cfg.size), cfg.context))
         infos[k] = info
     return xs, infos

@@ -137,6 +137,48 @@ def test_augment_without_geometry_is_the_centre_crop(monkeypatch):
     assert np.ptp(g) < 1e-3 and math.exp(-0.35) <= g.mean() <= math.exp(0.35)
 
 
+def test_with_context_by_hand():
+    x = np.arange(3, dtype=np.float32)[:, None, None] * np.ones((3, 2, 2), np.float32)   # slice k = k
+    np.testing.assert_array_equal(anatomy.with_context(x, 0)[:, 0, 0], [[0, 0, 0], [1, 1, 1], [2, 2, 2]])
+    # (previous, this, next); each end stands in for its missing neighbour
+    np.testing.assert_array_equal(anatomy.with_context(x, 1)[:, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 2]])
+    np.testing.assert_array_equal(anatomy.with_context(x[:1], 1)[:, 0, 0], [[0, 0, 0]])
+    # reversing the stack reverses the order of the neighbours, nothing else
+    np.testing.assert_array_equal(anatomy.with_context(x[::-1], 1)[::-1], anatomy.with_context(x, 1)[..., ::-1])
+    with pytest.raises(ValueError, match="context"):
+        AnatomyConfig(context=2)
+
+
+def test_end_slices_and_weighted_epochs():
+    si = np.array([0, 0, 0, 0, 0, 1, 1, 2])
+    np.testing.assert_array_equal(anatomy.end_slices(si, 1), [1, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(anatomy.end_slices(si, 2), [1, 1, 0, 1, 1, 1, 1, 1])
+    rng = np.random.default_rng(0)
+    # unweighted: every slice once per epoch (a second permutation tops up the last batch)
+    np.testing.assert_array_equal(np.sort(anatomy._epoch_order(rng, 5, 5, None)), np.arange(5))
+    # weight 3 on slice 0: it fills 3 of 7 pool places, the epoch has the asked size
+    counts = np.zeros(5)
+    for _ in range(2000):
+        counts += np.bincount(anatomy._epoch_order(rng, 5, 5, np.array([3.0, 1, 1, 1, 1])), minlength=5)
+    np.testing.assert_allclose(counts / counts.sum(), [3 / 7] + [1 / 7] * 4, atol=0.01)
+    # the same default-config draw as before the weights existed
+    a = anatomy._epoch_order(np.random.default_rng(4), 7, 8, None)
+    r = np.random.default_rng(4)
+    np.testing.assert_array_equal(a, np.concatenate([r.permutation(7), r.permutation(7)])[:8])
+
+
+def test_augment_swaps_neighbours_half_the_time():
+    # no geometry: the sample is the centre crop, its neighbour channels in either order
+    C, cfg = 40, AnatomyConfig(size=32, canvas=40, rotation=0.0, scale=0.0, shift_mm=0.0)
+    canvas = np.stack([np.full((C, C), v, np.float32) for v in (50.0, 128.0, 200.0)], -1)
+    onehot = jax.nn.one_hot(np.zeros((C, C), int), N_MASK)
+    fn = jax.jit(jax.vmap(lambda k: anatomy.augment(k, jnp.asarray(canvas), onehot, cfg)[0]))
+    x = np.asarray(fn(jax.random.split(jax.random.PRNGKey(0), 64)))[:, 16, 16]   # (64, 3)
+    first_low = x[:, 0] < x[:, 2]
+    assert np.all(x[:, 1] > np.minimum(x[:, 0], x[:, 2])) and np.all(x[:, 1] < np.maximum(x[:, 0], x[:, 2]))
+    assert 16 <= first_low.sum() <= 48
+
+
 def test_augmented_targets_stay_distributions():
     rng = np.random.default_rng(2)
     C, cfg = 48, AnatomyConfig(size=32, canvas=48, shift_mm=24.0, rotation=45.0, scale=0.1)
@@ -315,7 +357,7 @@ def test_preprocess_and_slice_outputs(model):
     # the same as the ensemble's outputs on the model inputs of the stack
     xin, _ = model_inputs(heart_stack(), (1.5, 1.5, 10.0), model.cfg, model.localise_size,
                           lambda a: model.run(a)["lv"])
-    assert xin.shape == (6, 64, 64) and 0 <= xin.min() and xin.max() <= 255
+    assert xin.shape == (6, 64, 64, 3) and 0 <= xin.min() and xin.max() <= 255
     o = model.run(xin)
     np.testing.assert_allclose(x, np.concatenate([o["evidence"], o["probs"]], 1), rtol=1e-5, atol=1e-5)
     # the physical scale reaches the model: at twice the pixel size the stack covers twice the mm,

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from stackcls.anatomy import (EVIDENCE, AnatomyModel, Ensemble, batch_inputs, build_net, outputs,
-                              train)
+                              train, with_context)
 from stackcls.atomic import savez, write_json
 from stackcls.checkpoint import is_saved, restore_into, save_anatomy_model, save_module
 from stackcls.decode import decode_many
@@ -50,7 +50,7 @@ def training_arrays(stacks, cfg: AnatomyStage) -> dict:
         m = getattr(st, "masks", None)
         centre = mask_centre(m) if m is not None else None
         x, mm, _ = canvas(st.images, st.spacing, cfg.canvas, centre, m)
-        xs.append(x)
+        xs.append(with_context(x, cfg.context))
         ms.append(mm if mm is not None else np.zeros(x.shape, np.uint8))
         has.append(np.full(len(x), m is not None))
         ys.append(st.label_indices())
@@ -241,7 +241,7 @@ def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stac
     wrong = [i for i, g in enumerate(groups) if not np.array_equal(pred[g], te["y"][g])]
     edge = [i for i, g in enumerate(groups) if (te["y"][g] != 1).any() and i not in wrong]
     pick = (wrong + edge)[:6] or list(range(min(3, len(groups))))
-    rows = [dict(key=stacks[i].key, x=outs[i]["x"], mask=outs[i]["mask"],
+    rows = [dict(key=stacks[i].key, x=outs[i]["x"][..., 1], mask=outs[i]["mask"],
                  truth=[CLASSES[v] for v in te["y"][groups[i]]],
                  pred=[CLASSES[v] for v in pred[groups[i]]]) for i in pick]
     figures.anatomy(rows, run_dir / "anatomy.png")
