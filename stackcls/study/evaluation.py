@@ -98,10 +98,11 @@ def stack_inputs(res: dict, inputs: StageInputs, stage: str, how: str):
     return None if pen is None or np.isnan(probs).any() else (pen, probs)
 
 
-def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, te: dict,
-               test_pen, test_probs) -> StackOutcome:
+def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, te: dict | None = None,
+               test_pen=None, test_probs=None) -> StackOutcome:
     """Train the stack head in `d` on the training stacks' outputs, or load it when its stamp
-    (protocol.json: the stage's settings and the seed) is unchanged; apply it to the test stacks.
+    (protocol.json: the stage's settings and the seed) is unchanged; apply it to the test stacks
+    (probs None without them).
     The direction model is a sub-second fit on the same inputs: refitted on every (re)run."""
     train_pen, train_probs = train_outputs
     feats, labels, subjects = [], [], []
@@ -118,6 +119,8 @@ def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, t
         model = train_stack_model(feats, labels, subjects, seed=seed, protocol=stage.head())
         save_stack_model(d, model)
         write_json(stamp, want)
+    if te is None:
+        return StackOutcome(None, model, direction)
     groups = stack_groups(te["stack_index"])
     lps = model.scores_many([slice_features(test_pen[g], test_probs[g]) for g in groups])
     probs = np.zeros((len(te["y"]), 3), np.float32)
