@@ -35,13 +35,14 @@ def pinned_stack():
 
 
 def pins(model) -> dict:
-    """What the tests pin: the stack mode's labels and probabilities (rounded) on the pinned
-    stack, orientation given."""
+    """What the tests pin: the model file's hash, and the stack mode's labels and probabilities
+    (rounded) on the pinned stack, orientation given."""
     from stackcls.predict import predict_stack
     images, spacing = pinned_stack()
     p = predict_stack(images, model, orientation="apex_to_base", spacing=spacing)
-    return dict(labels="".join(l[1] for l in p.labels),      # OAP, IN, OBS -> A, N, B
-                probabilities=np.round(p.probabilities, 4).tolist(),
+    return dict(sha256=getattr(model, "card", {}).get("sha256"),
+                labels="".join(l[1] for l in p.labels),      # OAP, IN, OBS -> A, N, B
+                probabilities=[[round(float(v), 4) for v in row] for row in p.probabilities],
                 range_probability=round(float(p.range_probability), 4))
 
 
@@ -80,8 +81,19 @@ def main(argv=None) -> int:
     elif a.command == "doc":
         print(f"updated {pretrained.update_doc(a.doc, card)}")
     else:
-        print(f"# {card['name']} {card['version']} sha256 {card['sha256']}")
-        print(f"PINS = {pins(pretrained.load_default(a.folder))!r}")
+        import time
+        t0 = time.perf_counter()
+        model = pretrained.load_default(a.folder)
+        got = pins(model)                  # the first call: loading, compiling, one 15-slice stack
+        t1 = time.perf_counter()
+        pins(model)
+        t2 = time.perf_counter()
+        print(f"# {card['name']} {card['version']}: paste into tests/test_default_model.py")
+        print("\n".join(["PINS = dict(", f"    sha256={got['sha256']!r},", f"    labels={got['labels']!r},",
+                         "    probabilities=[", *(f"        {row}," for row in got["probabilities"]),
+                         "    ],", f"    range_probability={got['range_probability']!r},", ")"]))
+        print(f"# first call (load + compile + predict) {t1 - t0:.1f} s, warm {t2 - t1:.2f} s "
+              f"({len(got['labels'])}-slice stack)")
     return 0
 
 

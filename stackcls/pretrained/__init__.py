@@ -210,10 +210,10 @@ def verify(folder=DEFAULT_DIR) -> dict:
     return card
 
 
-def load_default(folder=DEFAULT_DIR):
-    """The shipped model, loaded once per process (hash checked first); the first load says
-    which model it is on stderr."""
-    key = Path(folder).resolve()
+def load_default(folder=None):
+    """The shipped model (or the model in `folder`), loaded once per process (hash checked
+    first); the first load says which model it is on stderr."""
+    key = Path(folder if folder is not None else DEFAULT_DIR).resolve()
     hit = _loaded.get(key)
     if hit is not None:
         return hit
