@@ -195,3 +195,80 @@ def test_damaged_file_with_a_matching_card_names_it(copied):
     (copied / "card.json").write_text(json.dumps(card))
     with pytest.raises(ModelFileError, match=f"{f}: not a readable stackcls model file"):
         stackcls.load_model()
+
+
+# ----------------------------------------------------------------------------- training it: no test set
+
+TINY = ["method=anatomy", "weights=none", "progress=false", "data.test_size=0",
+        "protocol.synthetic_subjects.train=4", "protocol.synthetic_subjects.test=0",
+        "protocol.folds=2", "protocol.anatomy.epochs=2", "protocol.anatomy.eval_every=1",
+        "protocol.anatomy.size=32", "protocol.anatomy.canvas=48",
+        "protocol.anatomy.widths=[4,4,4,4]", "protocol.anatomy.localise_size=64",
+        "protocol.anatomy.batch_size=8", "protocol.anatomy.stack.epochs=5"]
+
+
+def test_default_model_config_trains_on_every_acdc_patient():
+    from hydra import compose, initialize
+
+    import experiments.run  # noqa: F401 - registers the configs
+    with initialize(version_base="1.3", config_path=None):
+        cfg = compose("default_model", overrides=["protocol.anatomy.epochs=30"])
+    assert cfg.method == "anatomy" and cfg.data.name == "acdc" and cfg.data.test_size == 0
+    assert cfg.protocol.name == "paper" and cfg.protocol.anatomy.epochs == 30
+    assert cfg.export.path == str(pretrained.DEFAULT_DIR) and cfg.export.doc == str(DOC)
+
+
+@pytest.mark.slow
+def test_no_test_set_run_reports_cv_and_exports(tmp_path, monkeypatch):
+    """data.test_size=0: the whole method on every stack, the cross-validated rows with their
+    spread, then the export; checked against the folds' own validation records."""
+    from stackcls.study.config import compose
+    from stackcls.study.run import run
+    monkeypatch.setenv("STACKCLS_CACHE", str(tmp_path / "cache"))
+    doc = tmp_path / "card.md"
+    doc.write_text(f"before\n{pretrained.DOC_START}\nold\n{pretrained.DOC_END}\nafter\n")
+    res = run(compose(TINY + [f"run_dir={tmp_path / 'run'}", f"export.path={tmp_path / 'out'}",
+                              f"export.doc={doc}", "export.version=t1"]))
+    assert res["evaluation"] == "cv" and res["n_test"]["stacks"] == 0 and res["n_train"]["stacks"] == 8
+    row = res["depths"]["anatomy"]
+    cv = row["cv"]
+    assert "test" not in row and set(cv) == {"slice", "slice_ordered", "stack", "every_slice_in"}
+    for m in cv.values():
+        assert m["n_stacks"] == 8 and len(m["folds"]) == 2
+        assert m["fold_sd"]["exact_range_rate"] == pytest.approx(np.std(m["folds"], ddof=1), abs=1e-4)
+    # the ordered decoding of the out-of-fold probabilities, per fold: what each fold's own
+    # validation (during training) measured at the selected epoch
+    epochs = sorted(int(e) for e in row["selected"]["curve"])
+    j = epochs.index(row["selected"]["epochs"])
+    for f in (0, 1):
+        done = json.loads((tmp_path / "run" / "anatomy" / "cv" / f"fold{f}" / "done.json").read_text())
+        assert cv["slice_ordered"]["folds"][f] == pytest.approx(done["val"][j], abs=1e-4)
+    # every slice IN: right exactly on the stacks with no OAP or OBS slice
+    from stackcls.study.data import load_data
+    stacks, none = load_data(compose(TINY))
+    assert none == []
+    all_in = np.mean([all(l == "IN" for l in s.labels) for s in stacks])
+    assert cv["every_slice_in"]["exact_range_rate"] == pytest.approx(all_in)
+    assert (tmp_path / "run" / "anatomy.png").is_file()
+    assert "Cross-validated" in (tmp_path / "run" / "results.md").read_text()
+    # the export: the card holds the run's CV numbers; the doc got its table; the file loads
+    card = pretrained.verify(tmp_path / "out")
+    assert card["metrics"]["stack"] == json.loads(json.dumps(cv["stack"]))
+    assert card["version"] == "t1" and card["evaluation"] == "cross-validation"
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert pretrained.card_table(card) in text
+    # float32: exactly the run's weights, head, direction and temperatures
+    m, ref = pretrained.load(tmp_path / "out" / "model.npz"), stackcls.load_model(tmp_path / "run")
+    for a, b in ((m.ensemble, ref.ensemble), (m.stack_head.head, ref.stack_head.head)):
+        fa, fb = pretrained._flat(a), pretrained._flat(b)
+        assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+    np.testing.assert_array_equal(m.direction.weights, ref.direction.weights)
+    assert m.calibration.temperatures == ref.calibration.temperatures
+
+
+def test_a_paper_run_refuses_no_test_set_and_export(tmp_path):
+    from stackcls.study.config import compose
+    from stackcls.study.run import run
+    with pytest.raises(ValueError, match="method=anatomy"):
+        run(compose(["progress=false", f"run_dir={tmp_path}", f"export.path={tmp_path / 'x'}"]))

@@ -244,10 +244,15 @@ def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, r
     cfg: AnatomyStage = p.anatomy
     d = run_dir / NAME
     head = stack_head(d / "stack", cfg.stack, study.seed, tr, train_outputs)
-    res = dict(oof_probs=train_outputs[1], selected=dict(epochs=epoch))
-    fit_calibration(d / "stack", res, cfg.stack, study.seed, tr, train_outputs, head)
     splits = patient_folds(np.array([st.subject for st in stacks]), k=p.folds, seed=study.seed)
-    cv_row, oof_stack = cv_metrics(tr, train_outputs, head.model, splits, study.seed)
+    cv_row, tables = cv_metrics(tr, train_outputs, head.model, splits, study.seed)
+    res = dict(oof_probs=train_outputs[1], selected=dict(epochs=epoch))
+    fit_calibration(d / "stack", res, cfg.stack, study.seed, tr, train_outputs, head, tables)
+    oof_stack = None
+    if tables is not None:
+        oof_stack = np.zeros((len(tr["y"]), 3), np.float32)
+        for g, lp in zip(stack_groups(tr["stack_index"]), tables):
+            oof_stack[g] = np.exp(lp)
     row = dict(method=NAME, selected=_selected(cfg, cv, epoch), cv=cv_row,
                checkpoint=str(Path(NAME) / "final"),
                timing=dict(cv_seconds=round(cv["seconds"], 1),
@@ -263,9 +268,9 @@ def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, r
     return row, Evaluated(row, train_outputs[1], train_outputs[0], oof_stack), tr
 
 
-def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int) -> tuple[dict, np.ndarray]:
+def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int) -> tuple[dict, list | None]:
     """The cross-validated rows of a run without a test set, and the stack head's out-of-fold
-    probabilities. slice and slice_ordered: each stack through the fold model that did not train
+    log-scores per stack (None for a head trained without CV). slice and slice_ordered: each stack through the fold model that did not train
     on it (the out-of-fold outputs); stack: a K-fold CV of the stack head over those outputs (its
     own folds, at the learning rate and epoch count its CV selected; calibration.oof_stack_tables).
     Each mode and the trivial "every slice IN" row carry `fold_sd`: the standard deviation of
@@ -297,7 +302,7 @@ def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int) -> tuple[
             continue
         m["fold_sd"] = _spread([f[mode] for f in per_fold])
         m["folds"] = [round(f[mode]["exact_range_rate"], 4) for f in per_fold]
-    return rows, stack_probs
+    return rows, tables
 
 
 def _spread(rows: list[dict]) -> dict:

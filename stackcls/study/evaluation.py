@@ -187,9 +187,11 @@ def _log(probs: np.ndarray, floor: float) -> np.ndarray:
 
 
 def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: dict, train_outputs,
-                    head: StackOutcome | None) -> cal.Calibration:
+                    head: StackOutcome | None, stack_tables=None) -> cal.Calibration:
     """The temperatures of a setting (stackcls.calibration), fitted on out-of-fold training
-    stacks, or loaded from `folder` when fitted for the same stack settings and seed."""
+    stacks, or loaded from `folder` when fitted for the same stack settings and seed.
+    stack_tables: the stack head's out-of-fold log-scores when the caller has them already
+    (calibration.oof_stack_tables of the same head)."""
     want = dict(as_plain(stage), seed=seed, classifier=res["selected"])
     try:
         old = cal.Calibration.load(folder)
@@ -209,7 +211,8 @@ def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: d
         pen, probs = train_outputs
         feats = [slice_features(a, b) for a, b in zip(_per_stack(tr, pen), _per_stack(tr, probs))]
         subjects = [str(s[0]) for s in _per_stack(tr, np.asarray(tr["subject"]))]
-        tables = cal.oof_stack_tables(feats, _per_stack(tr, tr["y"]), subjects, head.model, seed)
+        tables = stack_tables if stack_tables is not None else \
+            cal.oof_stack_tables(feats, _per_stack(tr, tr["y"]), subjects, head.model, seed)
         if tables is None:
             info["stack"] = "not fitted: the stack head was trained without CV"
         else:
