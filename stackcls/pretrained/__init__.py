@@ -333,6 +333,15 @@ def card_table(card: dict) -> str:
     for mode, m in rows:
         if m is not None:
             lines.append(f"| {mode} | " + " | ".join(_cell(m, k) for _, k in CARD_COLUMNS) + " |")
+    d = card.get("direction") or {}
+    acc = (d.get("cv_accuracy") or {}).get(str(d.get("C")))
+    if acc is not None:
+        lines += ["", f"Direction of stacks of unknown orientation (the direction model alone, "
+                      f"subject-level CV over the {d.get('n_stacks')} stacks shown both ways): "
+                      f"accuracy {acc:.3f}."]
+    if card.get("calibration"):
+        lines += ["", "Temperatures of the range probabilities: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in sorted(card["calibration"].items())) + "."]
     lines += ["", f"Command: `{card['command']}`"]
     return "\n".join(lines)
 
