@@ -158,6 +158,15 @@ def test_cli_predicts_without_a_model(dicom_dir, tmp_path, card, model):
     np.testing.assert_allclose(ed["probabilities"], ref.probabilities, atol=1e-4)
 
 
+def test_review_without_a_model_saves_figures(dicom_dir, tmp_path, model, monkeypatch):
+    from stackcls.label_ui import review_command
+    monkeypatch.chdir(tmp_path)                      # where edits would go without --labels
+    assert review_command(dicom_dir, save=tmp_path / "rv") == 0
+    pngs = sorted(p.name for p in (tmp_path / "rv").glob("*.png"))
+    # one figure per stack: the anatomy model has no classifier to take Grad-CAM from
+    assert len(pngs) == 2 and not any("gradcam" in p for p in pngs)
+
+
 @pytest.fixture
 def copied(tmp_path, monkeypatch):
     """The shipped folder copied; DEFAULT_DIR pointed at the copy, the in-process cache empty."""

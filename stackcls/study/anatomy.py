@@ -264,7 +264,8 @@ def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, r
     nets = cv["models"][epoch]
     fold_of = {int(i): f for f, (_, va) in enumerate(splits) for i in va}
     write_figures(run_dir, stacks, _LazyOutputs(stacks, cfg, nets, fold_of), tr,
-                  train_outputs[1], oof_stack if oof_stack is not None else train_outputs[1])
+                  train_outputs[1], oof_stack if oof_stack is not None else train_outputs[1],
+                  which="out-of-fold stacks (each through the fold model that did not train on it)")
     return row, Evaluated(row, train_outputs[1], train_outputs[0], oof_stack), tr
 
 
@@ -330,9 +331,10 @@ class _LazyOutputs:
         return stack_outputs([self.stacks[i]], self.cfg, lambda x: outputs(net, x))[0]
 
 
-def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stack_probs) -> None:
+def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stack_probs,
+                  which: str = "test stacks") -> None:
     """confusion.png (slice and stack modes) and anatomy.png: the model's view and masks of the
-    test stacks with out-of-range slices, wrongly labelled ones first (at most 6)."""
+    `which` stacks with out-of-range slices, wrongly labelled ones first (at most 6)."""
     from stackcls import figures
     from stackcls.metrics import confusion_matrix
     from stackcls.study.evaluation import ordered
@@ -346,7 +348,7 @@ def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stac
     rows = [dict(key=stacks[i].key, x=outs[i]["x"], mask=outs[i]["mask"],
                  truth=[CLASSES[v] for v in te["y"][groups[i]]],
                  pred=[CLASSES[v] for v in pred[groups[i]]]) for i in pick]
-    figures.anatomy(rows, run_dir / "anatomy.png")
+    figures.anatomy(rows, run_dir / "anatomy.png", title=f"method=anatomy on {which}")
 
 
 def _arrays(stacks) -> dict:
