@@ -47,7 +47,8 @@ ConfigStore.instance().store(name="default_model", node={
     "method": "anatomy",
     "data": {"root": "${oc.env:STACKCLS_ACDC,../shared/data/acdc}", "test_size": 0},
     "run_dir": "${oc.env:STACKCLS_RUNS,runs}/default_model",
-    "export": {"path": str(DEFAULT_DIR), "doc": str(Path(__file__).resolve().parents[1] / "docs" / "model-card.md")}})
+    "export": {"path": str(DEFAULT_DIR),
+               "doc": str(Path(__file__).resolve().parents[1] / "docs" / "model-card.md")}})
 
 
 try:

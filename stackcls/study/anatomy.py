@@ -219,7 +219,8 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
     final_seconds = time.perf_counter() - t1
     savez(d / "test_outputs.npz", probs=test_probs, evidence=test_pen, y=te["y"],
           stack_index=te["stack_index"], slice_index=te["slice_index"], stack_probs=head.probs)
-    row = dict(method=NAME, selected=_selected(cfg, cv, epoch), test=test, checkpoint=str(Path(NAME) / "final"),
+    row = dict(method=NAME, selected=_selected(cfg, cv, epoch), test=test,
+               checkpoint=str(Path(NAME) / "final"),
                localised=float(np.mean([o["localised"] for o in test_out])),
                timing=dict(cv_seconds=round(cv_seconds, 1), final_seconds=round(final_seconds, 1),
                            total_seconds=round(time.perf_counter() - t0, 1)),
@@ -245,14 +246,9 @@ def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, r
     d = run_dir / NAME
     head = stack_head(d / "stack", cfg.stack, study.seed, tr, train_outputs)
     splits = patient_folds(np.array([st.subject for st in stacks]), k=p.folds, seed=study.seed)
-    cv_row, tables = cv_metrics(tr, train_outputs, head.model, splits, study.seed)
+    cv_row, tables, oof_stack = cv_metrics(tr, train_outputs, head.model, splits, study.seed)
     res = dict(oof_probs=train_outputs[1], selected=dict(epochs=epoch))
     fit_calibration(d / "stack", res, cfg.stack, study.seed, tr, train_outputs, head, tables)
-    oof_stack = None
-    if tables is not None:
-        oof_stack = np.zeros((len(tr["y"]), 3), np.float32)
-        for g, lp in zip(stack_groups(tr["stack_index"]), tables):
-            oof_stack[g] = np.exp(lp)
     row = dict(method=NAME, selected=_selected(cfg, cv, epoch), cv=cv_row,
                checkpoint=str(Path(NAME) / "final"),
                timing=dict(cv_seconds=round(cv["seconds"], 1),
@@ -269,15 +265,19 @@ def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, r
     return row, Evaluated(row, train_outputs[1], train_outputs[0], oof_stack), tr
 
 
-def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int) -> tuple[dict, list | None]:
-    """The cross-validated rows of a run without a test set, and the stack head's out-of-fold
-    log-scores per stack (None for a head trained without CV). slice and slice_ordered: each stack through the fold model that did not train
-    on it (the out-of-fold outputs); stack: a K-fold CV of the stack head over those outputs (its
-    own folds, at the learning rate and epoch count its CV selected; calibration.oof_stack_tables).
-    Each mode and the trivial "every slice IN" row carry `fold_sd`: the standard deviation of
-    every metric over the K patient folds of the anatomy CV, and `folds`: the per-fold
-    exact-range rates. Both selections (the epoch count, the head's settings) were made on these
-    same folds, so the numbers lean optimistic by the selection's share."""
+def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int):
+    """(the cross-validated rows of a run without a test set, the stack head's out-of-fold
+    log-scores per stack, the same as per-slice probabilities (M, 3); both None for a head
+    trained without CV).
+
+    slice and slice_ordered: each stack through the fold model that did not train on it (the
+    out-of-fold outputs); stack: a K-fold CV of the stack head over those outputs (its own folds,
+    the same patients' folds when protocol.anatomy.stack.folds equals protocol.folds; at the
+    learning rate and epoch count its CV selected; calibration.oof_stack_tables). Each mode and
+    the trivial "every slice IN" row carry `fold_sd`: the standard deviation of every metric over
+    the K patient folds of the anatomy CV, and `folds`: the per-fold exact-range rates. Both
+    selections (the epoch count, the head's settings) were made on these same folds, so the
+    numbers lean optimistic by the selection's share."""
     from stackcls import calibration as cal
     pen, probs = train_outputs
     groups = stack_groups(tr["stack_index"])
@@ -303,7 +303,7 @@ def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int) -> tuple[
             continue
         m["fold_sd"] = _spread([f[mode] for f in per_fold])
         m["folds"] = [round(f[mode]["exact_range_rate"], 4) for f in per_fold]
-    return rows, tables
+    return rows, tables, stack_probs
 
 
 def _spread(rows: list[dict]) -> dict:
