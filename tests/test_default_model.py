@@ -115,7 +115,7 @@ def test_pinned_predictions(model):
     assert got["range_probability"] == pytest.approx(PINS["range_probability"], abs=2e-3)
 
 
-def test_labels_a_phantom_stack_and_an_array_stack(model, dicom_dir):
+def test_labels_a_phantom_stack_an_array_and_a_nifti(model, dicom_dir, tmp_path):
     stacks = scan(dicom_dir).stacks
     ed = next(s for s in stacks if s.phase == "ED")
     p = stackcls.predict_stack(ed)                   # no model: the shipped one
@@ -127,6 +127,14 @@ def test_labels_a_phantom_stack_and_an_array_stack(model, dicom_dir):
     assert len(q.labels) == len(images) and q.orientation_source == "data"
     np.testing.assert_allclose(p.probabilities, stackcls.predict_stack(images, model,
                                orientation="apex_to_base", spacing=spacing).probabilities, atol=1e-4)
+    # a NIfTI file (no orientation in it: the data decide, the same way as for the array)
+    import nibabel as nib
+    f = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(images.transpose(1, 2, 0), np.float32),
+                             np.diag([*spacing, 1.0])), f)            # pixdim from the affine
+    n = stackcls.predict_stack(str(f))
+    assert n.labels == q.labels[::-1]
+    np.testing.assert_allclose(n.probabilities, q.probabilities[::-1], atol=1e-4)
 
 
 def test_float16_keeps_the_predictions(model, tmp_path):
