@@ -273,8 +273,10 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
         raise FileNotFoundError(f"{root}: no such file or folder")
     m = as_model(model)
     if not hasattr(m, "model"):   # its preprocessing runs networks: not in reader processes
-        raise ValueError(f"model {model}: archive mode (--out) takes models of method=paper; a "
-                         f"method=anatomy model predicts through `stackcls predict` without --out")
+        name = model if model is not None else "(the shipped default)"
+        raise ValueError(f"model {name}: archive mode (--out) takes models of method=paper (pass "
+                         f"--model RUN_DIR); a method=anatomy model, the shipped default among "
+                         f"them, predicts through `stackcls predict` without --out")
     if mode == "stack" and getattr(m, "stack_head", None) is None:
         raise ValueError(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
     size, keep = int(m.input_size), float(m.config.get("keep", 0.6))

@@ -19,6 +19,8 @@ from pathlib import Path
 from stackcls.io.errors import ModelFileError, StackReadError, printable
 
 FIGURE_ROWS = 16           # stacks per figure page
+MODEL_HELP = ("run directory of a trained model, or a model file (.npz); default: the model "
+              "shipped with stackcls (docs/model-card.md)")
 
 
 def _synth(a):
@@ -107,10 +109,10 @@ def _how_sure(pred) -> list[str]:
 
 def predict_command(path, model, json_out=None, figure_out=None, mode: str = "stack",
                     review_below: float | None = None, queue_out="review_queue.csv") -> int:
-    """`stackcls predict PATH --model RUN_DIR [--json OUT] [--figure OUT.png] [--mode ...]
+    """`stackcls predict PATH [--model RUN_DIR] [--json OUT] [--figure OUT.png] [--mode ...]
     [--review-below P [--queue review_queue.csv]]`: every stack under PATH, a summary of each on
-    stdout; with review_below, the review queue CSV (`label_session.write_review_queue`). Returns
-    0, 1 (no stack predicted) or 2 (bad arguments)."""
+    stdout; with review_below, the review queue CSV (`label_session.write_review_queue`). model
+    None: the shipped model. Returns 0, 1 (no stack predicted) or 2 (bad arguments)."""
     # see the module docstring: imported when the command runs
     from stackcls import figures
     from stackcls.atomic import write_json
@@ -127,7 +129,7 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
         _err(e)
         return 2
     except Exception as e:  # noqa: BLE001 - report any loading failure as a message, not a trace
-        _err(f"cannot load model {model}: {e}")
+        _err(f"cannot load model {model if model is not None else '(the shipped default)'}: {e}")
         return 2
     if mode not in MODES:
         _err(f"mode must be one of {MODES}, got {mode!r}")
@@ -156,7 +158,9 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
         preds.append(pred)
         imgs.append(st.images)
     if json_out is not None:
-        blob = dict(model=str(model), mode=mode, stacks=[p.to_dict() for p in preds],
+        from stackcls.pretrained import describe
+        blob = dict(model=str(model) if model is not None else describe(m), mode=mode,
+                    stacks=[p.to_dict() for p in preds],
                     skipped=[dict(path=str(p), reason=str(r)) for p, r in res.skipped] + failed)
         print(printable(f"wrote {write_json(json_out, _printable_tree(blob))}"))
     if review_below is not None:
@@ -194,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="classify the slices of every stack under PATH")
     s.add_argument("path", type=Path)
-    s.add_argument("--model", type=Path, required=True, help="run directory of a trained model")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--mode", choices=["stack", "slice", "slice_ordered"], default="stack")
     s.add_argument("--json", type=Path, default=None, help="write predictions as JSON here")
     s.add_argument("--figure", type=Path, default=None, help="write a PNG figure here")
@@ -219,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("review", help="review a model's predictions, with Grad-CAM")
     s.add_argument("data", type=Path)
-    s.add_argument("--model", type=Path, required=True)
+    s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--labels", type=Path, default=None)
     s.add_argument("--save", type=Path, default=None, help="write PNGs here instead of a window")
     s.add_argument("--queue", type=Path, default=None,

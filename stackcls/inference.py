@@ -6,7 +6,9 @@ for `predict_stack`.
                                                       randomly rotated views per image
     pooled_features(model, carries)                   trunk outputs -> pooled features
     predict_outputs(model, inputs, stage)             (logits, penultimate) of a stage's inputs
-    load_model(run_dir) -> TrainedModel               a run's final model (+ stack head, direction)
+    load_model(run_dir) -> TrainedModel               a run's final model (+ stack head, direction);
+                                                      load_model() / load_model("default"): the
+                                                      model the package ships (stackcls.pretrained)
 
 Every pass over a dataset goes through `stackcls.batching.map_chunks` (fixed chunk shape, last
 chunk padded), so each runs one compiled function per shape.
@@ -51,6 +53,7 @@ from stackcls.stack_model import StackModel
 
 SETTINGS_ORDER = ("scratch", "depth0", "depth1")  # load_model picks the last one present
 ANATOMY = "anatomy"    # method=anatomy's folder; a run has either it or the paper's settings
+DEFAULT = "default"    # load_model's name for the shipped model
 
 
 def extract(model: Classifier, x: np.ndarray, what: str, views: int = 0, seed: int = 0,
@@ -164,13 +167,21 @@ def setting_dirs(run_dir) -> dict[str, Path]:
     return {s: run_dir / s for s in SETTINGS_ORDER if is_saved(run_dir / s / "final")}
 
 
-def load_model(run_dir, setting: str | None = None, stack: bool = True) -> TrainedModel:
+def load_model(run_dir=None, setting: str | None = None, stack: bool = True) -> TrainedModel:
     """The final model of a run directory: the deepest setting present (depth1 > depth0 >
     scratch) unless `setting` names one, with its stack head when one was trained (and stack is
     true) and its direction model when one was fitted; a method=anatomy run gives its ensemble
-    (stackcls.anatomy.AnatomyModel). A saved model folder loads as itself.
+    (stackcls.anatomy.AnatomyModel). A saved model folder loads as itself, a model file
+    (stackcls.pretrained's .npz) too.
+    No argument, or "default": the model shipped in the package (loaded once per process, its
+    hash checked; a folder named default is reached as "./default").
     Malformed files raise `ModelFileError` (stackcls.io.errors) naming the file."""
+    from stackcls import pretrained
+    if run_dir is None or (isinstance(run_dir, str) and run_dir == DEFAULT):
+        return pretrained.load_default()
     run_dir = Path(run_dir)
+    if run_dir.suffix == ".npz" and run_dir.is_file():
+        return pretrained.load(run_dir)
     if is_saved(run_dir) and not (run_dir / "final").exists():
         if _is_anatomy(run_dir):
             return _load_anatomy(run_dir, None, False)

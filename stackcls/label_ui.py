@@ -76,7 +76,7 @@ def review_stack(stack: Stack, model, with_cam: bool = True) -> Review:
     probs = np.asarray(pred.probabilities)[order]
     labels = [pred.labels[i] for i in order]
     cams = None
-    if with_cam:
+    if with_cam and has_gradcam(model):
         cams = stack_gradcam(model, stack, [CLASS_INDEX[l] for l in labels])
     b = pred.boundary_probabilities
     return Review(probs, labels, pred.in_range_apex_to_base, cams, pred.range_probability,
@@ -96,6 +96,12 @@ def how_sure_text(rev: Review) -> str:
     return (f"P(IN {_range_text(rev.in_range)}) = {rev.range_probability:.2f}    next: {alts}    "
             f"coverage: {cov.get('status', '?')} (P(end slice IN) apex {cov.get('apex_end_in', 0):.2f}, "
             f"base {cov.get('base_end_in', 0):.2f})")
+
+
+def has_gradcam(model) -> bool:
+    """Grad-CAM needs the single-slice classifier (a TrainedModel's .model); a method=anatomy
+    model, the shipped default among them, has none (its evidence is its masks)."""
+    return hasattr(model, "model")
 
 
 def stack_gradcam(model, stack: Stack, classes) -> np.ndarray:
@@ -324,8 +330,9 @@ def queued(stacks: list[Stack], queue) -> list[Stack]:
     return out
 
 
-def review_command(data: Path, model: Path, labels: Path | None = None,
+def review_command(data: Path, model: Path | None = None, labels: Path | None = None,
                    save: Path | None = None, queue: Path | None = None) -> int:
+    """`stackcls review DATA [--model RUN_DIR]`: model None is the shipped model."""
     if save is not None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt   # only after the backend is chosen
@@ -339,8 +346,10 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Review never writes labels unless the user edits them; without a CSV, edits go to a scratch
-    # file next to the figures (or the run dir), never over anything that exists.
-    lab_path = labels if labels is not None else (save or Path(model)) / "review_labels.csv"
+    # file next to the figures (or the run dir, or the working folder for the shipped model),
+    # never over anything that exists.
+    scratch = save or (Path(model) if model is not None else Path.cwd())
+    lab_path = labels if labels is not None else scratch / "review_labels.csv"
     try:
         session = LabelSession(stacks, lab_path)
     except ValueError as e:
@@ -354,13 +363,14 @@ def review_command(data: Path, model: Path, labels: Path | None = None,
         return 0
     save = Path(save)
     save.mkdir(parents=True, exist_ok=True)
+    cam_modes = (False, True) if has_gradcam(m) else (False,)
     for i in tqdm(range(len(stacks)), desc="review figures"):
         session.go(i)
-        for cam in (False, True):
+        for cam in cam_modes:
             view.show_cam = cam
             view.draw()
             s = session.stack
             # subject and phase come from the files: made safe, and kept inside `save`
             view.save(inside(save, safe_name(s.subject, s.phase, *(["gradcam"] if cam else [])) + ".png"))
-    print(f"wrote {2 * len(stacks)} figures to {save}")
+    print(f"wrote {len(cam_modes) * len(stacks)} figures to {save}")
     return 0

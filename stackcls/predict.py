@@ -3,12 +3,14 @@
     from stackcls import load_model, predict_stack
     model = load_model(run_dir)
     pred = predict_stack(stack, model, mode="stack")     # or "slice", "slice_ordered"
+    pred = predict_stack(stack)                           # the model the package ships
 
 `stack`: any input `stackcls.io.inputs.resolve_stack_input` takes: a `Stack`; a DICOM folder
 holding one stack; a list of the DICOM files of one stack in any order (outputs then follow the
 list); a NIfTI file (outputs follow the file's slice index); or an array (S, H, W) with
 orientation="apex_to_base" | "base_to_apex" | "unknown".
-`model`: a run directory (loaded with `stackcls.inference.load_model`) or a loaded model with
+`model`: None (the shipped model, `stackcls.pretrained`), a run directory (loaded with
+`stackcls.inference.load_model`) or a loaded model with
 `.preprocess(images (S, H, W), spacing=(row, col, slice) mm or None)`, `.slice_outputs(x) -> (penultimate (S, 256), probs (S, 3))`,
 `.stack_head` (a `stackcls.stack_model.StackModel` or None) and optionally `.direction` (a
 `stackcls.direction.DirectionModel`).
@@ -110,9 +112,10 @@ class Prediction:
 
 # ----------------------------------------------------------------------------- model and jitted core
 
-def as_model(model):
-    """A run directory -> its loaded model; a loaded model is checked and returned as is."""
-    if isinstance(model, (str, os.PathLike)):
+def as_model(model=None):
+    """None -> the shipped model; a run directory -> its loaded model; a loaded model is checked
+    and returned as is."""
+    if model is None or isinstance(model, (str, os.PathLike)):
         return load_model(model)
     for attr in ("preprocess", "slice_outputs"):
         if not hasattr(model, attr):
@@ -198,7 +201,7 @@ def _compiled(model, mode: str, batched: bool = False, grey: bool = False):
 
 # ----------------------------------------------------------------------------- predict_stack
 
-def predict_stack(stack, model, mode: str = "stack", orientation: str | None = None,
+def predict_stack(stack, model=None, mode: str = "stack", orientation: str | None = None,
                   phase: str | None = None, spacing=None) -> Prediction:
     """Labels, probabilities and IN range of one stack (see the module docstring).
 

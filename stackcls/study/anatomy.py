@@ -9,7 +9,8 @@ slice evidence.
        slice probabilities (ties: lower validation loss); "every slice IN" cannot win it
     -> fold models at that epoch = the ensemble; their out-of-fold evidence trains the stack head
        (selected on exact range too) and the direction model
-    -> test stacks through AnatomyModel: the same rows as the paper's settings
+    -> test stacks through AnatomyModel: the same rows as the paper's settings; without test
+       stacks (data.test_size=0, the shipped model) the cross-validated rows instead
 
 Resuming: each fold's models at every evaluated epoch and its validation outputs are saved in
 anatomy/cv/fold<k>/ as they finish; a rerun loads them instead of training.
@@ -35,9 +36,10 @@ from stackcls.physical import canvas, mask_centre
 from stackcls.preprocess import patient_folds
 from stackcls.selection import select
 from stackcls.stack import CLASSES
+from stackcls.stack_model import slice_features
 from stackcls.study.config import AnatomyStage, as_plain
-from stackcls.study.evaluation import (Evaluated, calibrate_setting, evaluate_rows,
-                                      orientation_withheld, stack_head)
+from stackcls.study.evaluation import (Evaluated, calibrate_setting, evaluate_rows, fit_calibration,
+                                      orientation_withheld, stack_head, trivial_row)
 
 NAME = "anatomy"
 
@@ -171,7 +173,9 @@ def _restore_net(path: Path, backbone: str, cfg: AnatomyStage):
 
 
 def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tuple[dict, Evaluated, dict]:
-    """The whole method on one split: (results.json row, Evaluated, the test arrays)."""
+    """The whole method on one split: (results.json row, Evaluated, the test arrays). Without test
+    stacks (data.test_size=0: the shipped model, trained on every patient) the row holds the
+    cross-validated metrics instead (`cv_metrics`) and the arrays are the training stacks'."""
     p = study.protocol
     cfg: AnatomyStage = p.anatomy
     d = run_dir / NAME
@@ -191,11 +195,14 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
     # the stack head and the direction model on out-of-fold evidence (arrays as the paper's)
     oof = cv["oof"][epoch]
     tr = _arrays(train_stacks)
-    te = _arrays(test_stacks)
     train_pen = np.concatenate([o["evidence"] for o in oof])
     train_probs = np.concatenate([o["probs"] for o in oof])
     model = AnatomyModel(ensemble, config, path=d / "final")
     t1 = time.perf_counter()
+    if not test_stacks:
+        return _run_cv_only(study, train_stacks, cv, epoch, tr, (train_pen, train_probs), run_dir,
+                            t0, t1)
+    te = _arrays(test_stacks)
     test_out = stack_outputs(test_stacks, cfg, model.run)
     test_pen = np.concatenate([o["evidence"] for o in test_out])
     test_probs = np.concatenate([o["probs"] for o in test_out])
@@ -212,13 +219,8 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
     final_seconds = time.perf_counter() - t1
     savez(d / "test_outputs.npz", probs=test_probs, evidence=test_pen, y=te["y"],
           stack_index=te["stack_index"], slice_index=te["slice_index"], stack_probs=head.probs)
-    row = dict(method=NAME,
-               selected=dict(learning_rate=cfg.learning_rate, epochs=epoch, criterion=
-                             "mean validation exact-range rate (ordered decoding of the slice "
-                             "probabilities over the held-out fold's stacks)",
-                             curve={str(e): round(float(v), 4) for e, v in
-                                    zip(cv["epochs"], cv["val"].mean(0))}),
-               test=test, checkpoint=str(Path(NAME) / "final"),
+    row = dict(method=NAME, selected=_selected(cfg, cv, epoch), test=test,
+               checkpoint=str(Path(NAME) / "final"),
                localised=float(np.mean([o["localised"] for o in test_out])),
                timing=dict(cv_seconds=round(cv_seconds, 1), final_seconds=round(final_seconds, 1),
                            total_seconds=round(time.perf_counter() - t0, 1)),
@@ -228,9 +230,111 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
     return row, Evaluated(row, test_probs, test_pen, head.probs, outcomes), te
 
 
-def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stack_probs) -> None:
+def _selected(cfg: AnatomyStage, cv: dict, epoch: int) -> dict:
+    return dict(learning_rate=cfg.learning_rate, epochs=epoch, criterion=
+                "mean validation exact-range rate (ordered decoding of the slice probabilities "
+                "over the held-out fold's stacks)",
+                curve={str(e): round(float(v), 4) for e, v in zip(cv["epochs"], cv["val"].mean(0))})
+
+
+def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, run_dir: Path,
+                 t0: float, t1: float) -> tuple[dict, Evaluated, dict]:
+    """No test set: the stack head, direction model and temperatures from every stack's
+    out-of-fold outputs, and the cross-validated metrics (`cv_metrics`) as the row."""
+    p = study.protocol
+    cfg: AnatomyStage = p.anatomy
+    d = run_dir / NAME
+    head = stack_head(d / "stack", cfg.stack, study.seed, tr, train_outputs)
+    splits = patient_folds(np.array([st.subject for st in stacks]), k=p.folds, seed=study.seed)
+    cv_row, tables, oof_stack = cv_metrics(tr, train_outputs, head.model, splits, study.seed)
+    res = dict(oof_probs=train_outputs[1], selected=dict(epochs=epoch))
+    fit_calibration(d / "stack", res, cfg.stack, study.seed, tr, train_outputs, head, tables)
+    row = dict(method=NAME, selected=_selected(cfg, cv, epoch), cv=cv_row,
+               checkpoint=str(Path(NAME) / "final"),
+               timing=dict(cv_seconds=round(cv["seconds"], 1),
+                           final_seconds=round(time.perf_counter() - t1, 1),
+                           total_seconds=round(time.perf_counter() - t0, 1)),
+               stack_head=dict(selected=head.model.info.get("selected"),
+                               timing=head.model.info.get("timing")),
+               direction=head.direction.info)
+    nets = cv["models"][epoch]
+    fold_of = {int(i): f for f, (_, va) in enumerate(splits) for i in va}
+    write_figures(run_dir, stacks, _LazyOutputs(stacks, cfg, nets, fold_of), tr,
+                  train_outputs[1], oof_stack if oof_stack is not None else train_outputs[1],
+                  which="out-of-fold stacks (each through the fold model that did not train on it)")
+    return row, Evaluated(row, train_outputs[1], train_outputs[0], oof_stack), tr
+
+
+def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int):
+    """(the cross-validated rows of a run without a test set, the stack head's out-of-fold
+    log-scores per stack, the same as per-slice probabilities (M, 3); both None for a head
+    trained without CV).
+
+    slice and slice_ordered: each stack through the fold model that did not train on it (the
+    out-of-fold outputs); stack: a K-fold CV of the stack head over those outputs (its own folds,
+    the same patients' folds when protocol.anatomy.stack.folds equals protocol.folds; at the
+    learning rate and epoch count its CV selected; calibration.oof_stack_tables). Each mode and
+    the trivial "every slice IN" row carry `fold_sd`: the standard deviation of every metric over
+    the K patient folds of the anatomy CV, and `folds`: the per-fold exact-range rates. Both
+    selections (the epoch count, the head's settings) were made on these same folds, so the
+    numbers lean optimistic by the selection's share."""
+    from stackcls import calibration as cal
+    pen, probs = train_outputs
+    groups = stack_groups(tr["stack_index"])
+    feats = [slice_features(pen[g], probs[g]) for g in groups]
+    subjects = [str(tr["subject"][g[0]]) for g in groups]
+    tables = cal.oof_stack_tables(feats, [tr["y"][g] for g in groups], subjects, head_model, seed)
+    stack_probs = None
+    if tables is not None:
+        stack_probs = np.zeros((len(tr["y"]), 3), np.float32)
+        for g, lp in zip(groups, tables):
+            stack_probs[g] = np.exp(lp)
+    rows = evaluate_rows(tr, probs, stack_probs)
+    rows["every_slice_in"] = trivial_row(tr)
+    per_fold = []
+    for _, va in splits:
+        keep = np.isin(tr["stack_index"], va)
+        sub = {k: v[keep] for k, v in tr.items()}
+        r = evaluate_rows(sub, probs[keep], None if stack_probs is None else stack_probs[keep])
+        r["every_slice_in"] = trivial_row(sub)
+        per_fold.append(r)
+    for mode, m in rows.items():
+        if m is None:
+            continue
+        m["fold_sd"] = _spread([f[mode] for f in per_fold])
+        m["folds"] = [round(f[mode]["exact_range_rate"], 4) for f in per_fold]
+    return rows, tables, stack_probs
+
+
+def _spread(rows: list[dict]) -> dict:
+    """The sample standard deviation of every numeric metric over the folds (nested like the rows;
+    None where fewer than two folds have a value)."""
+    out = {}
+    for k, v in rows[0].items():
+        if isinstance(v, dict):
+            out[k] = _spread([r[k] for r in rows])
+        elif isinstance(v, (int, float)) and k not in ("n_slices", "n_stacks"):
+            vals = [r[k] for r in rows if r[k] is not None and np.isfinite(r[k])]
+            out[k] = round(float(np.std(vals, ddof=1)), 4) if len(vals) >= 2 else None
+    return out
+
+
+class _LazyOutputs:
+    """The out-of-fold outputs of a stack (model input and mask included) computed when a figure
+    asks for them: each stack through the fold model that held it out."""
+
+    def __init__(self, stacks, cfg, nets, fold_of):
+        self.stacks, self.cfg, self.nets, self.fold_of = stacks, cfg, nets, fold_of
+
+    def __getitem__(self, i):
+        net = self.nets[self.fold_of[i]]
+        return stack_outputs([self.stacks[i]], self.cfg, lambda x: outputs(net, x))[0]
+
+
+def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stack_probs,
+                  which: str = "test stacks") -> None:
     """confusion.png (slice and stack modes) and anatomy.png: the model's view and masks of the
-    test stacks with out-of-range slices, wrongly labelled ones first (at most 6)."""
+    `which` stacks with out-of-range slices, wrongly labelled ones first (at most 6)."""
     from stackcls import figures
     from stackcls.metrics import confusion_matrix
     from stackcls.study.evaluation import ordered
@@ -244,7 +348,7 @@ def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stac
     rows = [dict(key=stacks[i].key, x=outs[i]["x"][..., 1], mask=outs[i]["mask"],
                  truth=[CLASSES[v] for v in te["y"][groups[i]]],
                  pred=[CLASSES[v] for v in pred[groups[i]]]) for i in pick]
-    figures.anatomy(rows, run_dir / "anatomy.png")
+    figures.anatomy(rows, run_dir / "anatomy.png", title=f"method=anatomy on {which}")
 
 
 def _arrays(stacks) -> dict:

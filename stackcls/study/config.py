@@ -38,7 +38,8 @@ class DataConfig:
     labels: Optional[str] = None        # acdc: null means ROOT/labels.csv
     masks: Optional[str] = None         # a masks folder (stackcls.io.masks); acdc reads its _gt files
     keep: float = 0.6                   # centre crop: the fraction of each image axis kept
-    test_size: Any = 0.5                # patients held out for the test set: a fraction or a count
+    test_size: Any = 0.5                # patients held out for the test set: a fraction or a count;
+                                        # 0: no test set (method=anatomy reports its CV metrics)
     max_subjects: Optional[int] = None  # use only this many patients (seeded choice)
 
 
@@ -158,6 +159,24 @@ QUICK = dataclasses.replace(
 PROTOCOLS = {"paper": PAPER, "quick": QUICK}
 
 
+# ----------------------------------------------------------------------------- export
+
+@dataclass(frozen=True)
+class Export:
+    """After a method=anatomy run: its model in the shipped one-file format (stackcls.pretrained)
+    in folder `path` (model.npz + card.json), and the card's numbers table in `doc` (a markdown
+    file with card-table markers, e.g. docs/model-card.md). command: what the card records as the
+    command that made the model (experiments.run fills in its own command line)."""
+
+    path: Optional[str] = None          # null: no export
+    name: str = "stackcls-anatomy-acdc"
+    version: str = "1"
+    dtype: str = "float32"              # of the ensemble's weights: float32 | float16
+    stand_in: bool = False              # the card says the model is a stand-in, not a release
+    doc: Optional[str] = None
+    command: Optional[str] = None
+
+
 # ----------------------------------------------------------------------------- the study
 
 METHODS = ("paper", "anatomy")
@@ -182,6 +201,7 @@ class Study:
     devices: Any = "auto"               # devices to shard over: auto (all) | N (stackcls.parallel)
     progress: bool = True
     fail_after_jobs: Optional[int] = None  # tests: raise after this many CV jobs (simulates an interrupted run)
+    export: Export = Export()           # method=anatomy: write the model in the shipped format
 
 
 def _writable(node: DictConfig) -> DictConfig:

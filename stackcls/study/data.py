@@ -36,7 +36,8 @@ def _stacks(study: Study) -> tuple[list[Stack], float | int]:
 
 
 def load_data(study: Study) -> tuple[list[Stack], list[Stack]]:
-    """(train stacks, test stacks) split by patient."""
+    """(train stacks, test stacks) split by patient; test_size 0 (data.test_size=0, or
+    protocol.synthetic_subjects.test=0): every stack trains, no test set."""
     stacks, test_size = _stacks(study)
     unlabelled = [s.key for s in stacks if s.labels is None]
     if unlabelled:
@@ -46,6 +47,8 @@ def load_data(study: Study) -> tuple[list[Stack], list[Stack]]:
     if study.data.max_subjects:
         keep = set(np.random.default_rng(study.seed).permutation(subjects)[:int(study.data.max_subjects)])
         stacks = [s for s in stacks if s.subject in keep]
+    if test_size == 0:
+        return stacks, []
     tr, te = split_subjects([s.subject for s in stacks], test_size=test_size, seed=study.seed)
     return [stacks[i] for i in tr], [stacks[i] for i in te]
 

@@ -98,10 +98,11 @@ def stack_inputs(res: dict, inputs: StageInputs, stage: str, how: str):
     return None if pen is None or np.isnan(probs).any() else (pen, probs)
 
 
-def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, te: dict,
-               test_pen, test_probs) -> StackOutcome:
+def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, te: dict | None = None,
+               test_pen=None, test_probs=None) -> StackOutcome:
     """Train the stack head in `d` on the training stacks' outputs, or load it when its stamp
-    (protocol.json: the stage's settings and the seed) is unchanged; apply it to the test stacks.
+    (protocol.json: the stage's settings and the seed) is unchanged; apply it to the test stacks
+    (probs None without them).
     The direction model is a sub-second fit on the same inputs: refitted on every (re)run."""
     train_pen, train_probs = train_outputs
     feats, labels, subjects = [], [], []
@@ -118,6 +119,8 @@ def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, t
         model = train_stack_model(feats, labels, subjects, seed=seed, protocol=stage.head())
         save_stack_model(d, model)
         write_json(stamp, want)
+    if te is None:
+        return StackOutcome(None, model, direction)
     groups = stack_groups(te["stack_index"])
     lps = model.scores_many([slice_features(test_pen[g], test_probs[g]) for g in groups])
     probs = np.zeros((len(te["y"]), 3), np.float32)
@@ -184,9 +187,11 @@ def _log(probs: np.ndarray, floor: float) -> np.ndarray:
 
 
 def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: dict, train_outputs,
-                    head: StackOutcome | None) -> cal.Calibration:
+                    head: StackOutcome | None, stack_tables=None) -> cal.Calibration:
     """The temperatures of a setting (stackcls.calibration), fitted on out-of-fold training
-    stacks, or loaded from `folder` when fitted for the same stack settings and seed."""
+    stacks, or loaded from `folder` when fitted for the same stack settings and seed.
+    stack_tables: the stack head's out-of-fold log-scores when the caller has them already
+    (calibration.oof_stack_tables of the same head)."""
     want = dict(as_plain(stage), seed=seed, classifier=res["selected"])
     try:
         old = cal.Calibration.load(folder)
@@ -206,7 +211,8 @@ def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: d
         pen, probs = train_outputs
         feats = [slice_features(a, b) for a, b in zip(_per_stack(tr, pen), _per_stack(tr, probs))]
         subjects = [str(s[0]) for s in _per_stack(tr, np.asarray(tr["subject"]))]
-        tables = cal.oof_stack_tables(feats, _per_stack(tr, tr["y"]), subjects, head.model, seed)
+        tables = stack_tables if stack_tables is not None else \
+            cal.oof_stack_tables(feats, _per_stack(tr, tr["y"]), subjects, head.model, seed)
         if tables is None:
             info["stack"] = "not fitted: the stack head was trained without CV"
         else:

@@ -27,13 +27,19 @@ def fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _rows(row: dict) -> dict:
+    """A depth's metrics per mode: its test rows, or the cross-validated ones of a run without a
+    test set (method=anatomy with data.test_size=0)."""
+    return row["test"] if "test" in row else row["cv"]
+
+
 def metric_rows(results: dict) -> list[dict]:
     """One row per (depth, mode): the Table-2 layout plus the stack-level measures; last, the
     trivial answer "every slice IN" on the same test stacks, which every row must beat."""
     out = []
     for depth, row in results["depths"].items():
         for mode in MODE_ROWS:
-            m = row["test"].get(mode)
+            m = _rows(row).get(mode)
             if m is None:
                 continue
             out.append(dict(backbone=results["backbone"], depth=depth, mode=mode,
@@ -52,7 +58,8 @@ def metric_rows(results: dict) -> list[dict]:
 def results_markdown(results: dict) -> str:
     lines = [f"# {results['backbone']} on {results['data']} ({results['protocol']} protocol, "
              f"seed {results['seed']}, weights {results['weights']})", "",
-             "## Test metrics (Table 2 style)", "",
+             "## Cross-validated metrics (no test set)" if results.get("evaluation") == "cv"
+             else "## Test metrics (Table 2 style)", "",
              "| depth | mode | lr | epochs | F1 OAP | F1 IN | F1 OBS | AUC (weighted) | AUC (micro) "
              "| accuracy | soft acc. | exact range | boundary MAE |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -61,7 +68,7 @@ def results_markdown(results: dict) -> str:
         lines.append(f"| {r['depth']} | {r['mode']} | {lr} | {r['epochs']} | "
                      + " | ".join(fmt(r[k]) for k in ROW_KEYS) + " |")
     for depth, row in results["depths"].items():
-        w = row["test"].get("stack_orientation_withheld")
+        w = _rows(row).get("stack_orientation_withheld")
         if w is not None:
             lines.append(f"\nDepth {depth}, orientation withheld (each test stack shown in a random "
                          f"direction as 'unknown'): direction found for {w['direction_accuracy']:.3f} "

@@ -92,12 +92,17 @@ def run(cfg) -> dict:
         raise ValueError(f"method must be one of {METHODS}, got {study.method!r}")
     if study.method == "anatomy":
         return run_anatomy_study(study, run_dir, t_start)
+    if study.export.path:
+        raise ValueError("export.path: the shipped model format holds method=anatomy models only")
     settings = plan(study.backbone, study.depth)      # a bad backbone or depth fails here, at once
     size = input_size(study)
     print(f"[run] {study.backbone} depth={study.depth} data={study.data.name} protocol={p.name} "
           f"seed={seed} -> {run_dir}")
 
     train_stacks, test_stacks = load_data(study)
+    if not test_stacks:
+        raise ValueError("no test set (data.test_size=0): method=paper reports test metrics; only "
+                         "method=anatomy runs without one (it reports its cross-validated metrics)")
     tr = stack_arrays(train_stacks, size, study.data.keep)
     te = stack_arrays(test_stacks, size, study.data.keep)
     start_run_dir(run_dir, study)
@@ -154,6 +159,9 @@ def run_anatomy_study(study: Study, run_dir: Path, t_start: float) -> dict:
     row, ev, te = run_anatomy(study, train_stacks, test_stacks, run_dir, weights)
     calibration_figure(run_dir, {"anatomy": ev})
     results = dict(schema=SCHEMA_VERSION, backbone=study.backbone, method="anatomy",
+                   # without a test set the rows are the cross-validated ones (and the trivial
+                   # row is over the training stacks)
+                   evaluation="test" if test_stacks else "cv",
                    data=study.data.name, weights=str(study.weights), protocol=p.name,
                    seed=study.seed, input_size=p.anatomy.size, depths={"anatomy": row},
                    trivial=dict(all_in=trivial_row(te)),
@@ -166,7 +174,21 @@ def run_anatomy_study(study: Study, run_dir: Path, t_start: float) -> dict:
     write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(results_markdown(results))
     print(summary_table(results))
+    if study.export.path:
+        export_model(study, run_dir)
     return results
+
+
+def export_model(study: Study, run_dir: Path) -> dict:
+    """study.export: the run's model in the shipped format, and the card's table in the doc."""
+    from stackcls import pretrained
+    e = study.export
+    card = pretrained.export(run_dir, Path(e.path).expanduser(), name=e.name, version=e.version,
+                             dtype=e.dtype, command=e.command, stand_in=e.stand_in)
+    print(f"[export] {Path(e.path) / card['file']}: {card['bytes']:,} bytes, sha256 {card['sha256']}")
+    if e.doc:
+        print(f"[export] numbers table updated in {pretrained.update_doc(Path(e.doc).expanduser(), card)}")
+    return card
 
 
 def anatomy_weights(study: Study):
