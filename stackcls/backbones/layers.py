@@ -161,19 +161,25 @@ def depthwise_conv_grouped(x, kernel, strides, padding):
                                         feature_group_count=c)
 
 
-def depthwise_conv_shift(x, kernel, strides, padding):
-    """Depthwise convolution as a sum of kh*kw shifted, strided slices times per-channel taps."""
-    n, h, w, c = x.shape
-    kh, kw = kernel.shape[:2]
+def _padded(x, kh: int, kw: int, strides, padding):
+    """(x padded as the convolution pads it, output height, output width)."""
+    h, w = x.shape[1:3]
     sh, sw = strides
     if padding == "SAME":
         (pt, pb), oh = _same_pads(h, kh, sh)
         (pl, pr), ow = _same_pads(w, kw, sw)
-        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    elif padding == "VALID":
-        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-    else:
-        raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
+        return jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))), oh, ow
+    if padding == "VALID":
+        return x, (h - kh) // sh + 1, (w - kw) // sw + 1
+    raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
+
+
+def depthwise_conv_shift(x, kernel, strides, padding):
+    """Depthwise convolution as a sum of kh*kw shifted, strided slices times per-channel taps."""
+    n, c = x.shape[0], x.shape[3]
+    kh, kw = kernel.shape[:2]
+    sh, sw = strides
+    x, oh, ow = _padded(x, kh, kw, strides, padding)
     taps = kernel[..., 0]
     y = None
     for i in range(kh):
@@ -201,17 +207,10 @@ def conv_shift(x, kernel, strides, padding):
     """Convolution, kernel (kh, kw, Cin, F), as kh*kw*Cin shifted, strided slices of the padded
     input times the kernel's rows: one fused elementwise loop. The same sum as the convolution up
     to float summation order."""
-    n, h, w, c = x.shape
+    n, c = x.shape[0], x.shape[3]
     kh, kw = kernel.shape[:2]
     sh, sw = strides
-    if padding == "SAME":
-        (pt, pb), oh = _same_pads(h, kh, sh)
-        (pl, pr), ow = _same_pads(w, kw, sw)
-        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    elif padding == "VALID":
-        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-    else:
-        raise ValueError(f"padding must be SAME or VALID, got {padding!r}")
+    x, oh, ow = _padded(x, kh, kw, strides, padding)
     y = None
     for i in range(kh):
         for j in range(kw):
