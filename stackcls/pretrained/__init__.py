@@ -92,7 +92,7 @@ def save(path, model, dtype: str = "float32", extra: dict | None = None) -> Path
     """Write an `AnatomyModel` (ensemble, stack head, direction, calibration) as one .npz file.
     dtype: of the ensemble's floating arrays ("float16" halves the file; the small stack head and
     direction model stay float32). extra: JSON-able facts kept in meta.json."""
-    from stackcls.atomic import replace_atomically
+    from stackcls.atomic import _jsonable, replace_atomically
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     head, direction = model.stack_head, model.direction
@@ -121,16 +121,6 @@ def save(path, model, dtype: str = "float32", extra: dict | None = None) -> Path
             z.writestr(zipfile.ZipInfo(name + ".npy", _ZIP_TIME), buf.getvalue(),
                        compress_type=zipfile.ZIP_DEFLATED)
     return path
-
-
-def _jsonable(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-able: {type(o).__name__}")
 
 
 def load(path):
