@@ -140,11 +140,15 @@ def test_augment_without_geometry_is_the_centre_crop(monkeypatch):
 def test_with_context_by_hand():
     x = np.arange(3, dtype=np.float32)[:, None, None] * np.ones((3, 2, 2), np.float32)   # slice k = k
     np.testing.assert_array_equal(anatomy.with_context(x, 0)[:, 0, 0], [[0, 0, 0], [1, 1, 1], [2, 2, 2]])
-    # (previous, this, next); each end stands in for its missing neighbour
-    np.testing.assert_array_equal(anatomy.with_context(x, 1)[:, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 2]])
+    # the two neighbours, brighter first; each end stands in for its missing neighbour
+    np.testing.assert_array_equal(anatomy.with_context(x, 1)[:, 0, 0], [[1, 0, 0], [2, 1, 0], [2, 2, 1]])
     np.testing.assert_array_equal(anatomy.with_context(x[:1], 1)[:, 0, 0], [[0, 0, 0]])
-    # reversing the stack reverses the order of the neighbours, nothing else
-    np.testing.assert_array_equal(anatomy.with_context(x[::-1], 1)[::-1], anatomy.with_context(x, 1)[..., ::-1])
+    # a stack and its reverse give each slice the same input, whatever its pattern
+    r = np.random.default_rng(0).random((5, 4, 4)).astype(np.float32)
+    for s in (x, r):
+        np.testing.assert_array_equal(anatomy.with_context(s[::-1], 1)[::-1], anatomy.with_context(s, 1))
+    np.testing.assert_array_equal(np.sort(anatomy.with_context(r, 1)[1:-1, ..., ::2], -1),
+                                  np.sort(np.stack([r[:-2], r[2:]], -1), -1))
     with pytest.raises(ValueError, match="context"):
         AnatomyConfig(context=2)
 
@@ -354,9 +358,10 @@ def test_preprocess_and_slice_outputs(model):
     ev, probs = model.slice_outputs(jnp.asarray(x))
     assert ev.shape == (6, len(EVIDENCE)) and probs.shape == (6, 3)
     np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, atol=1e-5)
-    # the same as the ensemble's outputs on the model inputs of the stack
+    # the same as the ensemble's outputs on the model inputs of the stack, located by the first
+    # fold's net alone
     xin, _ = model_inputs(heart_stack(), (1.5, 1.5, 10.0), model.cfg, model.localise_size,
-                          lambda a: model.run(a)["lv"])
+                          lambda a: anatomy.outputs(model.ensemble.nets[0], a)["lv"])
     assert xin.shape == (6, 64, 64, 3) and 0 <= xin.min() and xin.max() <= 255
     o = model.run(xin)
     np.testing.assert_allclose(x, np.concatenate([o["evidence"], o["probs"]], 1), rtol=1e-5, atol=1e-5)

@@ -61,10 +61,11 @@ def training_arrays(stacks, cfg: AnatomyStage) -> dict:
                 y=np.concatenate(ys).astype(np.int32), stack_index=np.concatenate(si))
 
 
-def stack_outputs(stacks, cfg: AnatomyStage, run) -> list[dict]:
-    """The test-time pipeline of one model (run: grey inputs -> outputs dict) on whole stacks."""
+def stack_outputs(stacks, cfg: AnatomyStage, run, lv_map=None) -> list[dict]:
+    """The test-time pipeline of one model (run: model inputs -> outputs dict) on whole stacks;
+    lv_map: the localisation's LV maps (run's own by default; AnatomyModel.lv_map for the ensemble)."""
     xs, infos = batch_inputs([(st.images, st.spacing) for st in stacks], cfg.net(),
-                             cfg.localise_size, lambda a: run(a)["lv"])
+                             cfg.localise_size, lv_map or (lambda a: run(a)["lv"]))
     o = run(np.concatenate(xs))
     cut = np.cumsum([0] + [len(x) for x in xs])
     return [dict({k: v[cut[i]:cut[i + 1]] for k, v in o.items()}, x=xs[i],
@@ -203,7 +204,7 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
         return _run_cv_only(study, train_stacks, cv, epoch, tr, (train_pen, train_probs), run_dir,
                             t0, t1)
     te = _arrays(test_stacks)
-    test_out = stack_outputs(test_stacks, cfg, model.run)
+    test_out = stack_outputs(test_stacks, cfg, model.run, model.lv_map)
     test_pen = np.concatenate([o["evidence"] for o in test_out])
     test_probs = np.concatenate([o["probs"] for o in test_out])
     head = stack_head(d / "stack", cfg.stack, study.seed, tr, (train_pen, train_probs), te,
