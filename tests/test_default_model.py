@@ -29,28 +29,28 @@ from stackcls.phantom.render import render_subject
 ROOT = Path(__file__).resolve().parents[1]
 
 # the shipped model's predictions on the pinned phantom stack; a new model: paste the output of
-# `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 0-standin)
+# `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 1-acdc80)
 PINS = dict(
-    sha256='2b9f29e848edb22014cbcf01d0ba3786d45ac56f2e2fb1440df1c7262c6b1c5a',
-    labels='AAAAANNNNNNBBBB',
+    sha256='ad0b3007afc465e17da2b45a05e94d5c4a4ab1632f382d93f3cf321130b952e2',
+    labels='ANNNNNNNNNNNNNB',
     probabilities=[
-        [0.9986, 0.0014, 0.0],
-        [0.9995, 0.0003, 0.0002],
-        [0.9862, 0.0132, 0.0007],
-        [0.8168, 0.1825, 0.0007],
-        [0.5288, 0.4712, 0.0],
-        [0.4375, 0.5621, 0.0005],
-        [0.0046, 0.9954, 0.0],
+        [0.9721, 0.0279, 0.0],
+        [0.0751, 0.9249, 0.0],
+        [0.062, 0.938, 0.0],
+        [0.038, 0.962, 0.0],
         [0.0, 1.0, 0.0],
-        [0.0001, 0.9999, 0.0],
-        [0.0011, 0.9895, 0.0094],
-        [0.0001, 0.997, 0.0029],
-        [0.0235, 0.0916, 0.8849],
-        [0.0006, 0.0115, 0.988],
-        [0.0, 0.0012, 0.9988],
-        [0.001, 0.0007, 0.9983],
+        [0.0, 1.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 0.9999, 0.0],
+        [0.0001, 0.9999, 0.0001],
+        [0.0011, 0.9987, 0.0001],
+        [0.9058, 0.0188, 0.0754],
     ],
-    range_probability=0.0633,
+    range_probability=0.2347,
 )
 
 
@@ -232,6 +232,7 @@ def test_default_model_config_trains_on_every_acdc_patient():
         cfg = compose("default_model", overrides=["protocol.anatomy.epochs=30"])
     assert cfg.method == "anatomy" and cfg.data.name == "acdc" and cfg.data.test_size == 0
     assert cfg.protocol.name == "paper" and cfg.protocol.anatomy.epochs == 30
+    assert cfg.protocol.anatomy.context == 1                         # what the shipped model used
     assert cfg.export.path == str(pretrained.DEFAULT_DIR) and cfg.export.doc == str(DOC)
 
 
