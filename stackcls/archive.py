@@ -8,6 +8,7 @@ a series split over several folders is read as several partial series). No list 
 ever held: a unit is read when a reader is free for it, and at most 2 per reader are in flight.
 
     walk (main) -> read + preprocess (readers: threads of this process, or spawned processes)
+                -> [method=anatomy models: their networks, per stack, in this process]
                 -> buckets by stack length S
                 -> one device call per K stacks of one S (predict._compiled, batched; K = 1 on CPU)
                 -> predict.finish per stack -> one JSON line per stack (flushed)
@@ -16,7 +17,11 @@ Readers (`default_workers`): on up to 2 cores, `READ_THREADS` threads of this pr
 and XLA release the GIL, so reading overlaps the device; reader processes measured several times
 slower there, docs/scaling.md); on more cores, spawned processes. BLAS gets one thread (`_one_blas_thread`). Readers hand over each stack's
 preprocessed slices in one grey channel (`preprocess.grey_model_input`), copied into RGB inside
-the compiled call. Device calls are asynchronous: a call's stacks are written while the next runs.
+the compiled call. A method=anatomy model (the shipped default among them) preprocesses with its
+networks (resampling to its physical scale, localising the heart, segmenting every slice), so
+readers hand over the slices as read and this process runs the networks stack by stack; what
+reaches the buckets is then each slice's evidence and probabilities. Device calls are
+asynchronous: a call's stacks are written while the next runs.
 Units are taken in walk order, so the output is the same file whatever the timing.
 
 Output: one JSON line per stack (`unit`, `stack` and the `Prediction` fields, or `error`), and
@@ -114,8 +119,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- reading (workers)
 
-def read_unit(root: str, unit: Unit, size: int, keep: float) -> dict:
+def read_unit(root: str, unit: Unit, size: int | None, keep: float) -> dict:
     """Read and preprocess one unit (runs in a reader thread or process; imports no JAX).
+    size None: the slices are left as read (a model whose preprocessing runs networks).
 
     Returns dict(unit, stacks=[(key, StackInput with images (S, size, size) preprocessed)],
     errors=[(key, reason)], skipped=[(path, reason)], files, read_s, preprocess_s, rss_mb: the
@@ -143,7 +149,8 @@ def read_unit(root: str, unit: Unit, size: int, keep: float) -> dict:
         except ValueError as e:
             errors.append((key, str(e)))
             continue
-        w.images = grey_model_input(w.images, size, keep)   # RGB is grey x 3: made on the device
+        if size is not None:
+            w.images = grey_model_input(w.images, size, keep)   # RGB is grey x 3: made on the device
         stacks.append((key, w))
     n_files = (len(unit.files) if unit.kind == "dicom" else 1 if unit.kind == "nifti"
                else sum(1 for f in os.listdir(path) if is_nifti(f)))
@@ -258,13 +265,13 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
                     batch_slices: int | None = None, summary=None, progress: bool = True) -> dict:
     """Predict every stack under `root` into the JSONL file `out` (see the module docstring).
 
-    model: a run directory or a loaded `TrainedModel` (preprocessing is read from its
-    `input_size` and `config["keep"]`). workers: reader processes; 0: `READ_THREADS` reader
+    model: a run directory, a loaded `TrainedModel` (preprocessing is read from its
+    `input_size` and `config["keep"]`) or `AnatomyModel`, or None: the shipped default. workers: reader processes; 0: `READ_THREADS` reader
     threads in this process; None: `default_workers()`.
     batch_slices: slices per device call (K = max(1, batch_slices // S) stacks of length S;
     default `default_batch_slices()`).
     summary: the CSV path (default: `out` with .csv). Returns counts and timings."""
-    from stackcls.predict import MODES, _compiled, as_model, finish
+    from stackcls.predict import MODES, _compiled, _preprocess, as_model, finish
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -272,15 +279,14 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
     m = as_model(model)
-    if not hasattr(m, "model"):   # its preprocessing runs networks: not in reader processes
-        name = model if model is not None else "(the shipped default)"
-        raise ValueError(f"model {name}: archive mode (--out) takes models of method=paper (pass "
-                         f"--model RUN_DIR); a method=anatomy model, the shipped default among "
-                         f"them, predicts through `stackcls predict` without --out")
     if mode == "stack" and getattr(m, "stack_head", None) is None:
         raise ValueError(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
-    size, keep = int(m.input_size), float(m.config.get("keep", 0.6))
-    run, single = _compiled(m, mode, batched=True, grey=True), _compiled(m, mode, grey=True)
+    # a method=paper model's preprocessing is array work, done by the readers; a method=anatomy
+    # model's runs its networks, here, and hands the core per-slice outputs, not images
+    networks = not hasattr(m, "model")
+    size, keep = (None if networks else int(m.input_size)), float(m.config.get("keep", 0.6))
+    run, single = (_compiled(m, mode, batched=True, grey=not networks),
+                   _compiled(m, mode, grey=not networks))
     batch_slices = batch_slices or default_batch_slices()
     workers = default_workers() if workers is None else workers
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -352,6 +358,10 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
                 write(dict(unit=rel, stack=key, error=why))
                 counts["errors"] += 1
         for key, w in todo:
+            if networks:
+                t0 = time.perf_counter()
+                w.images = _preprocess(m, w.images, w.spacing)
+                t.device_s += time.perf_counter() - t0
             S = w.images.shape[0]
             buckets[S].append((rel, key, w))
             if len(buckets[S]) >= max(1, batch_slices // S):

@@ -146,6 +146,25 @@ def test_command_with_reader_processes(tree, run_dir, tmp_path, capsys):
     assert "--shard" in capsys.readouterr().err
 
 
+def test_the_shipped_anatomy_model_without_a_model_argument(tree, tmp_path, capsys):
+    """A method=anatomy model (the shipped default: its networks run in the main process, the
+    readers hand over the slices as read): the same predictions as predict_stack, and a resume."""
+    import stackcls
+    sub = tree / "site1" / "syn0001"
+    out = tmp_path / "a.jsonl"
+    assert main(["predict", str(sub), "--out", str(out)]) == 0
+    assert "2 stacks predicted" in capsys.readouterr().out
+    recs = {r["phase"]: r for r in stack_lines(out)}
+    model = stackcls.load_model()
+    for st in load_stacks(sub):
+        ref = predict_stack(st, model).to_dict()
+        got = recs[st.phase]
+        assert got["labels"] == ref["labels"] and got["in_range"] == ref["in_range"]
+        assert got["range_probability"] == pytest.approx(ref["range_probability"], abs=1e-5)
+        np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-5)
+    assert predict_archive(sub, None, out, workers=0, progress=False)["resumed"] == 2
+
+
 def test_default_workers_by_core_count(monkeypatch):
     """Reader threads in this process up to 2 cores, one reader process per spare core above."""
     for cpus, want in ((1, 0), (2, 0), (3, 2), (8, 7), (64, 8)):
