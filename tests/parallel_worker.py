@@ -40,6 +40,14 @@ def tiny_trainer(n=48):
 
 
 def devices(out: str) -> None:
+    # One core for XLA's thread pool. Simulated CPU devices run a collective's participants as
+    # tasks of that shared pool; on a 2-core machine the pool is smaller than the 4 participants,
+    # and a participant queued behind the ones blocked in the rendezvous never arrives (seen in CI:
+    # "only 3 of them arrived", an abort after 600 s). With a pool of one, each device's program
+    # runs its collectives on its own launcher thread.
+    import os
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     import jax
 
     from stackcls import parallel
