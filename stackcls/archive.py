@@ -266,8 +266,9 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
     """Predict every stack under `root` into the JSONL file `out` (see the module docstring).
 
     model: a run directory, a loaded `TrainedModel` (preprocessing is read from its
-    `input_size` and `config["keep"]`) or `AnatomyModel`, or None: the shipped default. workers: reader processes; 0: `READ_THREADS` reader
-    threads in this process; None: `default_workers()`.
+    `input_size` and `config["keep"]`) or `AnatomyModel`, or None: the shipped default.
+    workers: reader processes; 0: `READ_THREADS` reader threads in this process; None:
+    `default_workers()`.
     batch_slices: slices per device call (K = max(1, batch_slices // S) stacks of length S;
     default `default_batch_slices()`).
     summary: the CSV path (default: `out` with .csv). Returns counts and timings."""
