@@ -479,3 +479,20 @@ def test_study_rerun_resumes_without_training(anatomy_study, monkeypatch):
     again = run(study)
     assert without_timing(again) == without_timing(res)
     assert [f.stat().st_mtime_ns for f in done] == stamps and len(done) == 2
+
+
+@pytest.mark.slow
+def test_epochs_tool_reproduces_the_selected_epochs_test_row(anatomy_study):
+    from experiments.epochs import RunConfigMismatch, epoch_rows
+    _, run_dir, _ = anatomy_study
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    row = on_disk["depths"]["anatomy"]
+    rows = epoch_rows(run_dir, ANATOMY_STUDY + [f"run_dir={run_dir}"])
+    assert [r["epochs"] for r in rows] == [1, 2, "every slice IN"]
+    chosen = next(r for r in rows if r["epochs"] == row["selected"]["epochs"])
+    # the study's own test evaluation of the ensemble it selected is the reference
+    assert chosen["test_exact"] == pytest.approx(row["test"]["slice_ordered"]["exact_range_rate"])
+    assert chosen["val_exact"] == pytest.approx(row["selected"]["curve"][str(chosen["epochs"])], abs=1e-4)
+    assert rows[-1]["test_exact"] == pytest.approx(on_disk["trivial"]["all_in"]["exact_range_rate"])
+    with pytest.raises(RunConfigMismatch):       # another split is not this run's
+        epoch_rows(run_dir, ANATOMY_STUDY + ["protocol.synthetic_subjects.test=3", f"run_dir={run_dir}"])
