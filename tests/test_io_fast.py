@@ -120,6 +120,40 @@ def test_fast_parser_equals_pydicom_on_enhanced_layouts(tmp_path):
         _same(_outcome(f), _pydicom_only(f))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_mapped_files_read_as_read_files(tmp_path, monkeypatch):
+    """A file from dicom.MAP_MIN_BYTES is memory-mapped (its pixels views of the mapping), not
+    read: the same images or reasons either way, for classic, enhanced (defined and undefined
+    lengths), gzipped, pydicom-only (compressed, deflated, big endian) and truncated files, and
+    the same stacks from a scan."""
+    import gzip
+    classic = make_series(tmp_path / "c", n_slices=3, n_phases=3)
+    enhanced = to_enhanced(classic, tmp_path / "e" / "enh.dcm")
+    ds = pydicom.dcmread(enhanced)
+    _undefined_lengths(ds)
+    ds.save_as(tmp_path / "e" / "undefined.dcm", enforce_file_format=True)
+    with open(enhanced, "rb") as src, gzip.open(tmp_path / "e" / "enh.dcm.gz", "wb") as dst:
+        dst.write(src.read())
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(Path(enhanced).read_bytes()[:-100])
+    files = [*classic, enhanced, tmp_path / "e" / "undefined.dcm", tmp_path / "e" / "enh.dcm.gz",
+             cut, *PYDICOM_FILES]
+    mapped = []
+    real_map = dcm._map
+    monkeypatch.setattr(dcm, "_map", lambda f: mapped.append(r := real_map(f)) or r)
+    monkeypatch.setattr(dcm, "MAP_MIN_BYTES", 1 << 62)
+    read = [_outcome(f) for f in files]
+    scan_read = dcm.scan_dicom([str(f) for f in [*classic, enhanced]], phases="all",
+                               progress=False)[0]
+    assert not any(mapped)
+    monkeypatch.setattr(dcm, "MAP_MIN_BYTES", 0)
+    for f, want in zip(files, read):
+        _same(_outcome(f), want)
+    assert sum(m is not None for m in mapped) >= len(files) - 2  # empty files cannot be mapped
+    same_stacks(dcm.scan_dicom([str(f) for f in [*classic, enhanced]], phases="all",
+                               progress=False)[0], scan_read)
+
+
 def test_rescale_into_float32():
     """DicomSlice.image_into against the plain float32 arithmetic it stands for (astype, then
     times slope, plus intercept), bit for bit: signed zeros included (a stored 0 times a negative
@@ -218,6 +252,57 @@ def test_small_scans_stay_in_process(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(dcm.scan_dicom(files, progress=False)[0]) == 1
+
+
+def _bright_areas_by_the_definition(cine):
+    """estimate_es's threshold and per-phase areas as its docstring says, written plainly: the
+    whole-image disk mask, np.histogram, Otsu's cut by brute force over the 128 bins."""
+    T, S, H, W = cine.shape
+    yy, xx = np.mgrid[:H, :W]
+    disk = (yy - (H - 1) / 2) ** 2 + (xx - (W - 1) / 2) ** 2 <= (0.3 * min(H, W)) ** 2
+    vals = cine[..., disk]
+    hist, edges = np.histogram(vals.ravel(), bins=128)
+    centers = (edges[:-1] + edges[1:]) / 2
+    best, thr = -1.0, None
+    for k in range(len(hist)):  # between-class variance at each cut
+        w0, w1 = hist[:k + 1].sum(), hist[k + 1:].sum()
+        v = 0.0
+        if w0 and w1:
+            mu0 = (hist[:k + 1] * centers[:k + 1]).sum() / w0
+            mu1 = (hist[k + 1:] * centers[k + 1:]).sum() / w1
+            v = float(w0) * float(w1) * (mu0 - mu1) ** 2
+        if v > best:
+            best, thr = v, centers[k]
+    return thr, (vals > thr).reshape(T, -1).sum(axis=1)
+
+
+def test_es_areas_equal_their_definition():
+    """estimate_es's threshold and bright areas (cropped disk; with integer values one count table
+    for both) against the plain definition: integer cines (narrow, negative, wider than a count
+    table, values on the cut) read both ways, and float cines; and the phase chosen."""
+    from stackcls.io.geometry import _bright_areas, estimate_es
+    rng = np.random.default_rng(3)
+    for k in range(40):
+        T, S, H, W = int(rng.integers(3, 12)), int(rng.integers(2, 10)), int(rng.integers(5, 40)), \
+            int(rng.integers(5, 40))
+        top = [300, 4000, 65_535, 1 << 26][k % 4]
+        cine = rng.integers(-top // 8 if k % 3 == 0 else 0, top, (T, S, H, W)).astype(np.float32)
+        yy, xx = np.mgrid[:H, :W]
+        for t in range(T):  # a bright pool whose radius changes with the phase, as in a cine
+            r = min(H, W) * (0.1 + 0.15 * rng.random())
+            cine[t, :, (yy - H / 2) ** 2 + (xx - W / 2) ** 2 <= r * r] += top
+        if k % 5 == 1:  # odd values 1..255 and 0, 256 in 128 bins: values on the cut (odd centres)
+            cine = np.minimum(np.round(cine * (128 / cine.max())) * 2 + 1, 255)
+            cine[0, 0, H // 2, W // 2], cine[-1, -1, H // 2, W // 2] = 0, 256  # in the disk
+        noisy = cine + rng.normal(0, 0.3, cine.shape).astype(np.float32)
+        for c, integers in ((cine, True), (cine, False), (noisy, False)):
+            thr, area = _bright_areas_by_the_definition(c)
+            ours = _bright_areas(c, integers)
+            assert ours[0] == thr, k
+            np.testing.assert_array_equal(ours[1], area, err_msg=str(k))
+        lo, hi = S // 3, max(S // 3 + 1, (2 * S + 2) // 3)
+        want = 1 + int(np.argmin(_bright_areas_by_the_definition(cine[:, lo:hi])[1][1:]))
+        assert estimate_es(cine, integers=True)[0] == estimate_es(cine)[0] == want, k
 
 
 def test_integer_histogram_equals_numpy():

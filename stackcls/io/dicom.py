@@ -36,7 +36,7 @@ from stackcls.io import dicom_enhanced as enh
 from stackcls.io import dicom_fast
 from stackcls.io import dicom_header as hdr
 from stackcls.io.errors import StackReadError
-from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
+from stackcls.io.geometry import apex_to_base, estimate_es, middle_slices, resolve_phases
 from stackcls.io.limits import StackBudget, check_file, decoded_bytes, max_stack_bytes, mb
 from stackcls.progress import bar as tqdm
 from stackcls.stack import Stack
@@ -52,6 +52,12 @@ POOL_SAMPLE = 24         # files read here first, timed, to choose between this 
 POOL_SLOW_FILE_S = 0.002  # CPU seconds per file from which workers pay (see _read_in_pool)
 MAX_WORKERS = 8
 _CHUNK = 1 << 22
+# A file from this size is memory-mapped, not read: its pixels are then views of the page cache,
+# neither copied into a fresh buffer nor into the scan's PixelStore (an enhanced cine file is a few
+# MB; reading the enhanced phantom cohort's 57 MB cost ~15 ms plus ~11 ms of copying, mapping it
+# ~1.5 ms). Smaller files, most classic single-frame images, are read as before: thousands of
+# small mappings held through a scan would approach the kernel's limit on mappings.
+MAP_MIN_BYTES = 1 << 20
 
 # Decoder hints by transfer syntax, for a broken install: the decoders are dependencies (pyproject;
 # docs/io.md lists them with their licences). pydicom decodes uncompressed, RLE and deflate itself.
@@ -161,6 +167,23 @@ def _native_syntax(ts) -> bool:
     return not ts.is_compressed and ts.is_little_endian
 
 
+def _map(f) -> "mmap.mmap | None":
+    """The open file `f` mapped read-only (MAP_MIN_BYTES or more), None to read it instead: a
+    small file, or a mapping refused (no mmap on this file system, the kernel's mapping limit).
+    Like nibabel's memory-mapped NIfTI, a file truncated by another program while its scan runs
+    ends the process (SIGBUS) rather than reading changed bytes."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        if size < MAP_MIN_BYTES:
+            return None
+        if hasattr(mmap, "MAP_POPULATE"):  # Linux: the pages mapped at once, not fault by fault
+            return mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                             prot=mmap.PROT_READ)
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+
+
 def _gunzip(path: str, raw: bytes) -> bytes:
     """A gzipped file (.dcm.gz, one or more gzip members) inflated in bounded chunks, the inflated
     size checked against the per-file limit as it grows: a small .gz cannot become a huge file."""
@@ -207,9 +230,13 @@ def read_images(path, budget: StackBudget | None = None, pixels: bool = True,
     # then reads what is there, where a file object would first allocate the length it claims
     # (1.6 GB for one byte flipped in the meta group, found by tests/test_fuzz.py)
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = _map(f)
+        if raw is None:
+            raw = f.read()
     if raw[:2] == GZIP_MAGIC:
         raw = _gunzip(path, raw)
+    if isinstance(raw, mmap.mmap):
+        keep = None  # the pixels are views of the mapping: no file bytes of ours to drop
     fast = dicom_fast.parse(raw)
     if fast is not None:
         # any failure is read again by pydicom below, which then gives the result or the reason
@@ -428,144 +455,205 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
                      np.float32)
     arena_used = 0
     for group in _groups(slices):
-        g0 = group[0]
-        normal = g0.normal
-        several = len(echoes[(g0.subject, g0.study, g0.group)]) > 1
-        where = (f"series {g0.group} of {g0.subject}"
-                 + (f" ({g0.kind.lower()} images)" if g0.kind != enh.MAGNITUDE else "")
-                 + (f" ({g0.echo})" if several and g0.echo else ""))
-        along = {}  # one product per position array (check() shares it across the phases)
-        d = np.array([along[id(s.ipp)] if id(s.ipp) in along else
-                      along.setdefault(id(s.ipp), float(s.ipp @ normal)) for s in group])
-        # cluster positions along the normal: a new position where the gap to the previous image in
-        # position order exceeds the tolerance
-        order = np.argsort(d, kind="stable")
-        d_sorted = d[order]
-        new = np.empty(len(d), bool)
-        new[0] = True
-        new[1:] = np.diff(d_sorted) > POSITION_TOL_MM
-        pos_id = np.empty(len(group), dtype=int)
-        pos_id[order] = np.cumsum(new) - 1
-        bounds = [*np.flatnonzero(new), len(d)]
-        centers = np.array([np.mean(d_sorted[a:b]) for a, b in zip(bounds, bounds[1:])])
-        if len(centers) < 2:
-            for s in group:
-                skipped.append((s.source, f"single-slice series: {where} has {len(group)} image(s), all "
-                                        f"at one position ({centers[0]:.2f} mm along the normal); a "
-                                        "stack needs at least 2 slice positions"))
+        ser = _plan(group, echoes, skipped, warns)
+        if ser is None:
             continue
-        use_trigger = all(s.trigger is not None for s in group)
-        at_pos = defaultdict(list)
-        for s, p in zip(group, pos_id):
-            at_pos[int(p)].append(s)
-        timeline = {}
-        for p, items in at_pos.items():
-            kept, dups = _phase_order(items, use_trigger)
-            for s, prev in dups:
-                why = (f"trigger time {s.trigger:g} ms" if use_trigger
-                       else f"{s.order_tag} {s.instance}")
-                skipped.append((s.source, f"duplicate: same position ({centers[p]:.2f} mm) and {why} "
-                                          f"as {prev.source} in {where}; kept that one"))
-            timeline[p] = kept
-        n_phases = max(len(v) for v in timeline.values())
-        grid = n_phases * len(centers) * g0.shape[0] * g0.shape[1] * 4  # the (T, S, H, W) cine
-        if grid > (limit := max_stack_bytes()):  # a sparse grid: few files, a huge cine
-            for s in (s for items in timeline.values() for s in items):  # duplicates: said above
-                skipped.append((s.source, f"{where}: {n_phases} phases x {len(centers)} positions of "
-                                        f"{g0.shape[0]} x {g0.shape[1]} need {mb(grid)} as a cine, "
-                                        f"over the per-stack limit of {mb(limit)} (set "
-                                        "STACKCLS_MAX_STACK_MB to raise it): the series is skipped"))
-            continue
-        meta_warn = []
-        if not g0.series:
-            msg = (f"{where}: grouped by folder, SeriesNumber, SeriesDescription and orientation; "
-                   "two series sharing all four would be merged")
-            meta_warn.append(msg)
-            warns.append(msg)
-        if not use_trigger and n_phases > 1:
-            msg = f"{where}: TriggerTime missing, cine phases ordered by {g0.order_tag}"
-            meta_warn.append(msg)
-            warns.append(msg)
-        counts = {len(v) for v in timeline.values()}
-        if len(counts) > 1:
-            msg = (f"{where}: positions have different phase counts {sorted(counts)}; phases are "
-                   "matched by their rank in time, some slices are missing from some phases")
-            meta_warn.append(msg)
-            warns.append(msg)
-        ab_order, ab_pos, known, note = apex_to_base(normal, centers)
-        rank = np.empty(len(centers), dtype=int)
-        rank[ab_order] = np.arange(len(centers))  # position cluster -> apex-to-base rank
-        # cine array (T, S, H, W) for ES estimation; missing slices are NaN-free zeros
-        H, W = g0.shape
-        cine = None
-        subject_es = es.get(g0.subject) if isinstance(es, dict) else es
+        n_phases, (H, W) = ser.n_phases, ser.g0.shape
+        subject_es = es.get(ser.g0.subject) if isinstance(es, dict) else es
         if subject_es is not None:
             es_t = int(subject_es)
-            es_how = "given by the caller" if not isinstance(es, dict) else "given by the labels CSV"
+            es_how = "given by the labels CSV" if isinstance(es, dict) else "given by the caller"
             if not 0 <= es_t < n_phases:
-                msg = f"{where}: ES frame {es_t} is outside the {n_phases} phases; ES not loaded"
-                warns.append(msg)
+                warns.append(f"{ser.where}: ES frame {es_t} is outside the {n_phases} phases; ES "
+                             "not loaded")
                 es_t = -1
+        elif phases == "all" and n_phases > 2:
+            # the cine (T, S, H, W): every phase's stack, and the ES estimate; missing slices are
+            # zeros
+            size = n_phases * len(ser.centers) * H * W
+            if arena_used + size <= arena.size:
+                ser.cine = arena[arena_used:arena_used + size].reshape(n_phases, -1, H, W)
+                arena_used += size
+            else:
+                ser.cine = np.empty((n_phases, len(ser.centers), H, W), np.float32)
+            es_t, es_how = _fill_and_estimate(ser.cine, ser.timeline, ser.rank)
+        elif "ES" in _as_tuple(phases) and n_phases > 2:
+            # only the slices the estimate reads: the stacks are made from their own images
+            lo, hi = middle_slices(len(ser.centers))
+            mid = np.empty((n_phases, hi - lo, H, W), np.float32)
+            es_t, es_how = _fill_and_estimate(mid, ser.timeline, ser.rank - lo, len(ser.centers))
         else:
-            want = phases == "all" or "ES" in ((phases,) if isinstance(phases, str) else phases)
-            if want and n_phases > 2:
-                size = n_phases * len(centers) * H * W
-                if arena_used + size <= arena.size:
-                    cine = arena[arena_used:arena_used + size].reshape(n_phases, len(centers), H, W)
-                    arena_used += size
-                else:
-                    cine = np.empty((n_phases, len(centers), H, W), np.float32)
-                for p, items in timeline.items():
-                    for t, s in enumerate(items):
-                        s.image_into(cine[t, rank[p]])
-                    cine[len(items):, rank[p]] = 0
-                es_t, es_how = estimate_es(cine, integers=all(
-                    s.stored.dtype.kind in "iu" and s.slope == 1 and s.intercept == 0
-                    for items in timeline.values() for s in items))
-            else:
-                es_t, es_how = estimate_es(np.zeros((n_phases, 1, 1, 1), np.float32))
-        if n_phases == 1:
-            es_t = -1
-            es_how = "single-phase series: no ES"
-        for t, name in resolve_phases(phases, n_phases, es_t):
-            sl = sorted(((rank[p], items[t]) for p, items in timeline.items() if t < len(items)),
-                        key=lambda x: x[0])
-            if len(sl) < 2:
-                for _, s in sl:
-                    skipped.append((s.source, f"{where}: phase {t} has a single slice"))
-                continue
-            ranks = [int(r) for r, _ in sl]
-            ss = [s for _, s in sl]
-            pos = np.array([ab_pos[r] for r in ranks])
-            gaps = np.diff(ab_pos)
-            spacing = (ss[0].pixel_spacing[0], ss[0].pixel_spacing[1],
-                       float(np.median(gaps)) if len(gaps) else (ss[0].thickness or float("nan")))
-            meta = dict(
-                format="dicom", series_uid=g0.series, study_uid=g0.study,
-                series_description=g0.series_description, normal=[float(x) for x in normal],
-                orientation=note, n_phases=n_phases, es_frame=es_t if es_t >= 0 else None,
-                es_source=es_how, phase_source="TriggerTime" if use_trigger else g0.order_tag,
-                trigger_time=ss[0].trigger, thickness=ss[0].thickness, warnings=list(meta_warn),
-                image_type=g0.kind,
-            )
-            if several:
-                meta["echo"] = g0.echo
-            if len(ranks) < len(centers):
-                meta["warnings"].append(f"phase {t}: {len(centers) - len(ranks)} slice(s) missing")
-            if cine is not None and len(ranks) == len(centers):
-                # the cine holds this phase in rank order already: all phases kept share its
-                # memory, a few are copied out so the cine can go
-                images = cine[t] if phases == "all" else cine[t].copy()
-            else:
-                images = np.empty((len(ss), H, W), np.float32)
-                for i, s in enumerate(ss):
-                    s.image_into(images[i])
-            stacks.append(Stack(
-                images=images, sources=[s.source for s in ss],
-                subject=g0.subject, phase=name, slice_ids=ranks, frame=t, positions=pos,
-                spacing=spacing, orientation_known=known, meta=meta,
-            ))
+            es_t, es_how = estimate_es(np.zeros((n_phases, 1, 1, 1), np.float32))
+        _add_stacks(ser, phases, es_t, es_how, stacks, skipped)
     return stacks, skipped, warns
+
+
+@dataclasses.dataclass
+class _Series:
+    """One group of slices on its way to stacks: what grouping them by position and time found."""
+
+    g0: DicomSlice
+    where: str           # how messages name it
+    several: bool        # its series has several echoes: stacks name theirs
+    centers: np.ndarray  # slice positions along the normal, one per position cluster
+    timeline: dict       # position cluster -> its images in time order
+    n_phases: int
+    use_trigger: bool
+    meta_warn: list
+    ab_pos: np.ndarray   # positions in mm, apex to base
+    known: bool          # apex end known from geometry
+    note: str
+    rank: np.ndarray     # position cluster -> apex-to-base rank
+    cine: np.ndarray | None = None  # every phase, when all are kept
+
+
+def _plan(group: list[DicomSlice], echoes, skipped: list, warns: list) -> _Series | None:
+    """A group's positions and phases, or None (reasons in `skipped`) when it makes no stack."""
+    g0 = group[0]
+    normal = g0.normal
+    several = len(echoes[(g0.subject, g0.study, g0.group)]) > 1
+    where = (f"series {g0.group} of {g0.subject}"
+             + (f" ({g0.kind.lower()} images)" if g0.kind != enh.MAGNITUDE else "")
+             + (f" ({g0.echo})" if several and g0.echo else ""))
+    along = {}  # one product per position array (check() shares it across the phases)
+    d = np.array([along[id(s.ipp)] if id(s.ipp) in along else
+                  along.setdefault(id(s.ipp), float(s.ipp @ normal)) for s in group])
+    # cluster positions along the normal: a new position where the gap to the previous image in
+    # position order exceeds the tolerance
+    order = np.argsort(d, kind="stable")
+    d_sorted = d[order]
+    new = np.empty(len(d), bool)
+    new[0] = True
+    new[1:] = np.diff(d_sorted) > POSITION_TOL_MM
+    pos_id = np.empty(len(group), dtype=int)
+    pos_id[order] = np.cumsum(new) - 1
+    bounds = [*np.flatnonzero(new), len(d)]
+    # each the mean of its cluster, as np.mean sums and divides it (~5x less overhead)
+    centers = np.array([d_sorted[a:b].sum() / (b - a) for a, b in zip(bounds, bounds[1:])])
+    if len(centers) < 2:
+        for s in group:
+            skipped.append((s.source, f"single-slice series: {where} has {len(group)} image(s), "
+                                      f"all at one position ({centers[0]:.2f} mm along the "
+                                      "normal); a stack needs at least 2 slice positions"))
+        return None
+    use_trigger = all(s.trigger is not None for s in group)
+    at_pos = defaultdict(list)
+    for s, p in zip(group, pos_id):
+        at_pos[int(p)].append(s)
+    timeline = {}
+    for p, items in at_pos.items():
+        kept, dups = _phase_order(items, use_trigger)
+        for s, prev in dups:
+            why = (f"trigger time {s.trigger:g} ms" if use_trigger
+                   else f"{s.order_tag} {s.instance}")
+            skipped.append((s.source, f"duplicate: same position ({centers[p]:.2f} mm) and {why} "
+                                      f"as {prev.source} in {where}; kept that one"))
+        timeline[p] = kept
+    n_phases = max(len(v) for v in timeline.values())
+    grid = n_phases * len(centers) * g0.shape[0] * g0.shape[1] * 4  # the (T, S, H, W) cine
+    if grid > (limit := max_stack_bytes()):  # a sparse grid: few files, a huge cine
+        for s in (s for items in timeline.values() for s in items):  # duplicates: said above
+            skipped.append((s.source, f"{where}: {n_phases} phases x {len(centers)} positions of "
+                                    f"{g0.shape[0]} x {g0.shape[1]} need {mb(grid)} as a cine, "
+                                    f"over the per-stack limit of {mb(limit)} (set "
+                                    "STACKCLS_MAX_STACK_MB to raise it): the series is skipped"))
+        return None
+    meta_warn = []
+    if not g0.series:
+        msg = (f"{where}: grouped by folder, SeriesNumber, SeriesDescription and orientation; "
+               "two series sharing all four would be merged")
+        meta_warn.append(msg)
+        warns.append(msg)
+    if not use_trigger and n_phases > 1:
+        msg = f"{where}: TriggerTime missing, cine phases ordered by {g0.order_tag}"
+        meta_warn.append(msg)
+        warns.append(msg)
+    counts = {len(v) for v in timeline.values()}
+    if len(counts) > 1:
+        msg = (f"{where}: positions have different phase counts {sorted(counts)}; phases are "
+               "matched by their rank in time, some slices are missing from some phases")
+        meta_warn.append(msg)
+        warns.append(msg)
+    ab_order, ab_pos, known, note = apex_to_base(normal, centers)
+    rank = np.empty(len(centers), dtype=int)
+    rank[ab_order] = np.arange(len(centers))  # position cluster -> apex-to-base rank
+    return _Series(g0, where, several, centers, timeline, n_phases, use_trigger, meta_warn, ab_pos,
+                   known, note, rank)
+
+
+def _add_stacks(ser: "_Series", phases, es_t: int, es_how: str, stacks: list,
+                skipped: list) -> None:
+    """The series' stacks, the phases asked for, appended to `stacks`."""
+    g0, where, timeline, rank, centers, cine = (ser.g0, ser.where, ser.timeline, ser.rank,
+                                                ser.centers, ser.cine)
+    n_phases, ab_pos, normal, H, W = ser.n_phases, ser.ab_pos, g0.normal, *g0.shape
+    if n_phases == 1:
+        es_t = -1
+        es_how = "single-phase series: no ES"
+    for t, name in resolve_phases(phases, n_phases, es_t):
+        sl = sorted(((rank[p], items[t]) for p, items in timeline.items() if t < len(items)),
+                    key=lambda x: x[0])
+        if len(sl) < 2:
+            for _, s in sl:
+                skipped.append((s.source, f"{where}: phase {t} has a single slice"))
+            continue
+        ranks = [int(r) for r, _ in sl]
+        ss = [s for _, s in sl]
+        pos = np.array([ab_pos[r] for r in ranks])
+        gaps = np.diff(ab_pos)
+        spacing = (ss[0].pixel_spacing[0], ss[0].pixel_spacing[1],
+                   float(np.median(gaps)) if len(gaps) else (ss[0].thickness or float("nan")))
+        meta = dict(
+            format="dicom", series_uid=g0.series, study_uid=g0.study,
+            series_description=g0.series_description, normal=[float(x) for x in normal],
+            orientation=ser.note, n_phases=n_phases, es_frame=es_t if es_t >= 0 else None,
+            es_source=es_how, phase_source="TriggerTime" if ser.use_trigger else g0.order_tag,
+            trigger_time=ss[0].trigger, thickness=ss[0].thickness, warnings=list(ser.meta_warn),
+            image_type=g0.kind,
+        )
+        if ser.several:
+            meta["echo"] = g0.echo
+        if len(ranks) < len(centers):
+            meta["warnings"].append(f"phase {t}: {len(centers) - len(ranks)} slice(s) missing")
+        if cine is not None and len(ranks) == len(centers):
+            images = cine[t]  # every phase kept: the stacks share the cine's memory
+        else:
+            images = np.empty((len(ss), H, W), np.float32)
+            for i, s in enumerate(ss):
+                s.image_into(images[i])
+        stacks.append(Stack(
+            images=images, sources=[s.source for s in ss],
+            subject=g0.subject, phase=name, slice_ids=ranks, frame=t, positions=pos,
+            spacing=spacing, orientation_known=ser.known, meta=meta,
+        ))
+
+
+def _fill_and_estimate(cine: np.ndarray, timeline: dict, rank: np.ndarray,
+                       n_slices: int | None = None) -> tuple[int, str]:
+    """Fill cine[t, rank[p]] with the images at position p in time order (zeros after its last)
+    and estimate ES from it. n_slices: the cine holds the middle slices of that many (see
+    estimate_es), and positions whose rank falls outside it are left out."""
+    S = cine.shape[1]
+    for p, items in timeline.items():
+        r = rank[p]
+        if 0 <= r < S:
+            for t, s in enumerate(items):
+                s.image_into(cine[t, r])
+            cine[len(items):, r] = 0
+    return estimate_es(cine, n_slices=n_slices, integers=all(
+        s.stored.dtype.kind in "iu" and s.slope == 1 and s.intercept == 0
+        for items in timeline.values() for s in items))
+
+
+def _usable_cores() -> int:
+    try:
+        return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    except AttributeError:  # not Linux
+        return min(os.cpu_count() or 1, MAX_WORKERS)
+
+
+def _as_tuple(phases) -> tuple:
+    return (phases,) if isinstance(phases, (str, int)) else tuple(phases)
 
 
 class PixelStore:
@@ -631,10 +719,7 @@ def _pool_size(files: list[str], workers: int | None) -> int:
     if workers is None:
         if len(files) < POOL_MIN_FILES:
             return 1
-        try:
-            workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
-        except AttributeError:  # not Linux
-            workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        workers = _usable_cores()
     threads = [t for t in threading.enumerate()
                if t is not threading.main_thread() and t.name != "tqdm_monitor"]
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods() or threads \

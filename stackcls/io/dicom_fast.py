@@ -355,7 +355,7 @@ def _items(raw: bytes, p: int, end: int, implicit: bool, depth: int, bound: int 
             # same start, same bytes up to the delimiter: look up by the first bytes, then compare
             key = (implicit, depth, raw[start:start + 32])
             for seen, ds in memo.get(key, ()):
-                if raw.startswith(seen, start) and start + len(seen) <= end:
+                if start + len(seen) <= end and raw[start:start + len(seen)] == seen:
                     items.append(ds)
                     p = start + len(seen)
                     break
