@@ -309,6 +309,10 @@ def _decode(path: str, ds) -> np.ndarray:
     return arr.reshape(frames, *shape)
 
 
+_FRAME_CHECKS = (hdr.geometry, hdr.rescale, hdr.trigger_time, enh.temporal_index, enh.image_kind,
+                 hdr.echo, hdr.thickness)
+
+
 def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
                          pixels: bool = True, into: np.ndarray | None = None,
                          keep: "PixelStore | None" = None) -> list[DicomSlice]:
@@ -336,14 +340,20 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
     inst = ds.get("InstanceNumber")
     inst = None if inst in (None, "") else int(inst)
     heads, frame_memo = [], {}
+    varying = enh.varying_tags(views) if multi else None
+    fixed = set() if varying is None else {  # checks whose value is the same for every frame
+        fn for fn in _FRAME_CHECKS if varying.isdisjoint(dicom_fast.tags_of(fn.reads))}
 
     def check(fn, v, *where):
         """fn(*where, v), computed once for the images that read `fn.reads` from the same sources:
-        the same elements of one multi-frame file (FrameView.sources), or the same bytes in any
-        file read by dicom_fast (FastDataset.sources; the position repeats at every phase, the
-        orientation and rescale in every file of a series). A check that raises is not kept, so
-        the first image raising still ends its file."""
-        if not hasattr(v, "sources") or (key := v.sources(fn.reads)) is None:
+        the same elements of one multi-frame file (FrameView.sources; once for the file when no
+        frame holds any of them in its own groups), or the same bytes in any file read by
+        dicom_fast (FastDataset.sources; the position repeats at every phase, the orientation and
+        rescale in every file of a series). A check that raises is not kept, so the first image
+        raising still ends its file."""
+        if fn in fixed:
+            key = None
+        elif not hasattr(v, "sources") or (key := v.sources(fn.reads)) is None:
             return fn(*where, v)
         memo = frame_memo if multi else _checked
         key = (fn, key)

@@ -63,7 +63,8 @@ class FrameView:
         self.file_meta = getattr(ds, "file_meta", None)
         self._ds = ds
         self._fast = isinstance(ds, FastDataset)
-        self._own = {**shared, **_index(per_frame_item)}
+        self._frame_index = _index(per_frame_item)
+        self._own = {**shared, **self._frame_index}
 
     def _find(self, key):
         if self._fast:
@@ -140,6 +141,18 @@ def frame_views(path: str, ds) -> list[FrameView]:
     shared = ds.get("SharedFunctionalGroupsSequence")
     shared_index = _index(shared[0] if shared else None)
     return [FrameView(ds, item, shared_index) for item in per_frame]
+
+
+def varying_tags(views: list[FrameView]) -> set | None:
+    """The tags that some frame holds in its own functional groups: a value read from any other
+    tag (in the shared groups or the file's top level) is the same for every frame. None for a
+    pydicom dataset, read without the tag index."""
+    if not views or not views[0]._fast:
+        return None
+    out = set()
+    for v in views:
+        out.update(v._frame_index)
+    return out
 
 
 def temporal_index(view) -> int | None:
