@@ -36,7 +36,8 @@ from stackcls.io import dicom_enhanced as enh
 from stackcls.io import dicom_fast
 from stackcls.io import dicom_header as hdr
 from stackcls.io.errors import StackReadError
-from stackcls.io.geometry import apex_to_base, estimate_es, middle_slices, resolve_phases
+from stackcls.io.geometry import (MAX_COUNT_BINS, apex_to_base, es_disk, estimate_es,
+                                  estimate_es_from_counts, middle_slices, resolve_phases)
 from stackcls.io.limits import StackBudget, check_file, decoded_bytes, max_stack_bytes, mb
 from stackcls.progress import bar as tqdm
 from stackcls.stack import Stack
@@ -58,6 +59,7 @@ _CHUNK = 1 << 22
 # ~1.5 ms). Smaller files, most classic single-frame images, are read as before: thousands of
 # small mappings held through a scan would approach the kernel's limit on mappings.
 MAP_MIN_BYTES = 1 << 20
+STACK_CHUNK = 16 << 20  # the stacks' images are cut from buffers this large (PixelStore)
 
 # Decoder hints by transfer syntax, for a broken install: the decoders are dependencies (pyproject;
 # docs/io.md lists them with their licences). pydicom decodes uncompressed, RLE and deflate itself.
@@ -464,6 +466,8 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
     arena = np.empty(sum(s.shape[0] * s.shape[1] for s in slices) if phases == "all" else 0,
                      np.float32)
     arena_used = 0
+    scratch = [np.empty(0, np.intp)]  # _stored_es's
+    images = PixelStore(STACK_CHUNK)  # the other stacks' images
     for group in _groups(slices):
         ser = _plan(group, echoes, skipped, warns)
         if ser is None:
@@ -478,23 +482,22 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
                              "not loaded")
                 es_t = -1
         elif phases == "all" and n_phases > 2:
-            # the cine (T, S, H, W): every phase's stack, and the ES estimate; missing slices are
-            # zeros
+            # the cine (T, S, H, W): every phase's stack; missing slices are zeros
             size = n_phases * len(ser.centers) * H * W
             if arena_used + size <= arena.size:
                 ser.cine = arena[arena_used:arena_used + size].reshape(n_phases, -1, H, W)
                 arena_used += size
             else:
                 ser.cine = np.empty((n_phases, len(ser.centers), H, W), np.float32)
-            es_t, es_how = _fill_and_estimate(ser.cine, ser.timeline, ser.rank)
+            _fill_cine(ser.cine, ser.timeline, ser.rank)
+            es_t, es_how = _stored_es(ser, scratch) or estimate_es(ser.cine, integers=_integers(ser))
         elif "ES" in _as_tuple(phases) and n_phases > 2:
-            # only the slices the estimate reads: the stacks are made from their own images
-            lo, hi = middle_slices(len(ser.centers))
-            mid = np.empty((n_phases, hi - lo, H, W), np.float32)
-            es_t, es_how = _fill_and_estimate(mid, ser.timeline, ser.rank - lo, len(ser.centers))
+            # the stacks are made from their own images: the estimate needs no cine when it can
+            # count stored values, else only the middle slices it reads
+            es_t, es_how = _stored_es(ser, scratch) or _middle_es(ser)
         else:
             es_t, es_how = estimate_es(np.zeros((n_phases, 1, 1, 1), np.float32))
-        _add_stacks(ser, phases, es_t, es_how, stacks, skipped)
+        _add_stacks(ser, phases, es_t, es_how, stacks, skipped, images)
     return stacks, skipped, warns
 
 
@@ -592,7 +595,7 @@ def _plan(group: list[DicomSlice], echoes, skipped: list, warns: list) -> _Serie
 
 
 def _add_stacks(ser: "_Series", phases, es_t: int, es_how: str, stacks: list,
-                skipped: list) -> None:
+                skipped: list, store: PixelStore) -> None:
     """The series' stacks, the phases asked for, appended to `stacks`."""
     g0, where, timeline, rank, centers, cine = (ser.g0, ser.where, ser.timeline, ser.rank,
                                                 ser.centers, ser.cine)
@@ -628,7 +631,7 @@ def _add_stacks(ser: "_Series", phases, es_t: int, es_how: str, stacks: list,
         if cine is not None and len(ranks) == len(centers):
             images = cine[t]  # every phase kept: the stacks share the cine's memory
         else:
-            images = np.empty((len(ss), H, W), np.float32)
+            images = store.empty((len(ss), H, W), np.float32)
             for i, s in enumerate(ss):
                 s.image_into(images[i])
         stacks.append(Stack(
@@ -638,11 +641,9 @@ def _add_stacks(ser: "_Series", phases, es_t: int, es_how: str, stacks: list,
         ))
 
 
-def _fill_and_estimate(cine: np.ndarray, timeline: dict, rank: np.ndarray,
-                       n_slices: int | None = None) -> tuple[int, str]:
-    """Fill cine[t, rank[p]] with the images at position p in time order (zeros after its last)
-    and estimate ES from it. n_slices: the cine holds the middle slices of that many (see
-    estimate_es), and positions whose rank falls outside it are left out."""
+def _fill_cine(cine: np.ndarray, timeline: dict, rank: np.ndarray) -> None:
+    """cine[t, rank[p]] = the images at position p in time order, zeros after its last; positions
+    whose rank falls outside the cine are left out."""
     S = cine.shape[1]
     for p, items in timeline.items():
         r = rank[p]
@@ -650,9 +651,60 @@ def _fill_and_estimate(cine: np.ndarray, timeline: dict, rank: np.ndarray,
             for t, s in enumerate(items):
                 s.image_into(cine[t, r])
             cine[len(items):, r] = 0
-    return estimate_es(cine, n_slices=n_slices, integers=all(
-        s.stored.dtype.kind in "iu" and s.slope == 1 and s.intercept == 0
-        for items in timeline.values() for s in items))
+
+
+def _integers(ser: _Series) -> bool:
+    return all(s.stored.dtype.kind in "iu" and s.slope == 1 and s.intercept == 0
+               for items in ser.timeline.values() for s in items)
+
+
+def _middle_es(ser: _Series) -> tuple[int, str]:
+    """estimate_es from a cine of only the middle slices it reads."""
+    S, (H, W) = len(ser.centers), ser.g0.shape
+    lo, hi = middle_slices(S)
+    mid = np.empty((ser.n_phases, hi - lo, H, W), np.float32)
+    _fill_cine(mid, ser.timeline, ser.rank - lo)
+    return estimate_es(mid, integers=_integers(ser), n_slices=S)
+
+
+def _stored_es(ser: _Series, scratch: list) -> tuple[int, str] | None:
+    """estimate_es of the series' cine, counted from the stored integer values of the disks it
+    reads, nothing converted: each distinct stored value is rescaled once, as image_into rescales
+    it, and a phase missing at a position counts as that many zeros, as in the cine. None where
+    that does not apply: float stored values, more than one rescale among those images, a range
+    of values too wide to count in a table. scratch: [a buffer reused by the scan's series], so
+    that each does not fault in fresh pages (~3 us a page on a VM, most of this otherwise)."""
+    S, (H, W), T = len(ser.centers), ser.g0.shape, ser.n_phases
+    lo, hi = middle_slices(S)
+    mid = [(ser.rank[p] - lo, items) for p, items in ser.timeline.items() if lo <= ser.rank[p] < hi]
+    s0 = mid[0][1][0]
+    if any(s.stored.dtype.kind not in "iu" or s.slope != s0.slope or s.intercept != s0.intercept
+           for _, items in mid for s in items):
+        return None
+    (rows, cols), disk = es_disk(H, W)
+    shape = (T, hi - lo, int(disk.sum()))
+    if scratch[0].size < np.prod(shape):
+        scratch[0] = np.empty(int(np.prod(shape)), np.intp)
+    values_at = scratch[0][:np.prod(shape)].reshape(shape)
+    missing = np.zeros((T, hi - lo), bool)
+    for r, items in mid:
+        for t, s in enumerate(items):
+            values_at[t, r] = s.stored[rows, cols][disk]
+        values_at[len(items):, r] = values_at[0, r]  # a value present, until the range is known
+        missing[len(items):, r] = True
+    v0 = 0 if all(s.stored.dtype.kind == "u" for _, items in mid for s in items) else \
+        int(values_at.min())  # unsigned values count from 0: a pass saved, a few more bins
+    if v0:
+        values_at -= v0
+    span = int(values_at.max()) + 1
+    if (span + 1) * T > MAX_COUNT_BINS:
+        return None
+    if missing.any():
+        values_at[missing] = span  # one more value: the zeros of the missing images
+    counts = np.stack([np.bincount(values_at[t].ravel(), minlength=span + 1) for t in range(T)])
+    values = np.zeros(span + 1, np.float32)
+    dataclasses.replace(s0, stored=np.arange(v0, v0 + span)).image_into(values[:span])
+    return estimate_es_from_counts(values, counts, S)
 
 
 def _usable_cores() -> int:
@@ -667,27 +719,33 @@ def _as_tuple(phases) -> tuple:
 
 
 class PixelStore:
-    """The stored pixel values of a scan's images, copied out of each file's bytes into large
-    buffers. The file's bytes are then dropped as soon as it is read and their memory reused for
-    the next file, and numpy backs buffers from 4 MB with huge pages: without this, the 53 MB of
-    the enhanced phantom cohort's files were kept in fresh memory, 13k page faults (~15 % of that
-    scan's time). A buffer is freed when no image of it is left. Buffers grow with the scan (each
-    room for 8 more files like this one, or as large as all before it, up to CHUNK), so a small
-    scan takes little more than it keeps."""
+    """Arrays cut from large buffers: the stored pixel values of a scan's images (copied out of
+    each file's bytes, which are then dropped as soon as it is read and their memory reused for
+    the next file), and the images of its stacks. Fresh memory costs a page fault per 4 KB (~2-3 us
+    each on a VM), and numpy backs buffers from 4 MB with huge pages (one fault per 2 MB): without
+    this, the 53 MB of the enhanced phantom cohort's files cost 13k page faults (~15 % of that
+    scan's time), its ED and ES stacks 8k. A buffer is freed when no array of it is left, so a
+    stack kept alone keeps its buffer (at most `chunk` bytes). Buffers grow with the scan (each
+    room for 8 more arrays like this one, or as large as all before it, up to `chunk`), so a
+    small scan takes little more than it keeps."""
 
     CHUNK = 64 << 20
 
-    def __init__(self):
-        self._buf, self._used, self._total = None, 0, 0
+    def __init__(self, chunk: int = CHUNK):
+        self._buf, self._used, self._total, self.chunk = None, 0, 0, chunk
 
-    def copy(self, arr: np.ndarray) -> np.ndarray:
-        n = arr.nbytes
+    def empty(self, shape, dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if self._buf is None or self._used + n > self._buf.size:
-            size = max(n, min(self.CHUNK, max(self._total, 8 * n)))
+            size = max(n, min(self.chunk, max(self._total, 8 * n)))
             self._buf, self._used = np.empty(size, np.uint8), 0
         self._total += n
-        out = self._buf[self._used:self._used + n].view(arr.dtype).reshape(arr.shape)
+        out = self._buf[self._used:self._used + n].view(dtype).reshape(shape)
         self._used += -(-n // 64) * 64  # each array 64-byte aligned
+        return out
+
+    def copy(self, arr: np.ndarray) -> np.ndarray:
+        out = self.empty(arr.shape, arr.dtype)
         out[...] = arr
         return out
 

@@ -41,7 +41,7 @@ def apex_to_base(normal_lps: np.ndarray, along_normal: np.ndarray):
 
 # An integer histogram counts each value in a table this long at most (8 bytes a bin); a wider range
 # of values (32-bit stored data) is binned by np.histogram itself.
-_MAX_COUNT_BINS = 1 << 22
+MAX_COUNT_BINS = 1 << 22
 
 
 def _value_counts(values: np.ndarray, rows: int = 1):
@@ -50,7 +50,7 @@ def _value_counts(values: np.ndarray, rows: int = 1):
     ints = values.reshape(rows, -1).astype(np.intp)
     lo = int(ints.min())
     span = int(ints.max()) - lo + 1
-    if span * rows > _MAX_COUNT_BINS:
+    if span * rows > MAX_COUNT_BINS:
         return None
     ints -= lo
     if rows > 1:
@@ -58,12 +58,12 @@ def _value_counts(values: np.ndarray, rows: int = 1):
     return lo, np.bincount(ints.ravel(), minlength=rows * span).reshape(rows, span)
 
 
-def _histogram_of_counts(lo: int, counts: np.ndarray, dtype, bins: int):
-    """np.histogram of the values whose counts these are (counts[i]: how many equal lo + i): each
-    distinct value binned once with its count as weight. The same result: the same values give
-    the same outer edges, and a value's bin depends on it alone."""
+def _histogram_of_counts(values: np.ndarray, counts: np.ndarray, bins: int):
+    """np.histogram of the pixels that a table counts: counts[k] of them equal values[k]. Each
+    distinct value is binned once with its count as weight; the same result, since the same values
+    give the same outer edges and a value's bin depends on it alone."""
     present = np.flatnonzero(counts)
-    hist, edges = np.histogram((present + lo).astype(dtype), bins=bins, weights=counts[present])
+    hist, edges = np.histogram(values[present], bins=bins, weights=counts[present])
     return hist.astype(np.intp), edges
 
 
@@ -74,7 +74,9 @@ def _histogram(values: np.ndarray, bins: int, integers: bool):
     table = _value_counts(values) if integers and values.size else None
     if table is None:
         return np.histogram(values, bins=bins)
-    return _histogram_of_counts(table[0], table[1][0], values.dtype, bins)
+    lo, counts = table
+    return _histogram_of_counts(np.arange(lo, lo + counts.shape[1]).astype(values.dtype),
+                                counts[0], bins)
 
 
 def _otsu_of(hist: np.ndarray, edges: np.ndarray) -> float:
@@ -95,7 +97,7 @@ def _otsu(values: np.ndarray, bins: int = 128, integers: bool = False) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _disk(H: int, W: int):
+def es_disk(H: int, W: int):
     """The central disk of estimate_es (radius 30 % of the smaller side): (rows, cols) slices of
     its bounding box and the (h, w) bool mask within that box (the whole-image mask cropped)."""
     yy, xx = np.mgrid[:H, :W]
@@ -126,13 +128,27 @@ def estimate_es(cine: np.ndarray, integers: bool = False,
     the estimate reads, so a reader need not build the rest).
     Returns (phase index, how it was chosen).
     """
-    T, S = cine.shape[:2]
+    T, S = cine.shape[0], cine.shape[1] if n_slices is None else n_slices
+    if T <= 2:
+        return _es_of_areas(None, T, S)
+    lo, hi = middle_slices(S)
+    return _es_of_areas(_bright_areas(cine if n_slices else cine[:, lo:hi], integers)[1], T, S)
+
+
+def estimate_es_from_counts(values: np.ndarray, counts: np.ndarray, S: int) -> tuple[int, str]:
+    """estimate_es of an S-slice cine given by a table of its pixels in the disks of the middle
+    slices: counts[t, k] of phase t's equal values[k] (the cine's dtype; repeats allowed). The
+    same answer, for a reader that counts stored values instead of converting them."""
+    T = counts.shape[0]
+    return _es_of_areas(_areas_of_counts(values, counts)[1] if T > 2 else None, T, S)
+
+
+def _es_of_areas(area, T: int, S: int) -> tuple[int, str]:
     if T == 1:
         return 0, "single phase: ES = ED"
     if T == 2:
         return 1, "two phases: ES = the second"
-    lo, hi = middle_slices(S if n_slices is None else n_slices)
-    area = _bright_areas(cine if n_slices is not None else cine[:, lo:hi], integers)[1]
+    lo, hi = middle_slices(S)
     es = 1 + int(np.argmin(area[1:]))
     return es, (f"estimated: smallest bright-pool area (Otsu threshold, central disk, slices "
                 f"{lo}..{hi - 1}) at phase {es} of {T}")
@@ -141,17 +157,21 @@ def estimate_es(cine: np.ndarray, integers: bool = False,
 def _bright_areas(cine: np.ndarray, integers: bool):
     """(threshold, area per phase) of estimate_es over the slices given, (T, s, H, W)."""
     T = cine.shape[0]
-    (rows, cols), disk = _disk(*cine.shape[2:])
+    (rows, cols), disk = es_disk(*cine.shape[2:])
     vals = cine[:, :, rows, cols][..., disk]  # (T, s, n): the disk's pixels in C order
     table = _value_counts(vals, T) if integers and vals.size else None
     if table is None:
         thr = _otsu(vals.ravel())
         return thr, (vals > thr).reshape(T, -1).sum(axis=1)
     v0, counts = table
-    thr = _otsu_of(*_histogram_of_counts(v0, counts.sum(axis=0), vals.dtype, 128))
-    # the values above the threshold, compared as `vals > thr` compares them (in vals' dtype)
-    above = np.arange(v0, v0 + counts.shape[1]).astype(vals.dtype) > thr
-    return thr, counts[:, above].sum(axis=1)
+    return _areas_of_counts(np.arange(v0, v0 + counts.shape[1]).astype(vals.dtype), counts)
+
+
+def _areas_of_counts(values: np.ndarray, counts: np.ndarray):
+    """_bright_areas from a table: counts[t, k] pixels of phase t equal values[k]."""
+    thr = _otsu_of(*_histogram_of_counts(values, counts.sum(axis=0), 128))
+    # the values above the threshold, compared as `vals > thr` compares them (in their dtype)
+    return thr, counts[:, values > thr].sum(axis=1)
 
 
 def resolve_phases(phases, n_phases: int, es: int) -> list[tuple[int, str]]:
