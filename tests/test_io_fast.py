@@ -305,6 +305,58 @@ def test_es_areas_equal_their_definition():
         assert estimate_es(cine, integers=True)[0] == estimate_es(cine)[0] == want, k
 
 
+def _series(rng, T, S, H, W, dtype, slope=1.0, intercept=0.0, drop=0):
+    """DicomSlices of a T-phase, S-position cine (noise plus a bright pool changing with the phase),
+    `drop` images missing; and the float cine they make (dicom._fill_cine)."""
+    from collections import defaultdict
+    info = np.iinfo(dtype)
+    lo, hi = max(info.min, -3000), min(info.max, 5000)
+    normal = np.array([0.0, 0.0, 1.0])
+    yy, xx = np.mgrid[:H, :W]
+    slices = []
+    for t in range(T):
+        r = min(H, W) * (0.1 + 0.2 * rng.random())
+        pool = (yy - H / 2) ** 2 + (xx - W / 2) ** 2 <= r * r
+        for z in range(S):
+            img = rng.integers(lo, (lo + hi) // 2, (H, W))
+            img[pool] = rng.integers((lo + hi) // 2, hi, int(pool.sum()))
+            slices.append(dcm.DicomSlice(
+                path=f"f{t}_{z}", subject="s", study="st", series="se", group="se",
+                series_description="", shape=(H, W), ipp=np.array([0.0, 0.0, 10.0 * z]),
+                normal=normal, pixel_spacing=(1.0, 1.0), thickness=10.0, trigger=40.0 * t,
+                instance=t, sop=f"{t}.{z}", stored=img.astype(dtype), slope=slope,
+                intercept=intercept))
+    for k in rng.choice(np.arange(S, len(slices)), drop, replace=False):  # never phase 0
+        slices[k] = None
+    ser = dcm._plan([x for x in slices if x is not None], defaultdict(set), [], [])
+    cine = np.empty((ser.n_phases, len(ser.centers), H, W), np.float32)
+    dcm._fill_cine(cine, ser.timeline, ser.rank)
+    return ser, cine
+
+
+def test_es_from_stored_values_equals_the_cine_estimate():
+    """dicom._stored_es (the stored integer values of the disks counted, each distinct value
+    rescaled once, missing images as zeros) against estimate_es on the float cine the images make:
+    unsigned and signed stored values, slopes and intercepts (negative too), images missing; and
+    None where it does not apply (float stored values, two rescales, a range too wide)."""
+    from stackcls.io.geometry import estimate_es
+    rng = np.random.default_rng(5)
+    for k in range(60):
+        dtype = [np.uint16, np.int16, np.uint8, np.int32][k % 4]
+        slope, intercept = [(1.0, 0.0), (2.5, -1024.0), (-0.75, 3.0), (1.0, 0.0)][k // 4 % 4]
+        T, S = int(rng.integers(3, 9)), int(rng.integers(3, 9))
+        ser, cine = _series(rng, T, S, int(rng.integers(8, 40)), int(rng.integers(8, 40)), dtype,
+                            slope, intercept, drop=int(rng.integers(0, 3)) if k % 3 else 0)
+        assert dcm._stored_es(ser, [np.empty(0, np.intp)]) == estimate_es(cine), k
+    for change in (lambda s: setattr(s, "stored", s.stored.astype(np.float32)),
+                   lambda s: setattr(s, "slope", 2.0),
+                   lambda s: setattr(s, "stored", s.stored * 100_000)):
+        ser, _ = _series(rng, 5, 4, 16, 16, np.int32)
+        middle = next(p for p in ser.timeline if ser.rank[p] == 1)  # slices 1..2 of 4 are read
+        change(ser.timeline[middle][2])
+        assert dcm._stored_es(ser, [np.empty(0, np.intp)]) is None
+
+
 def test_integer_histogram_equals_numpy():
     """geometry._histogram(integers=True) (the ES threshold's histogram, value by value counted
     once) against np.histogram: counts, dtypes and edges, on negative, constant and wide ranges."""
