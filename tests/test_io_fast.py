@@ -152,6 +152,14 @@ def test_mapped_files_read_as_read_files(tmp_path, monkeypatch):
     assert sum(m is not None for m in mapped) >= len(files) - 2  # empty files cannot be mapped
     same_stacks(dcm.scan_dicom([str(f) for f in [*classic, enhanced]], phases="all",
                                progress=False)[0], scan_read)
+    # each live mapping holds a file descriptor: past MAP_MAX_LIVE at once, files are read
+    del mapped[:]
+    monkeypatch.setattr(dcm, "MAP_MAX_LIVE", dcm._live_maps[0] + 2)
+    held = [dcm.read_images(f) for f in classic]
+    assert [m is not None for m in mapped] == [True, True] + [False] * (len(classic) - 2)
+    _same([s for sl in held for s in sl], [s for f in classic for s in _outcome(f)])
+    del held, mapped[:]
+    assert dcm.read_images(classic[0]) and mapped[0] is not None  # released with their views
 
 
 def test_rescale_into_float32():

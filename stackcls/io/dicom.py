@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -59,6 +60,12 @@ _CHUNK = 1 << 22
 # ~1.5 ms). Smaller files, most classic single-frame images, are read as before: thousands of
 # small mappings held through a scan would approach the kernel's limit on mappings.
 MAP_MIN_BYTES = 1 << 20
+# Each live mapping holds a file descriptor (Python's mmap keeps a duplicate) until the last view of
+# it goes: past this many at once (a scan holds them all), files are read instead, far below the
+# usual limit of 1,024 open files.
+MAP_MAX_LIVE = 256
+_live_maps = [0]
+_live_maps_lock = threading.Lock()  # archive readers run scans in threads
 STACK_CHUNK = 16 << 20  # the stacks' images are cut from buffers this large (PixelStore)
 
 # Decoder hints by transfer syntax, for a broken install: the decoders are dependencies (pyproject;
@@ -176,14 +183,24 @@ def _map(f) -> "mmap.mmap | None":
     ends the process (SIGBUS) rather than reading changed bytes."""
     try:
         size = os.fstat(f.fileno()).st_size
-        if size < MAP_MIN_BYTES:
+        if size < MAP_MIN_BYTES or _live_maps[0] >= MAP_MAX_LIVE:
             return None
         if hasattr(mmap, "MAP_POPULATE"):  # Linux: the pages mapped at once, not fault by fault
-            return mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                             prot=mmap.PROT_READ)
-        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+            m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                          prot=mmap.PROT_READ)
+        else:
+            m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None
+    with _live_maps_lock:
+        _live_maps[0] += 1
+    weakref.finalize(m, _unmapped)
+    return m
+
+
+def _unmapped() -> None:
+    with _live_maps_lock:
+        _live_maps[0] -= 1
 
 
 def _gunzip(path: str, raw: bytes) -> bytes:
