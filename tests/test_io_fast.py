@@ -366,15 +366,19 @@ def test_es_from_stored_values_equals_the_cine_estimate():
 
 
 def test_integer_histogram_equals_numpy():
-    """geometry._histogram(integers=True) (the ES threshold's histogram, value by value counted
-    once) against np.histogram: counts, dtypes and edges, on negative, constant and wide ranges."""
-    from stackcls.io.geometry import _histogram
+    """The ES threshold's histogram of integer values, each distinct value counted once and binned
+    once with its count as weight (geometry._value_counts, _histogram_of_counts), against
+    np.histogram: counts, dtypes and edges, on negative, constant and wide ranges."""
+    from stackcls.io.geometry import _histogram_of_counts, _value_counts
     rng = np.random.default_rng(0)
     cases = [rng.integers(0, 900, 60_000), rng.integers(-2000, 3000, 1000), np.full(100, 7),
              rng.integers(0, 65_535, 20_000), np.array([-5, 12]), np.array([3])]
     for c in cases:
         v = c.astype(np.float32).reshape(-1, 1)  # any shape: ravelled
-        ref, ours = np.histogram(v, bins=128), _histogram(v.ravel(), 128, integers=True)
+        lo, counts = _value_counts(v)
+        ours = _histogram_of_counts(np.arange(lo, lo + counts.shape[1]).astype(v.dtype), counts[0],
+                                    128)
+        ref = np.histogram(v, bins=128)
         for a, b in zip(ref, ours):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)

@@ -67,18 +67,6 @@ def _histogram_of_counts(values: np.ndarray, counts: np.ndarray, bins: int):
     return hist.astype(np.intp), edges
 
 
-def _histogram(values: np.ndarray, bins: int, integers: bool):
-    """np.histogram(values, bins). integers: the values are known to be integers (stored values
-    without rescale), so each distinct value is binned once with its count as weight (~3x
-    faster, the same result)."""
-    table = _value_counts(values) if integers and values.size else None
-    if table is None:
-        return np.histogram(values, bins=bins)
-    lo, counts = table
-    return _histogram_of_counts(np.arange(lo, lo + counts.shape[1]).astype(values.dtype),
-                                counts[0], bins)
-
-
 def _otsu_of(hist: np.ndarray, edges: np.ndarray) -> float:
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
@@ -90,10 +78,6 @@ def _otsu_of(hist: np.ndarray, edges: np.ndarray) -> float:
         between = w0 * w1 * (mu0 - mu1) ** 2
     between = np.nan_to_num(between)
     return float(centers[int(np.argmax(between))])
-
-
-def _otsu(values: np.ndarray, bins: int = 128, integers: bool = False) -> float:
-    return _otsu_of(*_histogram(values, bins, integers))
 
 
 @functools.lru_cache(maxsize=16)
@@ -161,7 +145,7 @@ def _bright_areas(cine: np.ndarray, integers: bool):
     vals = cine[:, :, rows, cols][..., disk]  # (T, s, n): the disk's pixels in C order
     table = _value_counts(vals, T) if integers and vals.size else None
     if table is None:
-        thr = _otsu(vals.ravel())
+        thr = _otsu_of(*np.histogram(vals, bins=128))
         return thr, (vals > thr).reshape(T, -1).sum(axis=1)
     v0, counts = table
     return _areas_of_counts(np.arange(v0, v0 + counts.shape[1]).astype(vals.dtype), counts)
