@@ -285,9 +285,9 @@ def _bright_areas_by_the_definition(cine):
 
 
 def test_es_areas_equal_their_definition():
-    """estimate_es's threshold and bright areas (cropped disk; with integer values one count table
-    for both) against the plain definition: integer cines (narrow, negative, wider than a count
-    table, values on the cut) read both ways, and float cines; and the phase chosen."""
+    """estimate_es's threshold and bright areas (cropped disk) against the plain definition:
+    integer-valued cines (narrow, negative, wide, values on the cut) and float cines; and the
+    phase chosen."""
     from stackcls.io.geometry import _bright_areas, estimate_es
     rng = np.random.default_rng(3)
     for k in range(40):
@@ -303,14 +303,14 @@ def test_es_areas_equal_their_definition():
             cine = np.minimum(np.round(cine * (128 / cine.max())) * 2 + 1, 255)
             cine[0, 0, H // 2, W // 2], cine[-1, -1, H // 2, W // 2] = 0, 256  # in the disk
         noisy = cine + rng.normal(0, 0.3, cine.shape).astype(np.float32)
-        for c, integers in ((cine, True), (cine, False), (noisy, False)):
+        for c in (cine, noisy):
             thr, area = _bright_areas_by_the_definition(c)
-            ours = _bright_areas(c, integers)
+            ours = _bright_areas(c)
             assert ours[0] == thr, k
             np.testing.assert_array_equal(ours[1], area, err_msg=str(k))
         lo, hi = S // 3, max(S // 3 + 1, (2 * S + 2) // 3)
         want = 1 + int(np.argmin(_bright_areas_by_the_definition(cine[:, lo:hi])[1][1:]))
-        assert estimate_es(cine, integers=True)[0] == estimate_es(cine)[0] == want, k
+        assert estimate_es(cine)[0] == want, k
 
 
 def _series(rng, T, S, H, W, dtype, slope=1.0, intercept=0.0, drop=0):
@@ -366,18 +366,18 @@ def test_es_from_stored_values_equals_the_cine_estimate():
 
 
 def test_integer_histogram_equals_numpy():
-    """The ES threshold's histogram of integer values, each distinct value counted once and binned
-    once with its count as weight (geometry._value_counts, _histogram_of_counts), against
-    np.histogram: counts, dtypes and edges, on negative, constant and wide ranges."""
-    from stackcls.io.geometry import _histogram_of_counts, _value_counts
+    """The ES threshold's histogram from a count table (geometry._histogram_of_counts: each
+    distinct value binned once with its count as weight, as dicom._stored_es bins stored values)
+    against np.histogram: counts, dtypes and edges, on negative, constant and wide ranges."""
+    from stackcls.io.geometry import _histogram_of_counts
     rng = np.random.default_rng(0)
     cases = [rng.integers(0, 900, 60_000), rng.integers(-2000, 3000, 1000), np.full(100, 7),
              rng.integers(0, 65_535, 20_000), np.array([-5, 12]), np.array([3])]
     for c in cases:
         v = c.astype(np.float32).reshape(-1, 1)  # any shape: ravelled
-        lo, counts = _value_counts(v)
-        ours = _histogram_of_counts(np.arange(lo, lo + counts.shape[1]).astype(v.dtype), counts[0],
-                                    128)
+        lo = int(c.min())
+        counts = np.bincount(c - lo)  # zeros between the values: bins of absent values
+        ours = _histogram_of_counts(np.arange(lo, lo + counts.size).astype(v.dtype), counts, 128)
         ref = np.histogram(v, bins=128)
         for a, b in zip(ref, ours):
             assert a.dtype == b.dtype

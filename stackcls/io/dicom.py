@@ -37,8 +37,8 @@ from stackcls.io import dicom_enhanced as enh
 from stackcls.io import dicom_fast
 from stackcls.io import dicom_header as hdr
 from stackcls.io.errors import StackReadError
-from stackcls.io.geometry import (MAX_COUNT_BINS, apex_to_base, es_disk, estimate_es,
-                                  estimate_es_from_counts, middle_slices, resolve_phases)
+from stackcls.io.geometry import (apex_to_base, es_disk, estimate_es, estimate_es_from_counts,
+                                  middle_slices, resolve_phases)
 from stackcls.io.limits import StackBudget, check_file, decoded_bytes, max_stack_bytes, mb
 from stackcls.progress import bar as tqdm
 from stackcls.stack import Stack
@@ -67,6 +67,7 @@ MAP_MAX_LIVE = 256
 _live_maps = [0]
 _live_maps_lock = threading.Lock()  # archive readers run scans in threads
 STACK_CHUNK = 16 << 20  # the stacks' images are cut from buffers this large (PixelStore)
+MAX_COUNT_BINS = 1 << 22  # _stored_es counts values in a table this long at most (8 bytes a bin)
 
 # Decoder hints by transfer syntax, for a broken install: the decoders are dependencies (pyproject;
 # docs/io.md lists them with their licences). pydicom decodes uncompressed, RLE and deflate itself.
@@ -507,8 +508,8 @@ def stacks_from_slices(slices: list[DicomSlice], phases=("ED", "ES"), es=None):
             else:
                 ser.cine = np.empty((n_phases, len(ser.centers), H, W), np.float32)
             _fill_cine(ser.cine, ser.timeline, ser.rank)
-            es_t, es_how = _stored_es(ser, scratch) or estimate_es(ser.cine, integers=_integers(ser))
-        elif "ES" in _as_tuple(phases) and n_phases > 2:
+            es_t, es_how = _stored_es(ser, scratch) or estimate_es(ser.cine)
+        elif "ES" in ((phases,) if isinstance(phases, (str, int)) else phases) and n_phases > 2:
             # the stacks are made from their own images: the estimate needs no cine when it can
             # count stored values, else only the middle slices it reads
             es_t, es_how = _stored_es(ser, scratch) or _middle_es(ser)
@@ -670,18 +671,13 @@ def _fill_cine(cine: np.ndarray, timeline: dict, rank: np.ndarray) -> None:
             cine[len(items):, r] = 0
 
 
-def _integers(ser: _Series) -> bool:
-    return all(s.stored.dtype.kind in "iu" and s.slope == 1 and s.intercept == 0
-               for items in ser.timeline.values() for s in items)
-
-
 def _middle_es(ser: _Series) -> tuple[int, str]:
     """estimate_es from a cine of only the middle slices it reads."""
     S, (H, W) = len(ser.centers), ser.g0.shape
     lo, hi = middle_slices(S)
     mid = np.empty((ser.n_phases, hi - lo, H, W), np.float32)
     _fill_cine(mid, ser.timeline, ser.rank - lo)
-    return estimate_es(mid, integers=_integers(ser), n_slices=S)
+    return estimate_es(mid, n_slices=S)
 
 
 def _stored_es(ser: _Series, scratch: list) -> tuple[int, str] | None:
@@ -722,17 +718,6 @@ def _stored_es(ser: _Series, scratch: list) -> tuple[int, str] | None:
     values = np.zeros(span + 1, np.float32)
     dataclasses.replace(s0, stored=np.arange(v0, v0 + span)).image_into(values[:span])
     return estimate_es_from_counts(values, counts, S)
-
-
-def _usable_cores() -> int:
-    try:
-        return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
-    except AttributeError:  # not Linux
-        return min(os.cpu_count() or 1, MAX_WORKERS)
-
-
-def _as_tuple(phases) -> tuple:
-    return (phases,) if isinstance(phases, (str, int)) else tuple(phases)
 
 
 class PixelStore:
@@ -804,7 +789,10 @@ def _pool_size(files: list[str], workers: int | None) -> int:
     if workers is None:
         if len(files) < POOL_MIN_FILES:
             return 1
-        workers = _usable_cores()
+        try:
+            workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+        except AttributeError:  # not Linux
+            workers = min(os.cpu_count() or 1, MAX_WORKERS)
     threads = [t for t in threading.enumerate()
                if t is not threading.main_thread() and t.name != "tqdm_monitor"]
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods() or threads \

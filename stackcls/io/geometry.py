@@ -39,25 +39,6 @@ def apex_to_base(normal_lps: np.ndarray, along_normal: np.ndarray):
     return order, t[order], True, note
 
 
-# An integer histogram counts each value in a table this long at most (8 bytes a bin); a wider range
-# of values (32-bit stored data) is binned by np.histogram itself.
-MAX_COUNT_BINS = 1 << 22
-
-
-def _value_counts(values: np.ndarray, rows: int = 1):
-    """For integer-valued `values` (rows, n): (lo, counts (rows, span)), counts[r, v - lo] the
-    number of v in row r; None when the range is too wide for a table."""
-    ints = values.reshape(rows, -1).astype(np.intp)
-    lo = int(ints.min())
-    span = int(ints.max()) - lo + 1
-    if span * rows > MAX_COUNT_BINS:
-        return None
-    ints -= lo
-    if rows > 1:
-        ints += (np.arange(rows) * span)[:, None]
-    return lo, np.bincount(ints.ravel(), minlength=rows * span).reshape(rows, span)
-
-
 def _histogram_of_counts(values: np.ndarray, counts: np.ndarray, bins: int):
     """np.histogram of the pixels that a table counts: counts[k] of them equal values[k]. Each
     distinct value is binned once with its count as weight; the same result, since the same values
@@ -98,16 +79,13 @@ def middle_slices(S: int) -> tuple[int, int]:
     return S // 3, max(S // 3 + 1, (2 * S + 2) // 3)
 
 
-def estimate_es(cine: np.ndarray, integers: bool = False,
-                n_slices: int | None = None) -> tuple[int, str]:
+def estimate_es(cine: np.ndarray, n_slices: int | None = None) -> tuple[int, str]:
     """Estimate the end-systolic phase of a cine (T, S, H, W) ordered in time, ED first.
 
     ES is where the LV blood pool is smallest. Bright-blood (SSFP) cine: count the pixels brighter
     than one Otsu threshold (computed over all phases, so it is the same for every phase) inside a
     central disk (radius 30 % of the smaller image side) of the middle third of the slices, and take
     the phase (other than ED) with the fewest. With two phases, ES is the second.
-    integers: every value of the cine is known to be an integer: each phase's values are counted
-    once into a table, from which both the threshold and the areas come (the same answer, faster).
     n_slices: `cine` holds only the slices middle_slices(n_slices) of an n_slices-slice cine (all
     the estimate reads, so a reader need not build the rest).
     Returns (phase index, how it was chosen).
@@ -116,7 +94,7 @@ def estimate_es(cine: np.ndarray, integers: bool = False,
     if T <= 2:
         return _es_of_areas(None, T, S)
     lo, hi = middle_slices(S)
-    return _es_of_areas(_bright_areas(cine if n_slices else cine[:, lo:hi], integers)[1], T, S)
+    return _es_of_areas(_bright_areas(cine if n_slices else cine[:, lo:hi])[1], T, S)
 
 
 def estimate_es_from_counts(values: np.ndarray, counts: np.ndarray, S: int) -> tuple[int, str]:
@@ -138,17 +116,13 @@ def _es_of_areas(area, T: int, S: int) -> tuple[int, str]:
                 f"{lo}..{hi - 1}) at phase {es} of {T}")
 
 
-def _bright_areas(cine: np.ndarray, integers: bool):
+def _bright_areas(cine: np.ndarray):
     """(threshold, area per phase) of estimate_es over the slices given, (T, s, H, W)."""
     T = cine.shape[0]
     (rows, cols), disk = es_disk(*cine.shape[2:])
     vals = cine[:, :, rows, cols][..., disk]  # (T, s, n): the disk's pixels in C order
-    table = _value_counts(vals, T) if integers and vals.size else None
-    if table is None:
-        thr = _otsu_of(*np.histogram(vals, bins=128))
-        return thr, (vals > thr).reshape(T, -1).sum(axis=1)
-    v0, counts = table
-    return _areas_of_counts(np.arange(v0, v0 + counts.shape[1]).astype(vals.dtype), counts)
+    thr = _otsu_of(*np.histogram(vals, bins=128))
+    return thr, (vals > thr).reshape(T, -1).sum(axis=1)
 
 
 def _areas_of_counts(values: np.ndarray, counts: np.ndarray):
