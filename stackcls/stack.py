@@ -23,7 +23,8 @@ class Stack:
     """One phase of one subject, slices ordered from apex to base.
 
     images: (S, H, W) float32, slice 0 is the most apical.
-    sources: one id per slice (a DICOM file path, or the slice index within a NIfTI file as str).
+    sources: one id per slice for people (a DICOM file path, "path [frame k]" for a frame of a
+        multi-frame file, or the slice index within a NIfTI file as str).
     slice_ids: the integer that names each slice in a labels CSV (NIfTI: the slice index within the
         file; DICOM: the apex-to-base rank). Defaults to range(S).
     phase: "ED", "ES" or a phase index as str.
@@ -34,6 +35,8 @@ class Stack:
     labels: optional list of "OAP" / "IN" / "OBS", one per slice.
     masks: optional (S, H, W) uint8 anatomy, same slices as `images`, values index MASK_CLASSES.
     meta: free-form provenance (series UID, how ES was chosen, warnings, ...).
+    files: the file each slice was read from (DICOM), if any: what code matches slices to files by,
+        never `sources`, whose text is for display.
     """
 
     images: np.ndarray
@@ -48,6 +51,7 @@ class Stack:
     labels: list[str] | None = None
     masks: np.ndarray | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    files: list[str] | None = None
 
     def __post_init__(self):
         self.images = np.asarray(self.images, dtype=np.float32)
@@ -57,6 +61,10 @@ class Stack:
         self.sources = [str(s) for s in self.sources]
         if len(self.sources) != n:
             raise ValueError(f"stack {self.key}: {len(self.sources)} sources for {n} slices")
+        if self.files is not None:
+            self.files = [str(f) for f in self.files]
+            if len(self.files) != n:
+                raise ValueError(f"stack {self.key}: {len(self.files)} files for {n} slices")
         if self.slice_ids is None:
             self.slice_ids = list(range(n))
         self.slice_ids = [int(i) for i in self.slice_ids]
@@ -92,6 +100,7 @@ class Stack:
             self,
             images=self.images[::-1].copy(),
             sources=self.sources[::-1],
+            files=None if self.files is None else self.files[::-1],
             slice_ids=self.slice_ids[::-1],
             positions=None if self.positions is None else self.positions[::-1].copy(),
             labels=None if self.labels is None else self.labels[::-1],

@@ -205,6 +205,55 @@ def test_shuffled_dicom_list_follows_caller_order(model, cohort2):
 
 
 @files_test
+def test_classic_files_with_a_stray_per_frame_sequence(model, cohort2, tmp_path):
+    """Classic single-frame MR files that an anonymiser left a one-item
+    PerFrameFunctionalGroupsSequence in: each slice is named by its path, and the files read as
+    a list exactly as they read as a folder."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    _, stacks = cohort2
+    st = stacks[0]
+    folder = tmp_path / "anonymised"
+    folder.mkdir()
+    files = []
+    for k, f in enumerate(st.sources):
+        ds = pydicom.dcmread(f)
+        assert "NumberOfFrames" not in ds and ds.SOPClassUID.name == "MR Image Storage"
+        item = Dataset()
+        item.FrameContentSequence = Sequence([Dataset()])
+        item.FrameContentSequence[0].StackID = "1"
+        ds.PerFrameFunctionalGroupsSequence = Sequence([item])
+        files.append(str(folder / f"{239 + k}.dcm"))
+        ds.save_as(files[-1])
+    [as_folder] = [s for s in load_stacks(folder) if s.phase == st.phase]
+    assert sorted(as_folder.sources) == sorted(files) and as_folder.files == as_folder.sources
+    np.testing.assert_array_equal(as_folder.images, st.images)
+    shuffled = [files[i] for i in np.random.default_rng(1).permutation(len(files))]
+    ref = predict_stack(folder, model, mode="slice_ordered", phase=st.phase)
+    p = predict_stack(shuffled, model, mode="slice_ordered", phase=st.phase)
+    assert p.sources == shuffled
+    for i, f in enumerate(shuffled):
+        j = ref.sources.index(f)
+        assert p.labels[i] == ref.labels[j]
+        np.testing.assert_allclose(p.probabilities[i], ref.probabilities[j], atol=1e-5)
+
+
+@files_test
+def test_enhanced_file_as_a_list(model, tmp_path):
+    """One Enhanced MR file holding a whole stack, passed as a one-file list: its frames follow
+    the file, named by frame, and the answer equals the folder's."""
+    from stackcls.phantom import generate
+    generate(tmp_path / "enh", 1, seed=3, enhanced=True, progress=False)
+    [f] = [p for p in (tmp_path / "enh" / "dicom").rglob("*") if p.is_file()]
+    ref = predict_stack(f.parent, model, mode="slice_ordered", phase="ED")
+    p = predict_stack([f], model, mode="slice_ordered", phase="ED")
+    assert p.sources == ref.sources and all(s.startswith(f"{f} [frame ") for s in p.sources)
+    np.testing.assert_allclose(p.probabilities, ref.probabilities, atol=1e-6)
+    assert p.labels == ref.labels
+
+
+@files_test
 def test_folder_errors_and_phase(model, cohort2, tmp_path):
     root, stacks = cohort2
     ed = [s for s in stacks if s.phase == "ED"]

@@ -347,8 +347,11 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
         raise StackReadError(path, f"colour image ({spp} samples per pixel, "
                                    f"{ds.get('PhotometricInterpretation', '?')}): not a grey-level slice")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    multi = frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+    # the IOD decides where geometry lives, not a stray per-frame sequence: anonymisers and
+    # converters leave one-item PerFrameFunctionalGroupsSequences in classic single-frame files
+    multi = frames > 1 or hdr.is_functional_group_iod(ds)
     views = enh.frame_views(path, ds) if multi else [ds]
+    framed = frames > 1  # a single-frame file's slice is named by its path alone
     shape = (int(ds.Rows), int(ds.Columns))
     subject = str(ds.get("PatientID", "") or "").strip() or str(ds.get("StudyInstanceUID", "") or "")
     subject = subject or "unknown"
@@ -385,7 +388,7 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
         return out
 
     for k, v in enumerate(views):
-        where = f"{path} [frame {k + 1}]" if multi else path
+        where = f"{path} [frame {k + 1}]" if framed else path
         ipp, normal, ps = check(hdr.geometry, v, where)
         slope, intercept = check(hdr.rescale, v, where)
         trig = check(hdr.trigger_time, v, where)
@@ -414,16 +417,16 @@ def _slices_from_dataset(path: str, ds, budget: StackBudget | None = None,
             path=path, subject=subject, study=study, series=series, group=group,
             series_description=description, shape=shape, ipp=ipp, normal=normal,
             pixel_spacing=ps, thickness=thick, trigger=trig, instance=order[0],
-            sop=f"{sop} [frame {k + 1}]" if multi and sop else sop,
+            sop=f"{sop} [frame {k + 1}]" if framed and sop else sop,
             stored=None if stored is None else stored[k], slope=slope, intercept=intercept,
-            kind=kind_, echo=echo, order_tag=order[1], frame_no=k + 1 if multi else None,
+            kind=kind_, echo=echo, order_tag=order[1], frame_no=k + 1 if framed else None,
         ))
         # stored integers of up to 32 bits times a slope within +-1e6 plus an intercept within
         # +-1e7 (hdr.rescale) are finite in float32: only float stored values need the check
         if stored is not None and (stored.dtype.kind == "f" or stored.dtype.itemsize > 4) and \
                 not np.isfinite(out[-1].image).all():
             raise StackReadError(path, "pixel values are not finite after RescaleSlope/Intercept"
-                                 + (f" (frame {k + 1})" if multi else ""))
+                                 + (f" (frame {k + 1})" if framed else ""))
         if into is not None:
             out[-1].image_into(into[k])
     return out
@@ -653,7 +656,7 @@ def _add_stacks(ser: "_Series", phases, es_t: int, es_how: str, stacks: list,
             for i, s in enumerate(ss):
                 s.image_into(images[i])
         stacks.append(Stack(
-            images=images, sources=[s.source for s in ss],
+            images=images, sources=[s.source for s in ss], files=[s.path for s in ss],
             subject=g0.subject, phase=name, slice_ids=ranks, frame=t, positions=pos,
             spacing=spacing, orientation_known=ser.known, meta=meta,
         ))

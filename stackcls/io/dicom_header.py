@@ -208,6 +208,27 @@ def series_group(path: str, ds) -> str:
             f"{str(ds.get('SeriesDescription', '') or '')!r}")
 
 
+# Image IODs built from functional groups (PS3.3 C.7.6.16): their geometry is per frame even when
+# they hold one frame. Any other file is read from its top level, whatever sequences it carries.
+FUNCTIONAL_GROUP_IODS = frozenset({
+    "1.2.840.10008.5.1.4.1.1.4.1",    # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.3",    # Enhanced MR Color Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.4",    # Legacy Converted Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",    # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",    # Legacy Converted Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.130",    # Enhanced PET Image Storage
+    "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET Image Storage
+})
+
+
+def is_functional_group_iod(ds) -> bool:
+    """True for an enhanced (functional-group) image, by its SOP class."""
+    sop_class = ds.get("SOPClassUID")
+    if not sop_class and getattr(ds, "file_meta", None) is not None:
+        sop_class = ds.file_meta.get("MediaStorageSOPClassUID")
+    return str(sop_class or "").strip() in FUNCTIONAL_GROUP_IODS
+
+
 def sop_kind(ds) -> str:
     sop_class = ds.get("SOPClassUID")
     if not sop_class and getattr(ds, "file_meta", None) is not None:  # e.g. DICOMDIR

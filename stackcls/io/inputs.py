@@ -123,17 +123,33 @@ def _from_files(files, orientation: str | None, phase: str | None) -> StackInput
         raise TypeError("predict_stack: a list must hold DICOM file paths")
     paths = [Path(s) for s in files]
     st = _one_stack(_load(paths, phase), f"list of {len(paths)} DICOM files")
-    pos = {os.path.realpath(p): i for i, p in enumerate(paths)}
-    try:
-        order = [pos[os.path.realpath(s)] for s in st.sources]
-    except KeyError as e:
-        raise ValueError(f"predict_stack: the reader returned slice {e} which is not in the list") from None
-    if len(order) != len(paths):
-        used = set(order)
+    pos = {}
+    for i, p in enumerate(paths):
+        pos.setdefault(os.path.realpath(p), i)
+    # by the file each slice came from (Stack.files), never by its display name; the frames of one
+    # multi-frame file follow the file's place in the list, apex to base among themselves
+    key = []
+    for w, f in enumerate(st.files or []):
+        i = pos.get(os.path.realpath(f))
+        if i is None:
+            raise ValueError(f"predict_stack: the reader returned a slice of {f!r}, which is not in "
+                             "the list")
+        key.append((i, w))
+    if len(key) != st.n_slices:
+        raise ValueError(f"predict_stack: the stack read from the list has no file per slice")
+    used = {i for i, _ in key}
+    if len(used) != len(paths):
         left = [str(paths[i]) for i in range(len(paths)) if i not in used]
         raise ValueError(f"predict_stack: {len(left)} of the {len(paths)} files are not slices of the "
-                         f"stack read (other phase or not an image?): {left[:5]}")
-    return _from_stack(st, orientation, np.asarray(order), [str(p) for p in paths])
+                         f"stack read (other phase, duplicate or not an image?): {left[:5]}")
+    order = np.empty(st.n_slices, np.int64)
+    order[sorted(range(st.n_slices), key=key.__getitem__)] = np.arange(st.n_slices)
+    srcs = [None] * st.n_slices
+    for w, c in enumerate(order):
+        src = st.sources[w]
+        # the caller's spelling of the path, and the frame of a multi-frame file
+        srcs[c] = str(paths[key[w][0]]) + src[len(st.files[w]):] if src.startswith(st.files[w]) else src
+    return _from_stack(st, orientation, order, srcs)
 
 
 def _from_array(images, orientation: str | None) -> StackInput:
