@@ -42,12 +42,12 @@ def _predict(a):
 
 
 def _label(a):
-    from stackcls.label_ui import label_command
+    from stackcls.ui.label_ui import label_command
     return label_command(a.data, labels=a.labels)
 
 
 def _review(a):
-    from stackcls.label_ui import review_command
+    from stackcls.ui.label_ui import review_command
     return review_command(a.data, model=a.model, labels=a.labels, save=a.save, queue=a.queue)
 
 
@@ -114,7 +114,7 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
     stdout; with review_below, the review queue CSV (`label_session.write_review_queue`). model
     None: the shipped model. Returns 0, 1 (no stack predicted) or 2 (bad arguments)."""
     # see the module docstring: imported when the command runs
-    from stackcls import figures
+    from stackcls.ui import figures
     from stackcls.atomic import write_json
     from stackcls.io import scan
     from stackcls.predict import MODES, as_model, predict_stack
@@ -164,7 +164,7 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
                     skipped=[dict(path=str(p), reason=str(r)) for p, r in res.skipped] + failed)
         print(printable(f"wrote {write_json(json_out, _printable_tree(blob))}"))
     if review_below is not None:
-        from stackcls.label_session import write_review_queue
+        from stackcls.ui.label_session import write_review_queue
         done, n = write_review_queue(preds, queue_out, review_below)
         print(printable(f"wrote {done}: {n} of {len(preds)} stacks to review "
                         f"(P(range) < {review_below:g} or coverage flagged), least sure first"))

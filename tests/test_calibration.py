@@ -211,7 +211,7 @@ def test_prediction_fields_follow_the_exact_distribution(tmp_path):
     cut = predict_stack(img[3:], toy, mode="slice_ordered", orientation="apex_to_base")
     assert cut.coverage["status"] == "apex may be missing" and cut.coverage["apex_end_in"] > 0.5
 
-    from stackcls import figures
+    from stackcls.ui import figures
 
     out = figures.boundaries([p, cut], [img, img[3:]], tmp_path / "b.png", titles=["full", "cut"])
     rel = figures.reliability({"toy": (np.array([0.2, 0.9, 0.7]), np.array([0, 1, 1], bool))},
@@ -234,7 +234,7 @@ def _pred(subject, p, status="complete"):
 def test_review_queue_csv(tmp_path):
     import csv
 
-    from stackcls.label_session import read_review_queue, write_review_queue
+    from stackcls.ui.label_session import read_review_queue, write_review_queue
 
     preds = [_pred("a", 0.9), _pred("b", 0.3), _pred("=cmd", 0.5), _pred("d", 0.95, "apex may be missing"),
              _pred("e", 0.7)]
@@ -258,7 +258,7 @@ def test_predict_review_below_then_review_queue(tmp_path, capsys):
     from stackcls import backbones
     from stackcls.checkpoint import save_model
     from stackcls.cli import main
-    from stackcls.label_ui import review_command
+    from stackcls.ui.label_ui import review_command
     from stackcls.models import build_classifier
     from stackcls.phantom import cohort
 

@@ -167,7 +167,7 @@ def test_cli_predicts_without_a_model(dicom_dir, tmp_path, card, model):
 
 
 def test_review_without_a_model_saves_figures(dicom_dir, tmp_path, model, monkeypatch):
-    from stackcls.label_ui import review_command
+    from stackcls.ui.label_ui import review_command
     monkeypatch.chdir(tmp_path)                      # where edits would go without --labels
     assert review_command(dicom_dir, save=tmp_path / "rv") == 0
     pngs = sorted(p.name for p in (tmp_path / "rv").glob("*.png"))

@@ -17,10 +17,10 @@ from matplotlib.backend_bases import KeyEvent, MouseEvent
 from stackcls import backbones
 from stackcls.checkpoint import save_model
 from stackcls.inference import load_model
-from stackcls import label_ui
+from stackcls.ui import label_ui
 from stackcls.io import load_labels, load_stacks
-from stackcls.label_session import LabelsConflictError, LabelSession
-from stackcls.label_ui import StackView, label_command, review_command, stack_gradcam
+from stackcls.ui.label_session import LabelsConflictError, LabelSession
+from stackcls.ui.label_ui import StackView, label_command, review_command, stack_gradcam
 from stackcls.models import build_classifier
 from stackcls.stack import Stack
 from test_io_dicom import make_series   # the DICOM series writer of the reader's tests

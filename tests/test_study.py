@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue
 
-from stackcls.explain import gradcam_cells
+from stackcls.ui.explain import gradcam_cells
 from stackcls.stack_model import StackHeadConfig
 from stackcls.study.config import PAPER, QUICK, as_plain, compose, identity
 from stackcls.study.report import MODE_ROWS, metric_rows, results_markdown, summary_table

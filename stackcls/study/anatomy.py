@@ -336,7 +336,7 @@ def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stac
                   which: str = "test stacks") -> None:
     """confusion.png (slice and stack modes) and anatomy.png: the model's view and masks of the
     `which` stacks with out-of-range slices, wrongly labelled ones first (at most 6)."""
-    from stackcls import figures
+    from stackcls.ui import figures
     from stackcls.metrics import confusion_matrix
     from stackcls.study.evaluation import ordered
     pred = ordered(np.log(np.clip(stack_probs, 1e-12, 1.0)), te["stack_index"])

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from stackcls import calibration as cal
-from stackcls import figures
+from stackcls.ui import figures
 from stackcls.atomic import savez, write_json
 from stackcls.checkpoint import load_stack_model, save_stack_model
 from stackcls.decode import decode_many

@@ -20,9 +20,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from stackcls import figures, parallel
+from stackcls import parallel
+from stackcls.ui import figures
 from stackcls.atomic import write_json
-from stackcls.explain import gradcam, gradcam_cells, tsne
+from stackcls.ui.explain import gradcam, gradcam_cells, tsne
 from stackcls.metrics import confusion_matrix
 from stackcls.models import build_classifier
 from stackcls.preprocess import stack_arrays

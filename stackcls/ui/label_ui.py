@@ -8,7 +8,7 @@ slice, the probability that it is the first (apical) or the last (basal) IN slic
 review_queue.csv` (from `stackcls predict --review-below P`) walks only the queued stacks, least
 sure first.
 
-The state (`stackcls.label_session.LabelSession`: the label table, its CSV, merging with another
+The state (`stackcls.ui.label_session.LabelSession`: the label table, its CSV, merging with another
 writer) is plain Python and is what the tests drive; `StackView` only draws it and turns key/mouse
 events into session calls. Both commands load the ES frame that the labels CSV names.
 """
@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 
 from stackcls.atomic import inside, safe_name
-from stackcls.explain import gradcam
+from stackcls.ui.explain import gradcam
 from stackcls.inference import load_model
 from stackcls.io import es_frames, load_labels, load_stacks
-from stackcls.label_session import LabelsConflictError, LabelSession, read_review_queue
+from stackcls.ui.label_session import LabelsConflictError, LabelSession, read_review_queue
 from stackcls.predict import predict_stack
 from stackcls.progress import bar as tqdm
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
