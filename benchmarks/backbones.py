@@ -32,8 +32,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras_reference import KERAS  # noqa: E402
 
-from stackcls import backbones as B  # noqa: E402
-from stackcls.backbones import layers as L  # noqa: E402
+from stackcls.models import backbones as B  # noqa: E402
+from stackcls.models.backbones import layers as L  # noqa: E402
 
 DEPTHWISE = {"mobilenet", "mobilenet_v2", "xception", "nasnet_mobile"}
 

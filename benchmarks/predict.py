@@ -7,7 +7,7 @@ CPU time per stack and where the time goes (reading, preprocessing, device).
 
 per_stack: what `stackcls predict ROOT --model RUN` has done since the start (the tree read whole
 by `io.scan`, then `predict_stack` one stack at a time: preprocessing, one device call).
-archive: `stackcls predict ROOT --model RUN --out X.jsonl` (stackcls.archive: readers overlapped
+archive: `stackcls predict ROOT --model RUN --out X.jsonl` (stackcls.predict.archive: readers overlapped
 with device calls, stacks of one length batched). --before CHECKOUT also times the per_stack path
 of another checkout (e.g. `--before /work/main`: today's code), in a subprocess.
 
@@ -43,10 +43,10 @@ from pathlib import Path
 def make_run(tmp: Path, backbone: str, size: int | None) -> Path:
     from flax import nnx
 
-    from stackcls import backbones
-    from stackcls.checkpoint import save_model, save_stack_model
-    from stackcls.models import build_classifier
-    from stackcls.stack_model import StackHead, StackModel
+    from stackcls.models import backbones
+    from stackcls.train.checkpoint import save_model, save_stack_model
+    from stackcls.models.classifier import build_classifier
+    from stackcls.models.stack_head import StackHead, StackModel
 
     size = size or backbones.spec(backbone).input_size
     clf = build_classifier(backbones.create(backbone, weights=None, input_size=size), size)
@@ -59,7 +59,7 @@ def make_run(tmp: Path, backbone: str, size: int | None) -> Path:
 
 def per_stack(root: Path, model) -> dict:
     from stackcls.io import scan
-    from stackcls.predict import predict_stack
+    from stackcls.predict.stack import predict_stack
 
     c0, t0 = time.process_time(), time.perf_counter()
     res = scan(root, progress=False)
@@ -77,7 +77,7 @@ def per_stack(root: Path, model) -> dict:
 
 
 def archive(root: Path, model, out: Path, workers: int | None, batch_slices: int | None) -> dict:
-    from stackcls.archive import predict_archive
+    from stackcls.predict.archive import predict_archive
 
     c0 = time.process_time()
     r = predict_archive(root, model, out, workers=workers, batch_slices=batch_slices, progress=False)
@@ -100,7 +100,7 @@ def linked_tree(src: Path, dst: Path, copies: int) -> Path:
 def serve(a) -> None:
     """--serve: time the per-stack path of this process's checkout once per line read on stdin,
     printing one JSON line each (the --before baseline, run alternately with the others)."""
-    from stackcls.inference import load_model
+    from stackcls.predict.load import load_model
     from stackcls.phantom import cohort
 
     root = cohort(a.subjects, seed=0) / "dicom"
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     if a.serve:
         return serve(a)
 
-    from stackcls.inference import load_model
+    from stackcls.predict.load import load_model
     from stackcls.phantom import cohort
 
     root = cohort(a.subjects, seed=0)
@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
                warmup_wall_s={p: round(w, 2) for p, w in warm.items()},
                **{p: _summary(r, n_files) for p, r in runs.items()})
     if "archive" in runs:
-        from stackcls.archive import default_batch_slices, default_workers
+        from stackcls.predict.archive import default_batch_slices, default_workers
         res["archive"].update(workers=default_workers() if a.workers is None else a.workers,
                               batch_slices=a.batch_slices or default_batch_slices())
         for base in ("per_stack", "before"):

@@ -35,7 +35,7 @@ def _best(f, reps=3):
 def bench_preprocess(n_slices, size):
     from PIL import Image
 
-    from stackcls.preprocess import to_model_input
+    from stackcls.preprocess.arrays import to_model_input
 
     x = (np.random.default_rng(0).random((n_slices, 256, 216)) * 4000).astype(np.float32)
 
@@ -63,7 +63,7 @@ def bench_rotate(batch, size):
     import jax
     import scipy.ndimage as nd
 
-    from stackcls.augment import random_rotation, rotate
+    from stackcls.preprocess.augment import random_rotation, rotate
 
     try:  # Keras' own ImageDataGenerator rotation; scipy's rotate is the same map where Keras is absent
         from keras.src.legacy.preprocessing.image import apply_affine_transform
@@ -107,7 +107,7 @@ def acdc_crop_coverage(root, keep=0.6):
 
     import nibabel as nib
 
-    from stackcls.preprocess import center_crop
+    from stackcls.preprocess.arrays import center_crop
 
     fracs = []
     for f in sorted(glob.glob(os.path.join(root, "patient*", "*_gt.nii.gz"))):

@@ -37,7 +37,7 @@ def pinned_stack():
 def pins(model) -> dict:
     """What the tests pin: the model file's hash, and the stack mode's labels and probabilities
     (rounded) on the pinned stack, orientation given."""
-    from stackcls.predict import predict_stack
+    from stackcls.predict.stack import predict_stack
     images, spacing = pinned_stack()
     p = predict_stack(images, model, orientation="apex_to_base", spacing=spacing)
     return dict(sha256=getattr(model, "card", {}).get("sha256"),

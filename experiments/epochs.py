@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 
-from stackcls.anatomy import AnatomyModel, Ensemble
-from stackcls.decode import decode_many
-from stackcls.inference import load_model
+from stackcls.models.anatomy import AnatomyModel, Ensemble
+from stackcls.decode.ordered import decode_many
+from stackcls.predict.load import load_model
 from stackcls.study.anatomy import NAME, _fold_dir, _restore_net, stack_outputs
 from stackcls.study.config import compose
 from stackcls.study.data import load_data

@@ -33,6 +33,7 @@ from stackcls.study import config
 from stackcls.study.run import run
 
 config.register()
+config.register_slurm()
 ConfigStore.instance().store(name="experiments", node={
     "defaults": ["study", "_self_", {"override hydra/job_logging": "stdout"}],
     # Hydra writes nothing of its own; a run's files go to its run_dir, a sweep's to multirun/N
@@ -51,22 +52,6 @@ ConfigStore.instance().store(name="default_model", node={
     "run_dir": "${oc.env:STACKCLS_RUNS,runs}/default_model",
     "export": {"path": str(DEFAULT_DIR),
                "doc": str(Path(__file__).resolve().parents[1] / "docs" / "model-card.md")}})
-
-
-try:
-    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
-except ImportError:       # the [cluster] extra is not installed: no SLURM launcher to configure
-    SlurmQueueConf = None
-
-if SlurmQueueConf is not None:
-    # One GPU per run, sized for the paper's protocol (Table 1: 154-746 GPU-minutes per backbone
-    # on a Quadro P5000 for depth 1's CV alone). A run that reaches the time limit is requeued
-    # (max_num_timeout) and resumes from its run_dir; override any field on the command line,
-    # e.g. hydra.launcher.partition=gpu hydra.launcher.timeout_min=720.
-    ConfigStore.instance().store(group="hydra/launcher", name="stackcls_slurm", node=SlurmQueueConf(
-        timeout_min=24 * 60, max_num_timeout=3, nodes=1, tasks_per_node=1, gpus_per_node=1,
-        cpus_per_task=8, mem_gb=64, array_parallelism=18, signal_delay_s=300,
-        submitit_folder="${hydra.sweep.dir}/.submitit/%j"))
 
 
 @hydra.main(config_path=None, config_name="experiments", version_base="1.3")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 # light (no JAX, no pydicom/nibabel: ~50 ms): the error types and `printable` every command uses
-from stackcls.io.errors import ModelFileError, StackReadError, printable
+from stackcls.io.errors import ModelFileError, StackReadError, printable, printable_tree
 
 FIGURE_ROWS = 16           # stacks per figure page
 MODEL_HELP = ("run directory of a trained model, or a model file (.npz); default: the model "
@@ -35,7 +35,7 @@ def _inspect(a):
 
 def _predict(a):
     if a.out is not None:                 # an archive: streamed, resumable, sharded
-        from stackcls.archive import archive_command
+        from stackcls.predict.archive import archive_command
         return archive_command(a.path, a.model, a.out, mode=a.mode, shard=a.shard, workers=a.workers)
     return predict_command(a.path, model=a.model, json_out=a.json, figure_out=a.figure,
                            mode=a.mode, review_below=a.review_below, queue_out=a.queue)
@@ -53,18 +53,6 @@ def _review(a):
 
 def _err(msg) -> None:
     print(printable(f"error: {msg}"), file=sys.stderr)
-
-
-def _printable_tree(obj):
-    """Every string of a JSON-bound tree through `printable` (a lone surrogate from a non-UTF-8
-    file name is not a string other JSON readers accept)."""
-    if isinstance(obj, str):
-        return printable(obj)
-    if isinstance(obj, dict):
-        return {_printable_tree(k): _printable_tree(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_printable_tree(v) for v in obj]
-    return obj
 
 
 def _short(source: str) -> str:
@@ -117,7 +105,7 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
     from stackcls.ui import figures
     from stackcls.atomic import write_json
     from stackcls.io import scan
-    from stackcls.predict import MODES, as_model, predict_stack
+    from stackcls.predict.stack import MODES, as_model, predict_stack
 
     path = Path(path)
     if not path.exists():
@@ -162,7 +150,7 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
         blob = dict(model=str(model) if model is not None else describe(m), mode=mode,
                     stacks=[p.to_dict() for p in preds],
                     skipped=[dict(path=str(p), reason=str(r)) for p, r in res.skipped] + failed)
-        print(printable(f"wrote {write_json(json_out, _printable_tree(blob))}"))
+        print(printable(f"wrote {write_json(json_out, printable_tree(blob))}"))
     if review_below is not None:
         from stackcls.ui.label_session import write_review_queue
         done, n = write_review_queue(preds, queue_out, review_below)
@@ -209,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where --review-below writes the queue (default review_queue.csv)")
     s.add_argument("--out", type=Path, default=None,
                    help="archive mode: stream every stack into this JSONL file (resumes; summary "
-                        "CSV beside it); see stackcls.archive")
+                        "CSV beside it); see stackcls.predict.archive")
     s.add_argument("--shard", default="0/1", help="archive mode: predict shard I of N (I/N)")
     s.add_argument("--workers", type=int, default=None,
                    help="archive mode: reader processes (0: reader threads; default: 0 on up to 2 "

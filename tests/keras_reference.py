@@ -5,7 +5,7 @@ which have no Keras application).
 KERAS[name] = KerasRef(build, size, options, preprocess)
   build(size) -> keras.Model with include_top=False, weights=None, pooling="avg"
   size: a small input size the architecture accepts (keeps the test fast)
-  options: extra keyword arguments for stackcls.backbones.create (e.g. alpha)
+  options: extra keyword arguments for stackcls.models.backbones.create (e.g. alpha)
   preprocess: the Keras application's own preprocess_input (checked against ours)
 """
 

@@ -26,12 +26,12 @@ def tiny_trainer(n=48):
     """A depth-0 trainer of mobilenet at 32 px on learnable toy data, and 3 jobs (3 folds)."""
     from test_engine import toy_data
 
-    from stackcls import backbones
-    from stackcls.engine import Pool, Trainer
-    from stackcls.inference import extract
-    from stackcls.models import build_classifier
-    from stackcls.preprocess import patient_folds
-    from stackcls.sweep import fold_jobs
+    from stackcls.models import backbones
+    from stackcls.train.engine import Pool, Trainer
+    from stackcls.models.apply import extract
+    from stackcls.models.classifier import build_classifier
+    from stackcls.preprocess.arrays import patient_folds
+    from stackcls.train.sweep import fold_jobs
 
     x, y, subj = toy_data(n)
     model = build_classifier(backbones.create("mobilenet", weights=None, input_size=32), 32, seed=0)
@@ -59,7 +59,7 @@ def devices(out: str) -> None:
     for spec in ("1", "auto"):
         parallel.activate(spec)
         tr, jobs, x = tiny_trainer()
-        from stackcls.inference import extract
+        from stackcls.models.apply import extract
         res = tr.run(jobs, 3, keep_state=True)
         rec[spec] = dict(
             features=np.asarray(extract(tr.model, x[:40], "features", views=1, seed=3)).tolist(),

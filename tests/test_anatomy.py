@@ -1,4 +1,4 @@
-"""method=anatomy (stackcls.anatomy and its study stage): the encoder's feature pyramid, the slice
+"""method=anatomy (stackcls.models.anatomy and its study stage): the encoder's feature pyramid, the slice
 evidence read off hand-made probability maps, the augmentation's geometry against scipy, a tiny
 training run, saving and restoring the ensemble, predict_stack with physical spacing, and the
 study end to end on the built-in cohort (slow)."""
@@ -14,11 +14,13 @@ import pytest
 from flax import nnx
 from scipy import ndimage
 
-from stackcls import anatomy, backbones
-from stackcls.anatomy import (EVIDENCE, N_MASK, AnatomyConfig, AnatomyModel, AnatomyNet, Ensemble,
+from stackcls.models import backbones
+from stackcls.models import anatomy
+from stackcls.train import anatomy as anatomy_training
+from stackcls.models.anatomy import (EVIDENCE, N_MASK, AnatomyConfig, AnatomyModel, AnatomyNet, Ensemble,
                               build_net, model_inputs)
-from stackcls.checkpoint import ModelFileError, restore_anatomy_model, save_anatomy_model
-from stackcls.physical import SPACING_MM
+from stackcls.train.checkpoint import ModelFileError, restore_anatomy_model, save_anatomy_model
+from stackcls.preprocess.physical import SPACING_MM
 from stackcls.study.config import as_plain
 
 SMALL = AnatomyConfig(size=64, canvas=96, widths=(8, 8, 8, 8), epochs=2, batch_size=4)
@@ -111,7 +113,7 @@ def test_warp_equals_scipy_bilinear():
     img = rng.random((20, 24, 3)).astype(np.float32)
     # inside, on the edges and beyond them (outside: 0, blended in as scipy's grid-constant does)
     coords = np.stack([rng.uniform(-2, 22, (15, 17)), rng.uniform(-2, 26, (15, 17))]).astype(np.float32)
-    got = np.asarray(anatomy._warp(jnp.asarray(img), jnp.asarray(coords)))
+    got = np.asarray(anatomy_training._warp(jnp.asarray(img), jnp.asarray(coords)))
     want = np.stack([ndimage.map_coordinates(img[..., k], coords, order=1, mode="grid-constant",
                                              cval=0.0, prefilter=False) for k in range(3)], -1)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -124,7 +126,7 @@ def test_augment_without_geometry_is_the_centre_crop(monkeypatch):
     masks = rng.integers(0, N_MASK, (C, C))
     onehot = jax.nn.one_hot(masks, N_MASK)
     monkeypatch.setattr(jax.random, "bernoulli", lambda key, *a, **k: jnp.bool_(False))
-    x, target = anatomy.augment(jax.random.PRNGKey(3), jnp.asarray(canvas), onehot, cfg)
+    x, target = anatomy_training.augment(jax.random.PRNGKey(3), jnp.asarray(canvas), onehot, cfg)
     crop = anatomy.centre_crop(canvas[None], 32)[0]
     np.testing.assert_array_equal(np.asarray(target).argmax(-1),
                                   anatomy.centre_crop(masks[None], 32)[0])
@@ -155,18 +157,18 @@ def test_with_context_by_hand():
 
 def test_end_slices_and_weighted_epochs():
     si = np.array([0, 0, 0, 0, 0, 1, 1, 2])
-    np.testing.assert_array_equal(anatomy.end_slices(si, 1), [1, 0, 0, 0, 1, 1, 1, 1])
-    np.testing.assert_array_equal(anatomy.end_slices(si, 2), [1, 1, 0, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(anatomy_training.end_slices(si, 1), [1, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(anatomy_training.end_slices(si, 2), [1, 1, 0, 1, 1, 1, 1, 1])
     rng = np.random.default_rng(0)
     # unweighted: every slice once per epoch (a second permutation tops up the last batch)
-    np.testing.assert_array_equal(np.sort(anatomy._epoch_order(rng, 5, 5, None)), np.arange(5))
+    np.testing.assert_array_equal(np.sort(anatomy_training._epoch_order(rng, 5, 5, None)), np.arange(5))
     # weight 3 on slice 0: it fills 3 of 7 pool places, the epoch has the asked size
     counts = np.zeros(5)
     for _ in range(2000):
-        counts += np.bincount(anatomy._epoch_order(rng, 5, 5, np.array([3.0, 1, 1, 1, 1])), minlength=5)
+        counts += np.bincount(anatomy_training._epoch_order(rng, 5, 5, np.array([3.0, 1, 1, 1, 1])), minlength=5)
     np.testing.assert_allclose(counts / counts.sum(), [3 / 7] + [1 / 7] * 4, atol=0.01)
     # the same default-config draw as before the weights existed
-    a = anatomy._epoch_order(np.random.default_rng(4), 7, 8, None)
+    a = anatomy_training._epoch_order(np.random.default_rng(4), 7, 8, None)
     r = np.random.default_rng(4)
     np.testing.assert_array_equal(a, np.concatenate([r.permutation(7), r.permutation(7)])[:8])
 
@@ -176,7 +178,7 @@ def test_augment_swaps_neighbours_half_the_time():
     C, cfg = 40, AnatomyConfig(size=32, canvas=40, rotation=0.0, scale=0.0, shift_mm=0.0)
     canvas = np.stack([np.full((C, C), v, np.float32) for v in (50.0, 128.0, 200.0)], -1)
     onehot = jax.nn.one_hot(np.zeros((C, C), int), N_MASK)
-    fn = jax.jit(jax.vmap(lambda k: anatomy.augment(k, jnp.asarray(canvas), onehot, cfg)[0]))
+    fn = jax.jit(jax.vmap(lambda k: anatomy_training.augment(k, jnp.asarray(canvas), onehot, cfg)[0]))
     x = np.asarray(fn(jax.random.split(jax.random.PRNGKey(0), 64)))[:, 16, 16]   # (64, 3)
     first_low = x[:, 0] < x[:, 2]
     assert np.all(x[:, 1] > np.minimum(x[:, 0], x[:, 2])) and np.all(x[:, 1] < np.maximum(x[:, 0], x[:, 2]))
@@ -188,7 +190,7 @@ def test_augmented_targets_stay_distributions():
     C, cfg = 48, AnatomyConfig(size=32, canvas=48, shift_mm=24.0, rotation=45.0, scale=0.1)
     canvas = jnp.asarray(rng.uniform(0, 255, (C, C)), jnp.float32)
     onehot = jax.nn.one_hot(rng.integers(0, N_MASK, (C, C)), N_MASK)
-    fn = jax.jit(jax.vmap(lambda k: anatomy.augment(k, canvas, onehot, cfg)))
+    fn = jax.jit(jax.vmap(lambda k: anatomy_training.augment(k, canvas, onehot, cfg)))
     x, t = fn(jax.random.split(jax.random.PRNGKey(0), 16))
     t = np.asarray(t)
     assert t.min() >= -1e-6 and np.allclose(t.sum(-1), 1.0, atol=1e-5)
@@ -241,7 +243,7 @@ def trained():
     net = build_net("mobilenet", SMALL, weights=None, seed=0)
     before = jax.tree.map(np.array, nnx.state(net, nnx.BatchStat))
     evals = []
-    hist = anatomy.train(net, toy_data(16), TRAIN, seed=0, eval_every=2,
+    hist = anatomy_training.train(net, toy_data(16), TRAIN, seed=0, eval_every=2,
                          on_eval=lambda n, e: evals.append(e))
     return net, hist, before, evals
 
@@ -270,11 +272,11 @@ def test_precise_bn_leaves_finite_changed_statistics(trained):
 
 def test_class_weights():
     y = np.array([0] * 1 + [1] * 16 + [2] * 4)
-    np.testing.assert_allclose(anatomy._class_weights(y, "balanced"), [16, 1, 4], rtol=1e-6)
-    np.testing.assert_allclose(anatomy._class_weights(y, "sqrt"), [4, 1, 2], rtol=1e-6)
-    np.testing.assert_array_equal(anatomy._class_weights(y, "none"), [1, 1, 1])
+    np.testing.assert_allclose(anatomy_training._class_weights(y, "balanced"), [16, 1, 4], rtol=1e-6)
+    np.testing.assert_allclose(anatomy_training._class_weights(y, "sqrt"), [4, 1, 2], rtol=1e-6)
+    np.testing.assert_array_equal(anatomy_training._class_weights(y, "none"), [1, 1, 1])
     # an absent class gets no weight (never a division by zero)
-    np.testing.assert_allclose(anatomy._class_weights(np.array([1, 1, 2]), "balanced"), [0, 1, 2])
+    np.testing.assert_allclose(anatomy_training._class_weights(np.array([1, 1, 2]), "balanced"), [0, 1, 2])
 
 
 # ----------------------------------------------------------------------------- saved ensemble
@@ -291,14 +293,14 @@ def ensemble():
 
 @pytest.fixture(scope="module")
 def model(ensemble):
-    from stackcls.stack_model import StackHead, StackModel
+    from stackcls.models.stack_head import StackHead, StackModel
     head = StackModel(StackHead(len(EVIDENCE) + 3, 8, residual=True, rngs=nnx.Rngs(0)),
                       dict(in_features=len(EVIDENCE) + 3))
     return AnatomyModel(ensemble, small_config(), stack_head=head)
 
 
 def test_save_and_restore_give_identical_outputs(ensemble, model, tmp_path):
-    from stackcls.inference import load_model
+    from stackcls.predict.load import load_model
     save_anatomy_model(tmp_path / "final", ensemble, small_config())
     ens2, config = restore_anatomy_model(tmp_path / "final")
     assert config == json.loads(json.dumps(small_config()))
@@ -372,7 +374,7 @@ def test_preprocess_and_slice_outputs(model):
 
 
 def test_predict_stack_passes_spacing(model, monkeypatch):
-    from stackcls.predict import predict_stack
+    from stackcls.predict.stack import predict_stack
     seen = []
     real = AnatomyModel.preprocess
     monkeypatch.setattr(AnatomyModel, "preprocess",
@@ -447,8 +449,8 @@ def test_study_writes_the_anatomy_rows(anatomy_study):
 
 @pytest.mark.slow
 def test_study_model_loads_and_predicts_what_was_measured(anatomy_study):
-    from stackcls.inference import load_model
-    from stackcls.predict import predict_stack
+    from stackcls.predict.load import load_model
+    from stackcls.predict.stack import predict_stack
     from stackcls.study.data import load_data
     study, run_dir, _ = anatomy_study
     model = load_model(run_dir)

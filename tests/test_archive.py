@@ -1,4 +1,4 @@
-"""Archive-scale prediction (stackcls.archive, `stackcls predict ROOT --model RUN --out X.jsonl`):
+"""Archive-scale prediction (stackcls.predict.archive, `stackcls predict ROOT --model RUN --out X.jsonl`):
 the same predictions as predict_stack one stack at a time, resume after a cut without redoing
 finished stacks, shards that cover every stack exactly once, the summary CSV, the command."""
 
@@ -10,19 +10,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stackcls import backbones
-from stackcls import archive
-from stackcls.archive import default_workers, in_shard, parse_shard, predict_archive, units
-from stackcls.checkpoint import save_model, save_stack_model
+from stackcls.models import backbones
+from stackcls.predict import archive
+from stackcls.predict.archive import default_workers, predict_archive
+from stackcls.predict.units import in_shard, parse_shard, units
+from stackcls.train.checkpoint import save_model, save_stack_model
 from stackcls.cli import main
-from stackcls.inference import load_model
+from stackcls.predict.load import load_model
 from stackcls.io import load_stacks
-from stackcls.models import build_classifier
+from stackcls.models.classifier import build_classifier
 from stackcls.phantom import cohort
-from stackcls.predict import Prediction, predict_stack
-from stackcls.stack_model import StackHead, StackModel
+from stackcls.predict.stack import Prediction, predict_stack
+from stackcls.models.stack_head import StackHead, StackModel
 
-pytestmark = pytest.mark.filterwarnings("ignore::stackcls.predict.OrientationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::stackcls.predict.stack.OrientationWarning")
 SIZE = 32
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as nd
 
-from stackcls.augment import random_rotation, rotate
+from stackcls.preprocess.augment import random_rotation, rotate
 
 
 def _scipy_rotate(img, angle):

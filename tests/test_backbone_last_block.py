@@ -19,9 +19,9 @@ import optax
 import pytest
 from flax import nnx
 
-from stackcls import backbones as B
-from stackcls.backbones.layers import keras_layers
-from stackcls.models import trainable_filter
+from stackcls.models import backbones as B
+from stackcls.models.backbones.layers import keras_layers
+from stackcls.models.classifier import trainable_filter
 
 # Keras layer names of the last block and how many layers carry weights there.
 LAST = {"resnet50_v2": (r"^(conv5_block3_.*|post_bn)$", 7),

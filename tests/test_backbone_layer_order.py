@@ -19,9 +19,9 @@ import h5py
 import numpy as np
 import pytest
 
-from stackcls import backbones as B
-from stackcls.backbones.keras_graph import Sym, apply, keras_order
-from stackcls.backbones.layers import keras_layers
+from stackcls.models import backbones as B
+from stackcls.models.backbones.keras_graph import Sym, apply, keras_order
+from stackcls.models.backbones.layers import keras_layers
 
 AUTO = re.compile(r"^(conv2d|batch_normalization)(_\d+)?$")
 KERAS_CTOR = {"resnet50_v2": ("resnet_v2", "ResNet50V2", 64),

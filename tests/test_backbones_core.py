@@ -9,11 +9,11 @@ import optax
 import pytest
 from flax import nnx
 
-from stackcls import backbones as B
-from stackcls.backbones import layers as L
-from stackcls.backbones.cbr import CBR, CONFIGS
-from stackcls.backbones.preprocessing import preprocess_input
-from stackcls.models import feature_dim, trainable_filter
+from stackcls.models import backbones as B
+from stackcls.models.backbones import layers as L
+from stackcls.models.backbones.cbr import CBR, CONFIGS
+from stackcls.models.backbones.preprocessing import preprocess_input
+from stackcls.models.classifier import feature_dim, trainable_filter
 
 ISSUE_NAMES = ["vgg16", "mobilenet", "mobilenet_v2", "inception_v3", "resnet50_v2",
                "inception_resnet_v2", "densenet121", "nasnet_mobile", "xception",

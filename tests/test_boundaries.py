@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from stackcls.boundaries import (brute_force_ranges, distribution, distribution_batch,
+from stackcls.decode.boundaries import (brute_force_ranges, distribution, distribution_batch,
                                  distributions, levels)
-from stackcls.decode import decode_many, ordered_decode
+from stackcls.decode.ordered import decode_many, ordered_decode
 
 
 def _tables(rng, n, lo=1, hi=12, scale=3.0):

@@ -7,11 +7,11 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
-from stackcls.boundaries import brute_force_ranges, distribution
-from stackcls.calibration import (Calibration, brier, classifier_tables, ece, fit_temperature,
+from stackcls.decode.boundaries import brute_force_ranges, distribution
+from stackcls.train.calibration import (Calibration, brier, classifier_tables, ece, fit_temperature,
                                   least_confident_share, oof_stack_tables, range_measures,
                                   range_outcomes, reliability, truncation_test)
-from stackcls.decode import ordered_decode
+from stackcls.decode.ordered import ordered_decode
 
 
 def test_ece_and_brier_against_sklearn():
@@ -167,8 +167,8 @@ def _toy_images(y, rng, noise=0.15):
 
 
 def test_prediction_fields_follow_the_exact_distribution(tmp_path):
-    from stackcls.predict import predict_stack
-    from stackcls.stack_model import PROB_FLOOR
+    from stackcls.predict.stack import predict_stack
+    from stackcls.models.stack_head import PROB_FLOOR
 
     rng = np.random.default_rng(4)
     y = [0, 0, 1, 1, 1, 1, 1, 1, 2]
@@ -220,7 +220,7 @@ def test_prediction_fields_follow_the_exact_distribution(tmp_path):
 
 
 def _pred(subject, p, status="complete"):
-    from stackcls.predict import Prediction
+    from stackcls.predict.stack import Prediction
 
     return Prediction(labels=["IN"] * 3, probabilities=np.full((3, 3), 1 / 3), in_range=(0, 2),
                       sources=[f"/d/{subject}/a.dcm"] * 3, apex_to_base=[0, 1, 2], mode="stack",
@@ -255,11 +255,11 @@ def test_predict_review_below_then_review_queue(tmp_path, capsys):
     import matplotlib
 
     matplotlib.use("Agg")
-    from stackcls import backbones
-    from stackcls.checkpoint import save_model
+    from stackcls.models import backbones
+    from stackcls.train.checkpoint import save_model
     from stackcls.cli import main
     from stackcls.ui.label_ui import review_command
-    from stackcls.models import build_classifier
+    from stackcls.models.classifier import build_classifier
     from stackcls.phantom import cohort
 
     root = cohort(2, seed=0)

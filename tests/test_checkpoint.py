@@ -7,12 +7,12 @@ import pytest
 jax = pytest.importorskip("jax")
 from flax import nnx  # noqa: E402
 
-from stackcls import backbones  # noqa: E402
-from stackcls.checkpoint import (is_saved, load_stack_model, restore_model, save_model,  # noqa: E402
+from stackcls.models import backbones  # noqa: E402
+from stackcls.train.checkpoint import (is_saved, load_stack_model, restore_model, save_model,  # noqa: E402
                                  save_stack_model)
-from stackcls.inference import predict_outputs  # noqa: E402
-from stackcls.models import build_classifier  # noqa: E402
-from stackcls.stack_model import StackHead, StackModel  # noqa: E402
+from stackcls.models.apply import predict_outputs  # noqa: E402
+from stackcls.models.classifier import build_classifier  # noqa: E402
+from stackcls.models.stack_head import StackHead, StackModel  # noqa: E402
 
 
 def _perturbed(module, seed):

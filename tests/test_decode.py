@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from stackcls.decode import (brute_force_decode, bucket, decode_batch, decode_many, in_range,
+from stackcls.decode.ordered import (brute_force_decode, bucket, decode_batch, decode_many, in_range,
                              ordered_decode)
 from stackcls.stack import CLASSES, is_ordered
 

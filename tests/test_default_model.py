@@ -19,7 +19,9 @@ import pytest
 import stackcls
 from experiments.default_model import DOC, pinned_stack, pins
 from stackcls import pretrained
-from stackcls.anatomy import model_inputs
+from stackcls.predict import load as loader
+from stackcls.predict import model_file
+from stackcls.models.anatomy import model_inputs
 from stackcls.cli import main
 from stackcls.io import scan
 from stackcls.io.errors import ModelFileError
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the shipped model's predictions on the pinned phantom stack; a new model: paste the output of
 # `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 1-acdc80)
 PINS = dict(
-    sha256='ad0b3007afc465e17da2b45a05e94d5c4a4ab1632f382d93f3cf321130b952e2',
+    sha256='e7e09803978d382188840a2da3ffe2706476364ca7dc5599df260f212a3d168f',
     labels='ANNNNNNNNNNNNNB',
     probabilities=[
         [0.9721, 0.0279, 0.0],
@@ -180,8 +182,8 @@ def copied(tmp_path, monkeypatch):
     """The shipped folder copied; DEFAULT_DIR pointed at the copy, the in-process cache empty."""
     d = tmp_path / "default"
     shutil.copytree(pretrained.DEFAULT_DIR, d)
-    monkeypatch.setattr(pretrained, "DEFAULT_DIR", d)
-    monkeypatch.setattr(pretrained, "_loaded", {})
+    monkeypatch.setattr(loader, "DEFAULT_DIR", d)
+    monkeypatch.setattr(loader, "_loaded", {})
     return d
 
 
@@ -279,7 +281,7 @@ def test_no_test_set_run_reports_cv_and_exports(tmp_path, monkeypatch):
     # float32: exactly the run's weights, head, direction and temperatures
     m, ref = pretrained.load(tmp_path / "out" / "model.npz"), stackcls.load_model(tmp_path / "run")
     for a, b in ((m.ensemble, ref.ensemble), (m.stack_head.head, ref.stack_head.head)):
-        fa, fb = pretrained._flat(a), pretrained._flat(b)
+        fa, fb = model_file._flat(a), model_file._flat(b)
         assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
     np.testing.assert_array_equal(m.direction.weights, ref.direction.weights)
     assert m.calibration.temperatures == ref.calibration.temperatures

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stackcls.direction import DirectionModel, fit_direction, moment
-from stackcls.predict import predict_stack
+from stackcls.models.direction import DirectionModel, fit_direction, moment
+from stackcls.predict.stack import predict_stack
 
 
 def all_in_stacks(n, rng, dim=6):

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stackcls import backbones as B
-from stackcls.backbones import download as D
-from stackcls.backbones.layers import keras_layers
+from stackcls.models import backbones as B
+from stackcls.models.backbones import download as D
+from stackcls.models.backbones.layers import keras_layers
 
 # Deterministic bytes: pytest-xdist workers must collect the same parametrised ids.
 BODY = np.random.default_rng(0).bytes(300_000)

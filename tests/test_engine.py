@@ -9,12 +9,12 @@ import jax.numpy as jnp  # noqa: E402
 
 from flax import nnx  # noqa: E402
 
-from stackcls import backbones  # noqa: E402
-from stackcls.engine import Job, Pool, Trainer, _EpochFns, job_key, split  # noqa: E402
-from stackcls.inference import extract, predict_outputs  # noqa: E402
-from stackcls.models import build_classifier  # noqa: E402
-from stackcls.preprocess import patient_folds  # noqa: E402
-from stackcls.sweep import final_job, fold_jobs  # noqa: E402
+from stackcls.models import backbones  # noqa: E402
+from stackcls.train.engine import Job, Pool, Trainer, _EpochFns, job_key, split  # noqa: E402
+from stackcls.models.apply import extract, predict_outputs  # noqa: E402
+from stackcls.models.classifier import build_classifier  # noqa: E402
+from stackcls.preprocess.arrays import patient_folds  # noqa: E402
+from stackcls.train.sweep import final_job, fold_jobs  # noqa: E402
 
 
 def toy_data(n=60, size=32, seed=0):

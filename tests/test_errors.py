@@ -14,14 +14,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from stackcls import backbones
-from stackcls.checkpoint import save_model
+from stackcls.models import backbones
+from stackcls.train.checkpoint import save_model
 from stackcls.cli import main
-from stackcls.inference import load_model
+from stackcls.predict.load import load_model
 from stackcls.io import load_labels, scan
 from stackcls.io.errors import ModelFileError, StackReadError, printable
 from stackcls.io.inspect import inspect_command
-from stackcls.models import build_classifier
+from stackcls.models.classifier import build_classifier
 
 HEADER = "subject,frame,phase,slice,label\n"
 

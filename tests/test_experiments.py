@@ -14,12 +14,12 @@ from hydra import compose as hydra_compose, initialize
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from experiments.report import main as report
-from stackcls import backbones
-from stackcls.inference import load_model
+from stackcls.models import backbones
+from stackcls.predict.load import load_model
 from stackcls.study.config import Study, compose, register
 from stackcls.study.data import make_backbone
 from stackcls.study.run import RunConfigMismatch, run
-from stackcls.sweep import SimulatedInterrupt
+from stackcls.train.sweep import SimulatedInterrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["backbone=mobilenet", "weights=none", "depth=1", "protocol.image_size=32", "progress=false",

@@ -1,6 +1,8 @@
 """Frozen-backbone inference: extraction keys and chunking, pooled features from cached trunk
 outputs, predict_outputs per stage, and load_model on a run directory."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -8,13 +10,15 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from stackcls import backbones, load_model as top_level_load_model  # noqa: E402
-from stackcls.checkpoint import save_model, save_stack_model  # noqa: E402
-from stackcls.direction import DirectionModel  # noqa: E402
-from stackcls.inference import (TrainedModel, extract, load_model, pooled_features,  # noqa: E402
-                                predict_outputs, setting_dirs)
-from stackcls.models import build_classifier  # noqa: E402
-from stackcls.stack_model import StackHead, StackModel  # noqa: E402
+from stackcls import load_model as top_level_load_model  # noqa: E402
+from stackcls.models import backbones  # noqa: E402
+from stackcls.train.checkpoint import save_model, save_stack_model  # noqa: E402
+from stackcls.models.direction import DirectionModel  # noqa: E402
+from stackcls.models.apply import extract, pooled_features, predict_outputs  # noqa: E402
+from stackcls.models.classifier import TrainedModel  # noqa: E402
+from stackcls.predict.load import load_model, setting_dirs  # noqa: E402
+from stackcls.models.classifier import build_classifier  # noqa: E402
+from stackcls.models.stack_head import StackHead, StackModel  # noqa: E402
 
 
 def close(a, b, rtol=1e-5):
@@ -80,13 +84,22 @@ def test_load_model_from_a_run_directory(model, images, tmp_path):
     DirectionModel(np.zeros(259), np.ones(259), np.ones(259)).save(run / "depth0" / "stack")
     assert list(setting_dirs(run)) == ["scratch", "depth0"]
     tm = top_level_load_model(run)                                      # the deepest setting
-    assert tm.path == run / "depth0" and tm.input_size == 32 and tm.preprocess(images[:2, ..., 0]).shape == (2, 32, 32, 3)
+    # a run written before the model format: converted once into depth0/model.npz
+    assert tm.path == run / "depth0" / "model.npz" and tm.input_size == 32 and tm.preprocess(images[:2, ..., 0]).shape == (2, 32, 32, 3)
     assert isinstance(tm.stack_head, StackModel) and isinstance(tm.direction, DirectionModel)
     np.testing.assert_array_equal(np.asarray(tm.slice_outputs(images)[1]),
                                   np.asarray(TrainedModel(model, {}).slice_outputs(images)[1]))
     assert load_model(run, stack=False).stack_head is None
     plain = load_model(run, "scratch")
     assert plain.stack_head is None and plain.direction is None
-    assert load_model(run / "scratch" / "final").path == run / "scratch" / "final"
+    assert load_model(run / "scratch" / "final").path == run / "scratch" / "final" / "model.npz"
+    # from now on the model file alone is read: the checkpoints can go
+    shutil.rmtree(run / "depth0" / "final" / "state")
+    again = load_model(run)
+    assert again.path == run / "depth0" / "model.npz" and isinstance(again.direction, DirectionModel)
+    np.testing.assert_array_equal(np.asarray(again.slice_outputs(images)[1]),
+                                  np.asarray(tm.slice_outputs(images)[1]))
+    assert load_model(run / "depth0").path == run / "depth0" / "model.npz"       # a model folder
+    assert load_model(run / "depth0" / "model.npz").stack_head is not None       # a model file
     with pytest.raises(FileNotFoundError, match="depth1"):
         load_model(run, "depth1")

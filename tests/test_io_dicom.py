@@ -21,7 +21,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
                          MRImageStorage, generate_uid)
 
 from stackcls.io import StackReadError, load_stacks, scan
-from stackcls.io.dicom import _native_pixels
+from stackcls.io.dicom_pixels import _native_pixels
 from stackcls.io.geometry import APEX_DIRECTION, estimate_es
 from stackcls.io.limits import max_file_bytes
 

@@ -22,6 +22,7 @@ from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate
 from conftest import _shared
 from stackcls.io import scan
 from stackcls.io import dicom as dcm
+from stackcls.io import dicom_slices
 from stackcls.io.dicom_enhanced import image_kind
 from test_io_dicom import make_series, truth
 
@@ -271,8 +272,8 @@ def test_nine_transfer_syntaxes_decode_to_the_same_pixels(i):
     # explicit/implicit LE, big endian, RLE, JPEG Lossless x2, JPEG-LS x2, JPEG 2000: the decoders
     # of the default install (pyproject) must handle all of them
     ts = _shared(f"{VENDORS}/ts/In")
-    (s,) = dcm.read_images(ts / f"{i}.dcm")
-    (plain,) = dcm.read_images(ts / "1.dcm")
+    (s,) = dicom_slices.read_images(ts / f"{i}.dcm")
+    (plain,) = dicom_slices.read_images(ts / "1.dcm")
     np.testing.assert_array_equal(s.image, plain.image)
     ref, _ = _ref(f"ts/Ref/{i}.nii")
     assert _match(_demosaic(s.image, ref.shape[2]), ref)[1:] == pytest.approx((1, 0), abs=1e-6)
@@ -281,7 +282,7 @@ def test_nine_transfer_syntaxes_decode_to_the_same_pixels(i):
 @pytest.mark.parametrize("name,ref", [("12bitUnsigned.dcm", "2"), ("12bitUnsigned_0x0F0F.dcm", "3"),
                                       ("12bitSigned_0x0F0F.dcm", "4")])
 def test_12bit_stored_pixels(name, ref):
-    (s,) = dcm.read_images(_shared(f"{VENDORS}/12bit/In/{name}"))
+    (s,) = dicom_slices.read_images(_shared(f"{VENDORS}/12bit/In/{name}"))
     r, _ = _ref(f"12bit/Ref/{ref}.nii")
     assert _match(_demosaic(s.image, r.shape[2]), r)[1:] == pytest.approx((1, 0), abs=1e-6)
 

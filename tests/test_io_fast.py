@@ -15,6 +15,8 @@ import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
 from stackcls.io import dicom as dcm
+from stackcls.io import dicom_slices
+from stackcls.io import dicom_series
 from stackcls.io import dicom_fast
 from test_io_dicom import PYDICOM_FILES, make_series
 from test_io_enhanced import same_stacks, to_enhanced
@@ -34,7 +36,7 @@ def _pydicom_only(path):
 
 def _outcome(path):
     try:
-        return dcm.read_images(path)
+        return dicom_slices.read_images(path)
     except dcm.StackReadError as e:
         return e.reason
 
@@ -61,7 +63,7 @@ def _fast_reads(path) -> bool:
     if ds is None:
         return False
     try:
-        dcm._slices_from_dataset(str(path), ds)
+        dicom_slices._slices_from_dataset(str(path), ds)
         return True
     except Exception:  # noqa: BLE001
         return False
@@ -122,7 +124,7 @@ def test_fast_parser_equals_pydicom_on_enhanced_layouts(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_mapped_files_read_as_read_files(tmp_path, monkeypatch):
-    """A file from dicom.MAP_MIN_BYTES is memory-mapped (its pixels views of the mapping), not
+    """A file from dicom_slices.MAP_MIN_BYTES is memory-mapped (its pixels views of the mapping), not
     read: the same images or reasons either way, for classic, enhanced (defined and undefined
     lengths), gzipped, pydicom-only (compressed, deflated, big endian) and truncated files, and
     the same stacks from a scan."""
@@ -139,14 +141,14 @@ def test_mapped_files_read_as_read_files(tmp_path, monkeypatch):
     files = [*classic, enhanced, tmp_path / "e" / "undefined.dcm", tmp_path / "e" / "enh.dcm.gz",
              cut, *PYDICOM_FILES]
     mapped = []
-    real_map = dcm._map
-    monkeypatch.setattr(dcm, "_map", lambda f: mapped.append(r := real_map(f)) or r)
-    monkeypatch.setattr(dcm, "MAP_MIN_BYTES", 1 << 62)
+    real_map = dicom_slices._map
+    monkeypatch.setattr(dicom_slices, "_map", lambda f: mapped.append(r := real_map(f)) or r)
+    monkeypatch.setattr(dicom_slices, "MAP_MIN_BYTES", 1 << 62)
     read = [_outcome(f) for f in files]
     scan_read = dcm.scan_dicom([str(f) for f in [*classic, enhanced]], phases="all",
                                progress=False)[0]
     assert not any(mapped)
-    monkeypatch.setattr(dcm, "MAP_MIN_BYTES", 0)
+    monkeypatch.setattr(dicom_slices, "MAP_MIN_BYTES", 0)
     for f, want in zip(files, read):
         _same(_outcome(f), want)
     assert sum(m is not None for m in mapped) >= len(files) - 2  # empty files cannot be mapped
@@ -154,12 +156,12 @@ def test_mapped_files_read_as_read_files(tmp_path, monkeypatch):
                                progress=False)[0], scan_read)
     # each live mapping holds a file descriptor: past MAP_MAX_LIVE at once, files are read
     del mapped[:]
-    monkeypatch.setattr(dcm, "MAP_MAX_LIVE", dcm._live_maps[0] + 2)
-    held = [dcm.read_images(f) for f in classic]
+    monkeypatch.setattr(dicom_slices, "MAP_MAX_LIVE", dicom_slices._live_maps[0] + 2)
+    held = [dicom_slices.read_images(f) for f in classic]
     assert [m is not None for m in mapped] == [True, True] + [False] * (len(classic) - 2)
     _same([s for sl in held for s in sl], [s for f in classic for s in _outcome(f)])
     del held, mapped[:]
-    assert dcm.read_images(classic[0]) and mapped[0] is not None  # released with their views
+    assert dicom_slices.read_images(classic[0]) and mapped[0] is not None  # released with their views
 
 
 def test_rescale_into_float32():
@@ -172,7 +174,7 @@ def test_rescale_into_float32():
             ref = stored.astype(np.float32)
             ref *= np.float32(slope)
             ref += np.float32(intercept)
-            s = dcm.DicomSlice(path="x", subject="s", study="", series="", group="",
+            s = dicom_slices.DicomSlice(path="x", subject="s", study="", series="", group="",
                                series_description="", shape=stored.shape, ipp=np.zeros(3),
                                normal=np.ones(3), pixel_spacing=(1.0, 1.0), thickness=None,
                                trigger=None, instance=None, sop="", stored=stored, slope=slope,
@@ -315,7 +317,7 @@ def test_es_areas_equal_their_definition():
 
 def _series(rng, T, S, H, W, dtype, slope=1.0, intercept=0.0, drop=0):
     """DicomSlices of a T-phase, S-position cine (noise plus a bright pool changing with the phase),
-    `drop` images missing; and the float cine they make (dicom._fill_cine)."""
+    `drop` images missing; and the float cine they make (dicom_series._fill_cine)."""
     from collections import defaultdict
     info = np.iinfo(dtype)
     lo, hi = max(info.min, -3000), min(info.max, 5000)
@@ -328,7 +330,7 @@ def _series(rng, T, S, H, W, dtype, slope=1.0, intercept=0.0, drop=0):
         for z in range(S):
             img = rng.integers(lo, (lo + hi) // 2, (H, W))
             img[pool] = rng.integers((lo + hi) // 2, hi, int(pool.sum()))
-            slices.append(dcm.DicomSlice(
+            slices.append(dicom_slices.DicomSlice(
                 path=f"f{t}_{z}", subject="s", study="st", series="se", group="se",
                 series_description="", shape=(H, W), ipp=np.array([0.0, 0.0, 10.0 * z]),
                 normal=normal, pixel_spacing=(1.0, 1.0), thickness=10.0, trigger=40.0 * t,
@@ -336,14 +338,14 @@ def _series(rng, T, S, H, W, dtype, slope=1.0, intercept=0.0, drop=0):
                 intercept=intercept))
     for k in rng.choice(np.arange(S, len(slices)), drop, replace=False):  # never phase 0
         slices[k] = None
-    ser = dcm._plan([x for x in slices if x is not None], defaultdict(set), [], [])
+    ser = dicom_series._plan([x for x in slices if x is not None], defaultdict(set), [], [])
     cine = np.empty((ser.n_phases, len(ser.centers), H, W), np.float32)
-    dcm._fill_cine(cine, ser.timeline, ser.rank)
+    dicom_series._fill_cine(cine, ser.timeline, ser.rank)
     return ser, cine
 
 
 def test_es_from_stored_values_equals_the_cine_estimate():
-    """dicom._stored_es (the stored integer values of the disks counted, each distinct value
+    """dicom_series._stored_es (the stored integer values of the disks counted, each distinct value
     rescaled once, missing images as zeros) against estimate_es on the float cine the images make:
     unsigned and signed stored values, slopes and intercepts (negative too), images missing; and
     None where it does not apply (float stored values, two rescales, a range too wide)."""
@@ -355,19 +357,19 @@ def test_es_from_stored_values_equals_the_cine_estimate():
         T, S = int(rng.integers(3, 9)), int(rng.integers(3, 9))
         ser, cine = _series(rng, T, S, int(rng.integers(8, 40)), int(rng.integers(8, 40)), dtype,
                             slope, intercept, drop=int(rng.integers(0, 3)) if k % 3 else 0)
-        assert dcm._stored_es(ser, [np.empty(0, np.intp)]) == estimate_es(cine), k
+        assert dicom_series._stored_es(ser, [np.empty(0, np.intp)]) == estimate_es(cine), k
     for change in (lambda s: setattr(s, "stored", s.stored.astype(np.float32)),
                    lambda s: setattr(s, "slope", 2.0),
                    lambda s: setattr(s, "stored", s.stored * 100_000)):
         ser, _ = _series(rng, 5, 4, 16, 16, np.int32)
         middle = next(p for p in ser.timeline if ser.rank[p] == 1)  # slices 1..2 of 4 are read
         change(ser.timeline[middle][2])
-        assert dcm._stored_es(ser, [np.empty(0, np.intp)]) is None
+        assert dicom_series._stored_es(ser, [np.empty(0, np.intp)]) is None
 
 
 def test_integer_histogram_equals_numpy():
     """The ES threshold's histogram from a count table (geometry._histogram_of_counts: each
-    distinct value binned once with its count as weight, as dicom._stored_es bins stored values)
+    distinct value binned once with its count as weight, as dicom_series._stored_es bins stored values)
     against np.histogram: counts, dtypes and edges, on negative, constant and wide ranges."""
     from stackcls.io.geometry import _histogram_of_counts
     rng = np.random.default_rng(0)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stackcls import backbones as B
-from stackcls.backbones import download as D
-from stackcls.backbones.layers import keras_layers
-from stackcls.models import trainable_filter
+from stackcls.models import backbones as B
+from stackcls.models.backbones import download as D
+from stackcls.models.backbones.layers import keras_layers
+from stackcls.models.classifier import trainable_filter
 
 keras = pytest.importorskip("keras")
 

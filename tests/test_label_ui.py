@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from matplotlib.backend_bases import KeyEvent, MouseEvent
 
-from stackcls import backbones
-from stackcls.checkpoint import save_model
-from stackcls.inference import load_model
+from stackcls.models import backbones
+from stackcls.train.checkpoint import save_model
+from stackcls.predict.load import load_model
 from stackcls.ui import label_ui
 from stackcls.io import load_labels, load_stacks
 from stackcls.ui.label_session import LabelsConflictError, LabelSession
 from stackcls.ui.label_ui import StackView, label_command, review_command, stack_gradcam
-from stackcls.models import build_classifier
+from stackcls.models.classifier import build_classifier
 from stackcls.stack import Stack
 from test_io_dicom import make_series   # the DICOM series writer of the reader's tests
 

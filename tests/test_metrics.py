@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
-from stackcls.metrics import (auc_micro, auc_per_class, auc_weighted, binary_auc, boundaries,
+from stackcls.study.metrics import (auc_micro, auc_per_class, auc_weighted, binary_auc, boundaries,
                               boundary_mae, confusion_matrix, evaluate, exact_range_rate,
                               f1_per_class, soft_accuracy, stack_groups)
 

@@ -1,4 +1,4 @@
-"""Physical normalisation (stackcls.physical): sizes in millimetres survive resampling at any pixel
+"""Physical normalisation (stackcls.preprocess.physical): sizes in millimetres survive resampling at any pixel
 spacing, masks stay labels, the intensity window, assumed spacing said out loud, and the heart's
 centre from a probability map or from masks. References are hand-computed or brute force."""
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stackcls import physical
-from stackcls.physical import ASSUMED_FOV_MM, SPACING_MM
+from stackcls.preprocess import physical
+from stackcls.preprocess.physical import ASSUMED_FOV_MM, SPACING_MM
 
 
 def square_image(spacing_rc, side_mm, centre_rc, shape=(120, 140)):

@@ -14,17 +14,18 @@ import pytest
 from flax import nnx
 
 import stackcls
-from stackcls import backbones
-from stackcls.checkpoint import save_model, save_stack_model
+from stackcls.models import backbones
+from stackcls.train.checkpoint import save_model, save_stack_model
 from stackcls.cli import main, predict_command
 from stackcls.io import load_stacks
 from stackcls.io.inputs import resolve_stack_input
-from stackcls.models import build_classifier
+from stackcls.models.classifier import build_classifier
 from stackcls.phantom import cohort
-from stackcls.predict import OrientationWarning, Prediction, _compiled, predict_stack
+from stackcls.predict.stack import OrientationWarning, Prediction, _compiled, predict_stack
 from stackcls.stack import Stack, is_ordered
-from stackcls.inference import TrainedModel
-from stackcls.stack_model import StackHead, StackModel, slice_features, train_stack_model
+from stackcls.models.classifier import TrainedModel
+from stackcls.models.stack_head import StackHead, StackModel, slice_features
+from stackcls.train.stack_head import train_stack_model
 
 
 class ToyModel:
@@ -177,7 +178,7 @@ def test_clear_errors(model):
 # ----------------------------------------------------------------------------- files (io + phantom)
 
 # the toy model knows nothing of real images: the geometry check may (rightly) warn on phantom stacks
-files_test = pytest.mark.filterwarnings("ignore::stackcls.predict.OrientationWarning")
+files_test = pytest.mark.filterwarnings("ignore::stackcls.predict.stack.OrientationWarning")
 
 
 @pytest.fixture(scope="module")

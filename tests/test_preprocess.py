@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stackcls.preprocess import (center_crop, oversample, patient_folds, resize, split_subjects,
+from stackcls.preprocess.arrays import (center_crop, oversample, patient_folds, resize, split_subjects,
                                  stack_arrays, to_model_input, window)
-from stackcls.preprocess import grey_model_input
+from stackcls.preprocess.arrays import grey_model_input
 from stackcls.stack import Stack
 
 

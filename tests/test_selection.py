@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stackcls.selection import select
+from stackcls.train.selection import select
 
 
 def test_best_mean_score_ties_to_fewer_epochs():

@@ -6,8 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from stackcls.decode import best_score, ordered_decode
-from stackcls.stack_model import StackHead, StackHeadConfig, StackModel, pad, slice_features, train_stack_model
+from stackcls.decode.ordered import best_score, ordered_decode
+from stackcls.models.stack_head import StackHead, StackHeadConfig, StackModel, pad, slice_features
+from stackcls.train.stack_head import train_stack_model
 
 PROTO = dict(hidden=16, epochs=120, folds=2, learning_rates=(1e-2,), residual=False)  # features: no log-probs
 
@@ -55,8 +56,8 @@ def test_padding_never_reaches_valid_slices():
 
 def test_stack_head_beats_single_slice_and_records_cv(trained):
     from sklearn.linear_model import LogisticRegression
-    from stackcls.decode import decode_many
-    from stackcls.metrics import boundary_mae, exact_range_rate, soft_accuracy
+    from stackcls.decode.ordered import decode_many
+    from stackcls.study.metrics import boundary_mae, exact_range_rate, soft_accuracy
     f, y, _ = synthetic_feature_stacks(60, seed=0)
     ft, yt, _ = synthetic_feature_stacks(60, seed=1)
     base = LogisticRegression(max_iter=500).fit(np.concatenate(f), np.concatenate(y))

@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue
 
 from stackcls.ui.explain import gradcam_cells
-from stackcls.stack_model import StackHeadConfig
+from stackcls.models.stack_head import StackHeadConfig
 from stackcls.study.config import PAPER, QUICK, as_plain, compose, identity
 from stackcls.study.report import MODE_ROWS, metric_rows, results_markdown, summary_table
 from stackcls.study.settings import Depth0, Depth1, Scratch, plan, vmapped

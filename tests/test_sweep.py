@@ -6,13 +6,13 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-from stackcls import backbones  # noqa: E402
-from stackcls.checkpoint import is_saved  # noqa: E402
-from stackcls.engine import Pool  # noqa: E402
-from stackcls.inference import extract  # noqa: E402
-from stackcls.models import build_classifier  # noqa: E402
-from stackcls.preprocess import patient_folds  # noqa: E402
-from stackcls.sweep import SimulatedInterrupt, final_job, fold_jobs, run_setting  # noqa: E402
+from stackcls.models import backbones  # noqa: E402
+from stackcls.train.checkpoint import is_saved  # noqa: E402
+from stackcls.train.engine import Pool  # noqa: E402
+from stackcls.models.apply import extract  # noqa: E402
+from stackcls.models.classifier import build_classifier  # noqa: E402
+from stackcls.preprocess.arrays import patient_folds  # noqa: E402
+from stackcls.train.sweep import SimulatedInterrupt, final_job, fold_jobs, run_setting  # noqa: E402
 
 ARGS = dict(lrs=[1e-1, 1e-2], epochs=3, folds=3, seed=0, oversample_factor=2, vmapped=False,
             save_config=dict(backbone="mobilenet", input_size=32))

@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from stackcls import backbones as B
-from stackcls.backbones import layers as L
-from stackcls.backbones.weights import WeightsError, load_keras_weights, read_keras_weights
+from stackcls.models import backbones as B
+from stackcls.models.backbones import layers as L
+from stackcls.models.backbones.weights import WeightsError, load_keras_weights, read_keras_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 

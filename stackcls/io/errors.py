@@ -24,6 +24,18 @@ def printable(text) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def printable_tree(obj):
+    """Every string of a JSON-bound tree through `printable` (a lone surrogate from a non-UTF-8
+    file name is not a string other JSON readers accept)."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {printable_tree(k): printable_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [printable_tree(v) for v in obj]
+    return obj
+
+
 _OS_REASONS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                errno.ELOOP: "symlink loop (too many levels of symbolic links)",
                errno.ENOENT: "no such file (or a broken symlink)",

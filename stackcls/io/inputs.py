@@ -136,7 +136,7 @@ def _from_files(files, orientation: str | None, phase: str | None) -> StackInput
                              "the list")
         key.append((i, w))
     if len(key) != st.n_slices:
-        raise ValueError(f"predict_stack: the stack read from the list has no file per slice")
+        raise ValueError("predict_stack: the stack read from the list has no file per slice")
     used = {i for i, _ in key}
     if len(used) != len(paths):
         left = [str(paths[i]) for i in range(len(paths)) if i not in used]

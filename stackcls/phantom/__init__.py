@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from stackcls.cache import cache_dir
 from stackcls.io.masks import mask_file, write_mask
 from stackcls.phantom.render import SubjectData, render_subject
 from stackcls.progress import bar as tqdm
@@ -37,9 +38,7 @@ __all__ = ["cohort", "synth_command", "generate", "render_subject", "SubjectData
 
 def cache_root() -> Path:
     """$STACKCLS_CACHE/phantom, else ~/.cache/stackcls/phantom."""
-    env = os.environ.get("STACKCLS_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "stackcls"
-    return base / "phantom"
+    return cache_dir("phantom")
 
 
 def _label_rows(d: SubjectData) -> list[dict]:

@@ -1,4 +1,4 @@
-"""method=anatomy in the study: the mask-supervised encoder-decoder (stackcls.anatomy), cross-
+"""method=anatomy in the study: the mask-supervised encoder-decoder (stackcls.models.anatomy), cross-
 validated by patient, its fold models kept as the final ensemble, then the stack head over the
 slice evidence.
 
@@ -26,17 +26,18 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from stackcls.anatomy import (EVIDENCE, AnatomyModel, Ensemble, batch_inputs, build_net, outputs,
-                              train, with_context)
+from stackcls.models.anatomy import (EVIDENCE, AnatomyModel, Ensemble, batch_inputs, build_net,
+                                     outputs, with_context)
+from stackcls.train.anatomy import train
 from stackcls.atomic import savez, write_json
-from stackcls.checkpoint import is_saved, restore_into, save_anatomy_model, save_module
-from stackcls.decode import decode_many
-from stackcls.metrics import stack_groups
-from stackcls.physical import canvas, mask_centre
-from stackcls.preprocess import patient_folds
-from stackcls.selection import select
+from stackcls.train.checkpoint import is_saved, restore_into, save_anatomy_model, save_module
+from stackcls.decode.ordered import decode_many
+from stackcls.study.metrics import stack_groups
+from stackcls.preprocess.physical import canvas, mask_centre
+from stackcls.preprocess.arrays import patient_folds
+from stackcls.train.selection import select
 from stackcls.stack import CLASSES
-from stackcls.stack_model import slice_features
+from stackcls.models.stack_head import slice_features
 from stackcls.study.config import AnatomyStage, as_plain
 from stackcls.study.evaluation import (Evaluated, calibrate_setting, evaluate_rows, fit_calibration,
                                       orientation_withheld, stack_head, trivial_row)
@@ -279,7 +280,7 @@ def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int):
     the K patient folds of the anatomy CV, and `folds`: the per-fold exact-range rates. Both
     selections (the epoch count, the head's settings) were made on these same folds, so the
     numbers lean optimistic by the selection's share."""
-    from stackcls import calibration as cal
+    from stackcls.train import calibration as cal
     pen, probs = train_outputs
     groups = stack_groups(tr["stack_index"])
     feats = [slice_features(pen[g], probs[g]) for g in groups]
@@ -337,7 +338,7 @@ def write_figures(run_dir: Path, stacks, outs: list[dict], te: dict, probs, stac
     """confusion.png (slice and stack modes) and anatomy.png: the model's view and masks of the
     `which` stacks with out-of-range slices, wrongly labelled ones first (at most 6)."""
     from stackcls.ui import figures
-    from stackcls.metrics import confusion_matrix
+    from stackcls.study.metrics import confusion_matrix
     from stackcls.study.evaluation import ordered
     pred = ordered(np.log(np.clip(stack_probs, 1e-12, 1.0)), te["stack_index"])
     figures.confusion({"anatomy: slice": confusion_matrix(te["y"], probs.argmax(1)),

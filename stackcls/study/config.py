@@ -22,8 +22,8 @@ from hydra import compose as hydra_compose, initialize
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from stackcls.anatomy import AnatomyConfig
-from stackcls.stack_model import StackHeadConfig
+from stackcls.models.anatomy import AnatomyConfig
+from stackcls.models.stack_head import StackHeadConfig
 
 
 # ----------------------------------------------------------------------------- data
@@ -99,7 +99,7 @@ class StackStage(StackHeadConfig):
 
 @dataclass(frozen=True)
 class AnatomyStage(AnatomyConfig):
-    """method=anatomy (stackcls.anatomy): the network's training, its cross-validation and its
+    """method=anatomy (stackcls.models.anatomy): the network's training, its cross-validation and its
     stack head. The K fold models are kept and averaged at test time (an ensemble), so the CV that
     selects the epoch count also yields the model: no sixth training on all stacks.
 
@@ -186,9 +186,9 @@ RUN_DIR = ("${oc.env:STACKCLS_RUNS,runs}/${backbone}_${data.name}_${protocol.nam
 
 @dataclass(frozen=True)
 class Study:
-    backbone: str = "mobilenet"         # any name of stackcls.backbones.names(); cbr_* train from scratch
+    backbone: str = "mobilenet"         # any name of stackcls.models.backbones.names(); cbr_* train from scratch
     method: str = "paper"               # paper: Ho & Kim's single-slice protocol (the benchmark);
-                                        # anatomy: mask-supervised encoder-decoder (stackcls.anatomy)
+                                        # anatomy: mask-supervised encoder-decoder (stackcls.models.anatomy)
     depth: int = 1                      # 0: frozen backbone + head; 1: depth 0, then the last block too
     weights: Optional[str] = "imagenet"  # imagenet | none | PATH to a Keras weight file
     seed: int = 0
@@ -277,3 +277,19 @@ def identity(study: Study) -> dict:
         ident["method"] = study.method
         ident["anatomy"] = {k: v for k, v in plain["protocol"]["anatomy"].items() if k != "stack"}
     return ident
+
+
+def register_slurm() -> None:
+    """hydra/launcher=stackcls_slurm, when the [cluster] extra (hydra-submitit-launcher) is
+    installed. One GPU per run, sized for the paper's protocol (Table 1: 154-746 GPU-minutes per
+    backbone on a Quadro P5000 for depth 1's CV alone). A run that reaches the time limit is
+    requeued (max_num_timeout) and resumes from its run_dir; override any field on the command
+    line, e.g. hydra.launcher.partition=gpu hydra.launcher.timeout_min=720."""
+    try:
+        from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+    except ImportError:       # no SLURM launcher to configure
+        return
+    ConfigStore.instance().store(group="hydra/launcher", name="stackcls_slurm", node=SlurmQueueConf(
+        timeout_min=24 * 60, max_num_timeout=3, nodes=1, tasks_per_node=1, gpus_per_node=1,
+        cpus_per_task=8, mem_gb=64, array_parallelism=18, signal_delay_s=300,
+        submitit_folder="${hydra.sweep.dir}/.submitit/%j"))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stackcls import backbones
+from stackcls.models import backbones
 from stackcls.io import load_stacks
 from stackcls.phantom import cohort
-from stackcls.preprocess import split_subjects
+from stackcls.preprocess.arrays import split_subjects
 from stackcls.stack import Stack
 from stackcls.study.config import Study
 

@@ -1,7 +1,7 @@
 """Evaluating a trained setting on the test stacks, one row per mode of use:
 
     slice                       each slice alone (argmax of the classifier's probabilities)
-    slice_ordered               the exact ordered decoding (stackcls.decode) of those probabilities
+    slice_ordered               the exact ordered decoding (stackcls.decode.ordered) of those probabilities
     stack                       the stack head, trained on the training stacks' slice outputs, then
                                 ordered decoding of its per-slice probabilities
     stack_orientation_withheld  the stack mode through predict_stack with each test stack shown in a
@@ -21,17 +21,19 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from stackcls import calibration as cal
+from stackcls.train import calibration as cal
 from stackcls.ui import figures
 from stackcls.atomic import savez, write_json
-from stackcls.checkpoint import load_stack_model, save_stack_model
-from stackcls.decode import decode_many
-from stackcls.direction import DirectionModel, fit_direction
-from stackcls.inference import TrainedModel, predict_outputs
-from stackcls.metrics import evaluate, stack_groups
-from stackcls.predict import predict_stack
+from stackcls.train.checkpoint import load_stack_model, save_stack_model
+from stackcls.decode.ordered import decode_many
+from stackcls.models.direction import DirectionModel, fit_direction
+from stackcls.models.classifier import TrainedModel
+from stackcls.models.apply import predict_outputs
+from stackcls.study.metrics import evaluate, stack_groups
+from stackcls.predict.stack import predict_stack
 from stackcls.stack import CLASS_INDEX
-from stackcls.stack_model import PROB_FLOOR, StackModel, slice_features, train_stack_model
+from stackcls.models.stack_head import PROB_FLOOR, StackModel, slice_features
+from stackcls.train.stack_head import train_stack_model
 from stackcls.study.config import StackStage, as_plain
 from stackcls.study.settings import StageInputs
 
@@ -55,7 +57,7 @@ class Evaluated:
 
 
 def ordered(log_probs: np.ndarray, stack_index: np.ndarray) -> np.ndarray:
-    """Ordered decoding (stackcls.decode) of per-slice log-scores, stack by stack."""
+    """Ordered decoding (stackcls.decode.ordered) of per-slice log-scores, stack by stack."""
     groups = stack_groups(stack_index)
     out = np.empty(len(log_probs), np.int32)
     for g, labels in zip(groups, decode_many([log_probs[g] for g in groups])):
@@ -188,7 +190,7 @@ def _log(probs: np.ndarray, floor: float) -> np.ndarray:
 
 def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: dict, train_outputs,
                     head: StackOutcome | None, stack_tables=None) -> cal.Calibration:
-    """The temperatures of a setting (stackcls.calibration), fitted on out-of-fold training
+    """The temperatures of a setting (stackcls.train.calibration), fitted on out-of-fold training
     stacks, or loaded from `folder` when fitted for the same stack settings and seed.
     stack_tables: the stack head's out-of-fold log-scores when the caller has them already
     (calibration.oof_stack_tables of the same head)."""

@@ -23,10 +23,11 @@ import numpy as np
 from stackcls import parallel
 from stackcls.ui import figures
 from stackcls.atomic import write_json
+from stackcls.predict.load import write_run_models
 from stackcls.ui.explain import gradcam, gradcam_cells, tsne
-from stackcls.metrics import confusion_matrix
-from stackcls.models import build_classifier
-from stackcls.preprocess import stack_arrays
+from stackcls.study.metrics import confusion_matrix
+from stackcls.models.classifier import build_classifier
+from stackcls.preprocess.arrays import stack_arrays
 from stackcls.progress import set_enabled as set_progress
 from stackcls.stack import CLASSES
 from stackcls.study.anatomy import run_anatomy
@@ -36,7 +37,7 @@ from stackcls.study.evaluation import (Evaluated, calibration_figure, evaluate_s
                                       trivial_row)
 from stackcls.study.report import results_markdown, summary_table
 from stackcls.study.settings import plan, stage_inputs, vmapped
-from stackcls.sweep import run_setting
+from stackcls.train.sweep import run_setting
 
 SCHEMA_VERSION = 1
 
@@ -141,6 +142,7 @@ def run(cfg) -> dict:
                    timing=dict(total_seconds=round(time.perf_counter() - t_start, 3)))
     write_figures(run_dir, trained, evaluated, te, seed)
     write_json(run_dir / "results.json", results)
+    write_run_models(run_dir)      # every trained setting in the one model format
     (run_dir / "results.md").write_text(results_markdown(results))
     print(summary_table(results))
     return results
@@ -173,6 +175,7 @@ def run_anatomy_study(study: Study, run_dir: Path, t_start: float) -> dict:
                    device=jax.devices()[0].device_kind, devices=parallel.describe(),
                    timing=dict(total_seconds=round(time.perf_counter() - t_start, 3)))
     write_json(run_dir / "results.json", results)
+    write_run_models(run_dir)      # every trained setting in the one model format
     (run_dir / "results.md").write_text(results_markdown(results))
     print(summary_table(results))
     if study.export.path:

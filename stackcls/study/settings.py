@@ -17,10 +17,10 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from stackcls import backbones
-from stackcls.engine import Pool, split
-from stackcls.inference import extract, pooled_features
-from stackcls.models import Classifier
+from stackcls.models import backbones
+from stackcls.train.engine import Pool, split
+from stackcls.models.apply import extract, pooled_features
+from stackcls.models.classifier import Classifier
 from stackcls.study.config import Protocol
 
 
@@ -55,7 +55,7 @@ def vmapped(conv: bool, vmap) -> bool:
 class Setting:
     name = ""          # run-directory folder, CV job prefix, protocol.learning_rates field
     key = ""           # its row in results.json's "depths"
-    stage = ""         # stackcls.engine stage of its inputs
+    stage = ""         # stackcls.train.engine stage of its inputs
     conv = True        # trains convolutions
     rotate = False     # rotates its images on the fly
 
@@ -120,7 +120,7 @@ def plan(backbone: str, depth: int) -> list[Setting]:
 def stage_inputs(model: Classifier, tr: dict, te: dict, protocol: Protocol, seed: int,
                  stages) -> dict[str, StageInputs]:
     """The inputs of every stage in `stages` ("image", "features", "carry") for the train and test
-    arrays (stackcls.preprocess.stack_arrays); the frozen backbone runs once per image and view."""
+    arrays (stackcls.preprocess.arrays.stack_arrays); the frozen backbone runs once per image and view."""
     x, views, rot = tr["x"], protocol.views, float(protocol.rotation)
     out = {}
     if "image" in stages:

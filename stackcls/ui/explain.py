@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from stackcls.batching import map_chunks
-from stackcls.models import Classifier, gap
+from stackcls.models.classifier import Classifier, gap
 
 
 def gradcam(model: Classifier, x, classes=None, chunk: int = 16) -> np.ndarray:

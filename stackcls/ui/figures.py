@@ -190,8 +190,8 @@ def reliability(curves: dict, path, bins: int = 10) -> Path:
     """Reliability diagrams of P(returned IN range): curves {title: (probabilities (N,), right
     (N,) bool)}, one panel each: accuracy against mean confidence per equal-width bin (marker
     area ~ stacks in the bin), the diagonal, ECE and Brier in the title."""
-    from stackcls.calibration import brier, ece
-    from stackcls.calibration import reliability as bin_stats
+    from stackcls.train.calibration import brier, ece
+    from stackcls.train.calibration import reliability as bin_stats
 
     plt = _plt()
     n = max(1, len(curves))

@@ -30,7 +30,7 @@ except ImportError:  # Windows: no advisory lock, the compare-and-merge still ru
     fcntl = None
 
 from stackcls.atomic import remove_stale_temps, replace_atomically
-from stackcls.decode import in_range
+from stackcls.decode.ordered import in_range
 from stackcls.io import load_labels, save_labels
 from stackcls.io.labels import _uncell, csv_cell
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack

@@ -26,10 +26,10 @@ from PIL import Image
 
 from stackcls.atomic import inside, safe_name
 from stackcls.ui.explain import gradcam
-from stackcls.inference import load_model
+from stackcls.predict.load import load_model
 from stackcls.io import es_frames, load_labels, load_stacks
 from stackcls.ui.label_session import LabelsConflictError, LabelSession, read_review_queue
-from stackcls.predict import predict_stack
+from stackcls.predict.stack import predict_stack
 from stackcls.progress import bar as tqdm
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
 

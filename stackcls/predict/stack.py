@@ -1,0 +1,304 @@
+"""Predict the OAP / IN / OBS labels of a stack: `predict_stack`.
+
+    from stackcls import load_model, predict_stack
+    model = load_model(run_dir)
+    pred = predict_stack(stack, model, mode="stack")     # or "slice", "slice_ordered"
+    pred = predict_stack(stack)                           # the model the package ships
+
+`stack`: any input `stackcls.io.inputs.resolve_stack_input` takes: a `Stack`; a DICOM folder
+holding one stack; a list of the DICOM files of one stack in any order (outputs then follow the
+list); a NIfTI file (outputs follow the file's slice index); or an array (S, H, W) with
+orientation="apex_to_base" | "base_to_apex" | "unknown".
+`model`: None (the shipped model, `stackcls.pretrained`), a run directory (loaded with
+`stackcls.predict.load.load_model`) or a loaded model with
+`.preprocess(images (S, H, W), spacing=(row, col, slice) mm or None)`, `.slice_outputs(x) -> (penultimate (S, 256), probs (S, 3))`,
+`.stack_head` (a `stackcls.models.stack_head.StackModel` or None) and optionally `.direction` (a
+`stackcls.models.direction.DirectionModel`).
+
+Modes: "slice" is the paper's per-slice argmax; "slice_ordered" decodes the single-slice
+log-probabilities with the order constraint (OAP..IN..OBS from apex to base, `decode.py`);
+"stack" runs the bidirectional stack head over the slice features and decodes its scores the same
+way. Probabilities are the per-slice probabilities of the mode's model (stack head or classifier);
+labels are the decoded ones.
+
+Orientation: both directions are scored (best ordered labelling; for "stack" the head is run on the
+reversed stack too). Unknown orientation (`Stack.orientation_known=False`, an array given as
+"unknown", or orientation="unknown"): the direction with the higher total evidence wins: the score
+difference plus the direction model's log-odds (`stackcls.models.direction`, saved with the run). Known
+orientation (geometry, or the caller): it is used, but if the reversed direction scores better by
+more than `ORIENTATION_MARGIN` nats the prediction carries `orientation_warning` and a warning is
+issued (wrong geometry, e.g. LPS coordinates stored as RAS, reverses apex and base).
+
+After warm-up a stack is one jitted call (preprocessing on the host, then slice outputs, stack
+head in both directions and both decodings in one compiled function per model, mode and S).
+The terminal summary and `stackcls predict` are in `cli.py`, the figure in `figures.py`.
+
+How sure: the labels come with the exact distribution over IN ranges under the order constraint
+(`stackcls.decode.boundaries`), formed from the mode's per-slice scores divided by the model's fitted
+temperature (`stackcls.train.calibration`, 1 without one): `range_probability` (P(the returned IN range
+is exactly right)), `alternatives` (the next three ranges), `boundary_probabilities` (each
+candidate first and last IN slice), `coverage` (whether an end slice of the stack is probably IN
+already, so the stack may stop short of the apex or the base) and `level` (apical / mid / basal
+thirds of the IN range). For mode "slice" the labels need not be ordered; the probability is still
+that of its (first, last) IN span under the ordered model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stackcls.decode.boundaries import distribution, levels
+from stackcls.predict.load import load_model
+from stackcls.decode.ordered import decode_batch, in_range
+from stackcls.io.inputs import resolve_stack_input
+from stackcls.stack import CLASSES
+from stackcls.models.stack_head import PROB_FLOOR
+
+MODES = ("stack", "slice", "slice_ordered")
+ALTERNATIVES = 3           # ranges listed after the returned one
+# Log-score margin (nats, summed over the stack) by which the reversed direction must beat a known
+# orientation before we warn: e^3 ~ 20x more likely under the model. Below it, geometry is trusted.
+ORIENTATION_MARGIN = 3.0
+
+
+class OrientationWarning(UserWarning):
+    """The data score the reversed slice order clearly better than the stated one."""
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Per-slice labels of one stack. Per-slice fields follow the caller's order."""
+
+    labels: list[str]
+    probabilities: np.ndarray            # (S, 3): OAP, IN, OBS
+    in_range: tuple[int, int] | None     # (min, max) caller indices of the IN slices, or None
+    sources: list[str]                   # per-slice ids (file paths, NIfTI slice index, array index)
+    apex_to_base: list[int]              # caller indices from apex to base, as used
+    mode: str
+    orientation: str                     # "as_given" (working order used) or "reversed"
+    orientation_source: str              # "geometry" | "caller" | "data"
+    orientation_scores: dict             # best ordered log-scores {"as_given", "reversed"} and the
+                                         # direction model's "direction_logit" (0 without one)
+    orientation_warning: str | None = None
+    in_range_apex_to_base: tuple[int, int] | None = None   # (first, last) IN ranks along apex->base
+    subject: str | None = None
+    phase: str | None = None
+    slice_ids: list[int] | None = None
+    # how sure (see the module docstring); ranks count apex -> base (apex_to_base[r] is the caller
+    # index of rank r)
+    range_probability: float | None = None   # P(the IN range is exactly in_range_apex_to_base)
+    alternatives: list = dataclasses.field(default_factory=list)   # [{in_range_apex_to_base,
+                                             # in_range, probability}], most probable first
+    boundary_probabilities: dict | None = None   # first_in / last_in: P per rank; no_in: P(no IN)
+    coverage: dict | None = None             # status, apex_end_in, base_end_in, threshold
+    level: list | None = None                # per slice (caller order): apical | mid | basal | None
+    temperature: float = 1.0                 # of the range distribution (1: not calibrated)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["probabilities"] = np.round(np.asarray(self.probabilities, float), 6).tolist()
+        for k in ("in_range", "in_range_apex_to_base"):
+            d[k] = None if d[k] is None else [int(v) for v in d[k]]
+        d["orientation_scores"] = {k: float(v) for k, v in self.orientation_scores.items()}
+        return d
+
+
+# ----------------------------------------------------------------------------- model and jitted core
+
+def as_model(model=None):
+    """None -> the shipped model; a run directory -> its loaded model; a loaded model is checked
+    and returned as is."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    for attr in ("preprocess", "slice_outputs"):
+        if not hasattr(model, attr):
+            raise TypeError(f"predict_stack: model must be a run directory or have .preprocess and "
+                            f".slice_outputs (missing .{attr}); got {type(model).__name__}")
+    return model
+
+
+def _core(model, mode: str):
+    """fn(x) -> (probs_fwd (S, 3), probs_rev (S, 3), labels_fwd, labels_rev, all in working order;
+    score_f, score_r: the best ordered log-scores of each direction; the direction model's logit
+    for the working order running apex -> base, 0 without a direction model)."""
+    head = getattr(model, "stack_head", None) if mode == "stack" else None
+    direction = getattr(model, "direction", None)
+
+    def fn(x):
+        pen, probs = model.slice_outputs(x)
+        lp = jnp.log(jnp.clip(jnp.asarray(probs, jnp.float32), PROB_FLOOR, 1.0))   # as slice_features
+        S = lp.shape[0]
+        n = jnp.array([S], jnp.int32)
+        feats = jnp.concatenate([jnp.asarray(pen, jnp.float32), lp], axis=1)
+        if head is not None:
+            lp_f = head.log_probs_padded(feats[None], n)[0]
+            lp_r = head.log_probs_padded(feats[None, ::-1], n)[0][::-1]   # back in working order
+        else:
+            lp_f = lp_r = lp
+        both = jnp.stack([lp_f, lp_r[::-1]])                           # decode each along its own direction
+        labels, _, _, score = decode_batch(both, jnp.array([S, S], jnp.int32))
+        dir_logit = direction.logit(feats) if direction is not None else jnp.float32(0.0)
+        return (jnp.exp(lp_f), jnp.exp(lp_r), labels[0], labels[1][::-1], score[0], score[1],
+                dir_logit)
+
+    return fn
+
+
+_CACHE: dict = {}
+
+
+def _compiled(model, mode: str, batched: bool = False, grey: bool = False):
+    """The per-model, per-mode runner: x -> outputs of `_core`, one compiled call per input shape.
+    batched: x holds K stacks of one length (K, S, ...) and every output gains a leading K
+    (`stackcls.predict.archive` runs many stacks in one device call). grey: x holds the one channel of
+    `preprocess.grey_model_input` (..., S, size, size), copied into RGB inside the call.
+
+    The function is traced once per shape with `make_jaxpr`, and the arrays it closes over (the
+    model's weights) become arguments of the jitted evaluation instead of constants baked into the
+    program (a closed-over VGG16 would otherwise be copied into the HLO and slow compilation)."""
+    key = (id(model), mode, batched, grey)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    core = rgb = _core(model, mode)
+    if grey:
+        def core(x):
+            return rgb(jnp.broadcast_to(x[..., None], x.shape + (3,)))
+    fn = jax.vmap(core) if batched else core
+    per_shape: dict = {}
+
+    def run(x):
+        x = jnp.asarray(x)
+        k = (x.shape, str(x.dtype))
+        if k not in per_shape:
+            try:
+                closed, shapes = jax.make_jaxpr(fn, return_shape=True)(x)
+            except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+                    jax.errors.TracerBoolConversionError):
+                per_shape[k] = None             # slice_outputs is not traceable: run it eagerly
+            else:
+                jaxpr, tree = closed.jaxpr, jax.tree.structure(shapes)
+                jitted = jax.jit(lambda consts, x: jax.tree.unflatten(tree, jax.core.eval_jaxpr(jaxpr, consts, x)))
+                per_shape[k] = (jitted, closed.consts)
+        entry = per_shape[k]
+        if entry is None:
+            return fn(x)
+        return entry[0](entry[1], x)
+
+    run.per_shape = per_shape
+    while len(_CACHE) >= 8:                     # keep a few models' executables, not all ever seen
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = (model, run)
+    return run
+
+
+# ----------------------------------------------------------------------------- predict_stack
+
+def predict_stack(stack, model=None, mode: str = "stack", orientation: str | None = None,
+                  phase: str | None = None, spacing=None) -> Prediction:
+    """Labels, probabilities and IN range of one stack (see the module docstring).
+
+    orientation: for arrays, required ("apex_to_base" | "base_to_apex" | "unknown"); for Stacks and
+    files, None uses the reader's geometry (`orientation_known`), "unknown" decides from the data,
+    "apex_to_base" trusts the stack order. phase: for DICOM/NIfTI inputs holding a cine, which phase
+    ("ED", "ES" or an index), passed to `stackcls.io.load_stacks`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    model = as_model(model)
+    if mode == "stack" and getattr(model, "stack_head", None) is None:
+        raise ValueError("predict_stack: this model has no stack head (trained without one); "
+                         "use mode='slice_ordered' or 'slice'")
+    w = resolve_stack_input(stack, orientation, phase)
+    if spacing is not None:
+        w.spacing = tuple(float(v) for v in spacing)
+    x = _preprocess(model, w.images, w.spacing)
+    return finish(w, _compiled(model, mode)(x), mode, model)
+
+
+def _preprocess(model, images, spacing):
+    """model.preprocess with the stack's spacing when it takes one (models that resample to a
+    physical scale need it; a model written before spacing existed still works)."""
+    try:
+        takes = "spacing" in inspect.signature(model.preprocess).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return model.preprocess(images, spacing=spacing) if takes else model.preprocess(images)
+
+
+def finish(w, out, mode: str, model) -> Prediction:
+    """The Prediction of stack input `w` (io.inputs.StackInput) from `_core`'s outputs `out`."""
+    p_f, p_r, lab_f, lab_r, s_f, s_r, dir_logit = (np.asarray(v) for v in out)
+    s_f, s_r, dir_logit = float(s_f), float(s_r), float(dir_logit)
+    S = w.images.shape[0]
+
+    warning = None
+    if w.known:
+        use_rev = False
+        if s_r - s_f > ORIENTATION_MARGIN:
+            warning = (f"{w.subject or 'stack'}{'/' + w.phase if w.phase else ''}: the reversed slice order "
+                       f"scores {s_r - s_f:.1f} nats better than the stated apex->base order "
+                       f"({w.source}); the geometry may be wrong (e.g. LPS stored as RAS). Kept the stated order.")
+            warnings.warn(warning, OrientationWarning, stacklevel=2)
+    else:
+        # two log-odds for "the working order runs apex -> base", summed: the ordered decoding's
+        # score difference and the direction model's (stackcls.models.direction)
+        use_rev = (s_f - s_r) + dir_logit < 0
+    probs_w = p_r if use_rev else p_f
+    if mode == "slice":
+        lab_w = probs_w.argmax(1)
+    else:
+        lab_w = lab_r if use_rev else lab_f
+    apex_first = np.arange(S)[::-1] if use_rev else np.arange(S)     # working indices, apex -> base
+    caller = w.caller_index
+    labels = [None] * S
+    probs = np.zeros((S, 3), np.float32)
+    for wi in range(S):
+        labels[caller[wi]] = CLASSES[int(lab_w[wi])]
+        probs[caller[wi]] = probs_w[wi]
+    rank_to_caller = [int(caller[wi]) for wi in apex_first]
+    rng = in_range(lab_w[apex_first])
+    return Prediction(
+        labels=labels, probabilities=probs, in_range=in_range(labels),
+        sources=list(w.sources), apex_to_base=rank_to_caller, mode=mode,
+        orientation="reversed" if use_rev else "as_given", orientation_source=w.source,
+        orientation_scores={"as_given": s_f, "reversed": s_r, "direction_logit": dir_logit},
+        orientation_warning=warning, in_range_apex_to_base=rng,
+        subject=w.subject, phase=w.phase, slice_ids=w.slice_ids,
+        **how_sure(probs_w[apex_first], rng, rank_to_caller, labels, mode, model))
+
+
+def how_sure(probs, rng, rank_to_caller, labels, mode: str, model) -> dict:
+    """The range fields of a Prediction from the mode's per-slice probabilities (S, 3) apex ->
+    base and the returned IN range `rng` (ranks)."""
+    # the log-scores the decoder used: the classifier's are clipped at PROB_FLOOR (as
+    # slice_features), the head's are its log-softmax, recovered to float32 precision
+    floor = np.finfo(np.float32).tiny if mode == "stack" else PROB_FLOOR
+    calibration = getattr(model, "calibration", None)
+    t = calibration.temperature(mode) if calibration is not None else 1.0
+    d = distribution(np.log(np.clip(np.asarray(probs, np.float64), floor, 1.0)), t)
+
+    def as_range(r):
+        if r is None:
+            return dict(in_range_apex_to_base=None, in_range=None)
+        span = [rank_to_caller[k] for k in range(r[0], r[1] + 1)]
+        return dict(in_range_apex_to_base=[int(r[0]), int(r[1])], in_range=[min(span), max(span)])
+
+    alternatives = [dict(as_range(r), probability=round(p, 6)) for r, p in d.ranges()
+                    if r != rng][:ALTERNATIVES]
+    level = [None] * len(labels)
+    for k, lv in enumerate(levels(rng, len(labels))):
+        if lv is not None and labels[rank_to_caller[k]] == "IN":
+            level[rank_to_caller[k]] = lv
+    return dict(range_probability=round(d.probability(rng), 6), alternatives=alternatives,
+                boundary_probabilities=dict(first_in=np.round(d.first, 6).tolist(),
+                                            last_in=np.round(d.last, 6).tolist(),
+                                            no_in=round(d.none, 6)),
+                coverage=d.coverage(), level=level, temperature=float(t))
