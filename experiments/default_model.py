@@ -39,7 +39,7 @@ def pins(model) -> dict:
     (rounded) on the pinned stack, orientation given."""
     from stackcls.predict.stack import predict_stack
     images, spacing = pinned_stack()
-    p = predict_stack(images, model, orientation="apex_to_base", spacing=spacing)
+    p = predict_stack(images, model, mode="stack", orientation="apex_to_base", spacing=spacing)
     return dict(sha256=getattr(model, "card", {}).get("sha256"),
                 labels="".join(l[1] for l in p.labels),      # OAP, IN, OBS -> A, N, B
                 probabilities=[[round(float(v), 4) for v in row] for row in p.probabilities],

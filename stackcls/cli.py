@@ -19,6 +19,8 @@ from pathlib import Path
 from stackcls.io.errors import ModelFileError, StackReadError, printable, printable_tree
 
 FIGURE_ROWS = 16           # stacks per figure page
+# as stackcls.predict.stack.MODES, repeated here so argument checks need not import JAX
+MODES = ("stack", "slice", "slice_ordered")
 MODEL_HELP = ("run directory of a trained model, or a model file (.npz); default: the model "
               "shipped with stackcls (docs/model-card.md)")
 
@@ -33,7 +35,32 @@ def _inspect(a):
     return inspect_command(a.path, labels=a.labels)
 
 
+def _bad_paths(path, model) -> int | None:
+    """2 (after one "error:" line) when the input or the model path does not exist, else None."""
+    if not Path(path).exists():
+        _err(f"{path}: no such file or folder")
+        return 2
+    # a loaded model (callers of predict_command may pass one) needs no check
+    if isinstance(model, (str, os.PathLike)) and str(model) != "default" and not Path(model).exists():
+        _err(f"{model}: no such model file or run directory")
+        return 2
+    return None
+
+
+def _serve(a):
+    model = None if str(a.model).lower() == "none" else a.model
+    bad = _bad_paths(a.root, model)
+    if bad is not None:
+        return bad
+    from stackcls.ui.web import serve_command
+    return serve_command(a.root, labels=a.labels, model=a.model, host=a.host, port=a.port,
+                         open_browser=a.open_browser, masks=a.masks)
+
+
 def _predict(a):
+    bad = _bad_paths(a.path, a.model)
+    if bad is not None:
+        return bad
     if a.out is not None:                 # an archive: streamed, resumable, sharded
         from stackcls.predict.archive import archive_command
         return archive_command(a.path, a.model, a.out, mode=a.mode, shard=a.shard, workers=a.workers)
@@ -95,22 +122,29 @@ def _how_sure(pred) -> list[str]:
             f"base {cov['base_end_in']:.2f})"]
 
 
-def predict_command(path, model, json_out=None, figure_out=None, mode: str = "stack",
+def predict_command(path, model, json_out=None, figure_out=None, mode: str | None = None,
                     review_below: float | None = None, queue_out="review_queue.csv") -> int:
     """`stackcls predict PATH [--model RUN_DIR] [--json OUT] [--figure OUT.png] [--mode ...]
     [--review-below P [--queue review_queue.csv]]`: every stack under PATH, a summary of each on
     stdout; with review_below, the review queue CSV (`label_session.write_review_queue`). model
     None: the shipped model. Returns 0, 1 (no stack predicted) or 2 (bad arguments)."""
+    # every argument is checked before JAX and the model load (seconds): a typo answers at once
+    bad = _bad_paths(path, model)
+    if bad is not None:
+        return bad
+    if mode is not None and mode not in MODES:
+        _err(f"mode must be one of {MODES}, got {mode!r}")
+        return 2
+    if review_below is not None and not 0 < review_below <= 1:
+        _err(f"--review-below must be a probability in (0, 1], got {review_below}")
+        return 2
     # see the module docstring: imported when the command runs
     from stackcls.ui import figures
     from stackcls.atomic import write_json
     from stackcls.io import scan
-    from stackcls.predict.stack import MODES, as_model, predict_stack
+    from stackcls.predict.stack import as_model, predict_stack, resolve_mode
 
     path = Path(path)
-    if not path.exists():
-        _err(f"{path}: no such file or folder")
-        return 2
     try:
         m = as_model(model)
     except (ModelFileError, FileNotFoundError) as e:    # the message starts with the file
@@ -119,14 +153,10 @@ def predict_command(path, model, json_out=None, figure_out=None, mode: str = "st
     except Exception as e:  # noqa: BLE001 - report any loading failure as a message, not a trace
         _err(f"cannot load model {model if model is not None else '(the shipped default)'}: {e}")
         return 2
-    if mode not in MODES:
-        _err(f"mode must be one of {MODES}, got {mode!r}")
-        return 2
-    if review_below is not None and not 0 < review_below <= 1:
-        _err(f"--review-below must be a probability in (0, 1], got {review_below}")
-        return 2
-    if mode == "stack" and getattr(m, "stack_head", None) is None:
-        _err(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
+    try:
+        mode = resolve_mode(m, mode)
+    except ValueError as e:
+        _err(f"model {model}: {e}")
         return 2
     res = scan(path)
     for p, why in res.skipped:
@@ -187,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="classify the slices of every stack under PATH")
     s.add_argument("path", type=Path)
     s.add_argument("--model", default=None, help=MODEL_HELP)
-    s.add_argument("--mode", choices=["stack", "slice", "slice_ordered"], default="stack")
+    s.add_argument("--mode", choices=list(MODES), default=None,
+                   help="default: the model's own, the one its cross-validation chose (the shipped "
+                        "model: slice_ordered)")
     s.add_argument("--json", type=Path, default=None, help="write predictions as JSON here")
     s.add_argument("--figure", type=Path, default=None, help="write a PNG figure here")
     s.add_argument("--review-below", type=float, default=None, metavar="P",
@@ -217,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", type=Path, default=None,
                    help="review only the stacks of this queue (stackcls predict --review-below), in its order")
     s.set_defaults(func=_review)
+
+    s = sub.add_parser("serve", help="review and label in the browser (docs/web-app.md)")
+    s.add_argument("root", type=Path)
+    s.add_argument("--labels", type=Path, default=None,
+                   help="labels CSV to show and edit (default ./review_labels.csv)")
+    s.add_argument("--model", default="default",
+                   help="a run folder or model file, 'default' (the shipped model) or 'none' (labelling only)")
+    s.add_argument("--masks", type=Path, default=None, help="masks folder <subject>/<phase>.nii.gz")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--open", action="store_true", dest="open_browser", help="open the URL in a browser")
+    s.set_defaults(func=_serve)
     return p
 
 
@@ -233,6 +277,10 @@ def _escape_unencodable(*streams) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _escape_unencodable(sys.stdout, sys.stderr)
+    # after parsing (--help and usage errors never get here); sets environment variables only
+    # while JAX is not imported, so commands that never compile pay nothing
+    from stackcls.cache import compile_cache
+    compile_cache()
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

@@ -75,6 +75,11 @@ def test_schema_and_outputs(tiny_run):
         assert 0.0 <= row["test"]["stack_orientation_withheld"]["direction_accuracy"] <= 1.0
         assert set(row["timing"]) == {"cv_seconds", "final_seconds"}
         assert (run_dir / row["checkpoint"] / "config.json").is_file()
+        for mode, c in row["test"]["calibration"].items():    # review effort beside the trivial one
+            e = c["review_effort"]
+            assert e["n"] == c["stacks"] and e["p_model"] == pytest.approx(c["exact"])
+            assert e["p_trivial"] == pytest.approx(on_disk["trivial"]["all_in"]["exact_range_rate"])
+            assert 0 <= e["model"] <= 1 and 0 <= e["trivial"] <= 1
     assert isinstance(on_disk["timing"]["total_seconds"], float)
     for f in ("results.md", "curves.png", "confusion.png", "tsne.png", "gradcam.png"):
         assert (run_dir / f).stat().st_size > 0
@@ -109,8 +114,12 @@ def test_metrics_equal_sklearn(tiny_run):
 
 def test_load_model_and_report(tiny_run, tmp_path):
     run_dir, _, _, _ = tiny_run
+    # the run wrote each setting in the one model format, and load_model reads that file
+    for s in ("depth0", "depth1"):
+        assert (run_dir / s / "model.npz").is_file() and (run_dir / s / "stack" / "config.json").is_file()
     tm = load_model(run_dir)
-    assert tm.config["setting"] == "depth1" and tm.stack_head is not None
+    assert tm.path == run_dir / "depth1" / "model.npz"
+    assert tm.config["setting"] == "depth1" and tm.stack_head is not None and tm.direction is not None
     x = tm.preprocess(np.random.default_rng(0).random((4, 40, 48)).astype(np.float32))
     pen, probs = tm.slice_outputs(x)
     assert pen.shape == (4, 256) and np.allclose(np.asarray(probs).sum(1), 1, atol=1e-5)

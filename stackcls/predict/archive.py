@@ -102,7 +102,7 @@ def default_batch_slices() -> int:
     return 16 if jax.default_backend() == "cpu" else 256
 
 
-def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), workers: int | None = None,
+def predict_archive(root, model, out, *, mode: str | None = None, shard=(0, 1), workers: int | None = None,
                     batch_slices: int | None = None, summary=None, progress: bool = True) -> dict:
     """Predict every stack under `root` into the JSONL file `out` (see the module docstring).
 
@@ -113,16 +113,18 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
     batch_slices: slices per device call (K = max(1, batch_slices // S) stacks of length S;
     default `default_batch_slices()`).
     summary: the CSV path (default: `out` with .csv). Returns counts and timings."""
-    from stackcls.predict.stack import MODES, _compiled, _preprocess, as_model, finish
+    from stackcls.predict.stack import MODES, _compiled, _preprocess, as_model, finish, resolve_mode
 
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     root, out = Path(root), Path(out)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
     m = as_model(model)
-    if mode == "stack" and getattr(m, "stack_head", None) is None:
-        raise ValueError(f"model {model} has no stack head (trained without one); use --mode slice_ordered")
+    try:
+        mode = resolve_mode(m, mode)
+    except ValueError as e:
+        raise ValueError(f"model {model}: {e}") from None
     # a method=paper model's preprocessing is array work, done by the readers; a method=anatomy
     # model's runs its networks, here, and hands the core per-slice outputs, not images
     networks = not hasattr(m, "model")
@@ -263,7 +265,7 @@ def predict_archive(root, model, out, *, mode: str = "stack", shard=(0, 1), work
                 summary_rows=rows, **dataclasses.asdict(t))
 
 
-def archive_command(root, model, out, mode="stack", shard="0/1", workers=None,
+def archive_command(root, model, out, mode=None, shard="0/1", workers=None,
                     batch_slices: int | None = None) -> int:
     """`stackcls predict ROOT --model RUN --out results.jsonl [--shard I/N] [--workers W]`."""
     try:

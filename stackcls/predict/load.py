@@ -108,27 +108,30 @@ def _run_model_file(run_dir: Path, setting: str | None) -> Path:
     return f if fresh else convert_run(d)
 
 
-def convert_run(d: Path, out: Path | None = None) -> Path:
+def convert_run(d: Path, out: Path | None = None, default_mode: str | None = None) -> Path:
     """A setting folder of orbax checkpoints (final/ and stack/) -> its model file (d/model.npz,
     or `out`). Where d cannot be written the file goes to the user cache instead."""
     from stackcls.train import checkpoint
     model = checkpoint.restore_setting(d)
+    extra = dict(converted_from=str(d))
+    if default_mode is not None:
+        extra["default_mode"] = dict(mode=default_mode)
     out = Path(out) if out is not None else d / model_file.WEIGHTS
     try:
-        return model_file.save(out, model, extra=dict(converted_from=str(d)))
+        return model_file.save(out, model, extra=extra)
     except OSError:
         from stackcls.cache import cache_dir
         name = hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:16]
-        return model_file.save(cache_dir("models") / f"{name}.npz", model,
-                               extra=dict(converted_from=str(d)))
+        return model_file.save(cache_dir("models") / f"{name}.npz", model, extra=extra)
 
 
-def write_run_models(run_dir) -> list[Path]:
-    """Every setting of a finished run directory as a model file (what the study writes last)."""
+def write_run_models(run_dir, default_modes: dict | None = None) -> list[Path]:
+    """Every setting of a finished run directory as a model file (what the study writes last).
+    default_modes: {setting: the mode its CV chose}, kept in the file's manifest."""
     from stackcls.train.checkpoint import is_saved
     run_dir = Path(run_dir)
-    return [convert_run(d) for s in (*SETTINGS_ORDER, ANATOMY)
-            if is_saved(d := run_dir / s / "final")]
+    return [convert_run(run_dir / s, default_mode=(default_modes or {}).get(s))
+            for s in (*SETTINGS_ORDER, ANATOMY) if is_saved(run_dir / s / "final")]
 
 
 __all__ = ["load_model", "load_default", "setting_dirs", "convert_run", "write_run_models",

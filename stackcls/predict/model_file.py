@@ -214,7 +214,9 @@ def load(path):
     if extra:
         raise ModelFileError(f"{path}: holds arrays the model does not have: {extra[:5]}")
     wrap = AnatomyModel if kind == "anatomy" else TrainedModel
-    return wrap(network, config, head, path, direction, calibration)
+    model = wrap(network, config, head, path, direction, calibration)
+    model.default_mode = (meta.get("default_mode") or {}).get("mode")
+    return model
 
 
 def read_card(folder) -> dict:
@@ -254,6 +256,8 @@ def folder(path):
     card = verify(path)
     model = load(path / card.get("file", WEIGHTS))
     model.card = card
+    # the card records the mode its cross-validation chose (train.selection.default_mode)
+    model.default_mode = (card.get("default_mode") or {}).get("mode") or model.default_mode
     return model
 
 

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stackcls.cache import compile_cache
 from stackcls.decode.boundaries import distribution, levels
 from stackcls.predict.load import load_model
 from stackcls.decode.ordered import decode_batch, in_range
@@ -201,21 +202,37 @@ def _compiled(model, mode: str, batched: bool = False, grey: bool = False):
 
 # ----------------------------------------------------------------------------- predict_stack
 
-def predict_stack(stack, model=None, mode: str = "stack", orientation: str | None = None,
+def resolve_mode(model, mode: str | None = None) -> str:
+    """The mode to predict in: the caller's; else the model's default, the one its
+    cross-validation chose (`train.selection.default_mode`, kept in its card or manifest: the
+    shipped model's is slice_ordered); else stack when it has a stack head, slice_ordered when not."""
+    head = getattr(model, "stack_head", None) is not None
+    if mode is None:
+        mode = getattr(model, "default_mode", None) or ("stack" if head else "slice_ordered")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "stack" and not head:
+        raise ValueError("this model has no stack head (trained without one); use mode "
+                         "'slice_ordered' or 'slice'")
+    return mode
+
+
+def predict_stack(stack, model=None, mode: str | None = None, orientation: str | None = None,
                   phase: str | None = None, spacing=None) -> Prediction:
     """Labels, probabilities and IN range of one stack (see the module docstring).
+
+    mode: "stack" | "slice_ordered" | "slice"; None: the model's default (`resolve_mode`).
 
     orientation: for arrays, required ("apex_to_base" | "base_to_apex" | "unknown"); for Stacks and
     files, None uses the reader's geometry (`orientation_known`), "unknown" decides from the data,
     "apex_to_base" trusts the stack order. phase: for DICOM/NIfTI inputs holding a cine, which phase
     ("ED", "ES" or an index), passed to `stackcls.io.load_stacks`.
     """
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    compile_cache()     # before the model loads: its programs are cached too (decided once)
     model = as_model(model)
-    if mode == "stack" and getattr(model, "stack_head", None) is None:
-        raise ValueError("predict_stack: this model has no stack head (trained without one); "
-                         "use mode='slice_ordered' or 'slice'")
+    mode = resolve_mode(model, mode)
     w = resolve_stack_input(stack, orientation, phase)
     if spacing is not None:
         w.spacing = tuple(float(v) for v in spacing)

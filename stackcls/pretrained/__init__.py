@@ -87,7 +87,8 @@ def export(run_dir, out=DEFAULT_DIR, name: str = "stackcls-anatomy-acdc", versio
         direction=row.get("direction") or model.direction.info,
         trivial=(cv or {}).get("every_slice_in") or results["trivial"]["all_in"],
         timing=row.get("timing"),
-        calibration=None if model.calibration is None else model.calibration.temperatures)
+        calibration=None if model.calibration is None else model.calibration.temperatures,
+        default_mode=row.get("default_mode"))
     write_json(out / CARD, card)
     return card
 
@@ -140,6 +141,11 @@ def card_table(card: dict) -> str:
         lines += ["", f"Direction of stacks of unknown orientation (the direction model alone, "
                       f"subject-level CV over the {d.get('n_stacks')} stacks shown both ways): "
                       f"accuracy {acc:.3f}."]
+    dm = card.get("default_mode")
+    if dm:
+        lines += ["", f"Default mode: `{dm['mode']}` (chosen by the cross-validation: {dm['rule']}; "
+                      f"stack minus slice_ordered {dm['mean_difference']:+.3f}, standard error "
+                      f"{dm['standard_error']:.3f} over {dm['folds']} folds)."]
     if card.get("calibration"):
         lines += ["", "Temperatures of the range probabilities: " + ", ".join(
             f"{k} {v:.3f}" for k, v in sorted(card["calibration"].items())) + "."]

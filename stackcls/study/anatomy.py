@@ -35,7 +35,7 @@ from stackcls.decode.ordered import decode_many
 from stackcls.study.metrics import stack_groups
 from stackcls.preprocess.physical import canvas, mask_centre
 from stackcls.preprocess.arrays import patient_folds
-from stackcls.train.selection import select
+from stackcls.train.selection import default_mode, select
 from stackcls.stack import CLASSES
 from stackcls.models.stack_head import slice_features
 from stackcls.study.config import AnatomyStage, as_plain
@@ -258,7 +258,8 @@ def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, r
                            total_seconds=round(time.perf_counter() - t0, 1)),
                stack_head=dict(selected=head.model.info.get("selected"),
                                timing=head.model.info.get("timing")),
-               direction=head.direction.info)
+               direction=head.direction.info,
+               default_mode=_default_mode(cv_row))
     nets = cv["models"][epoch]
     fold_of = {int(i): f for f, (_, va) in enumerate(splits) for i in va}
     write_figures(run_dir, stacks, _LazyOutputs(stacks, cfg, nets, fold_of), tr,
@@ -306,6 +307,15 @@ def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int):
         m["fold_sd"] = _spread([f[mode] for f in per_fold])
         m["folds"] = [round(f[mode]["exact_range_rate"], 4) for f in per_fold]
     return rows, tables, stack_probs
+
+
+def _default_mode(cv_row: dict) -> dict:
+    """The mode the model predicts in by default, from the per-fold exact ranges of the CV rows
+    (train.selection.default_mode); slice_ordered when the stack head had no CV."""
+    stack, ordered = cv_row.get("stack"), cv_row.get("slice_ordered")
+    if not stack or not ordered:
+        return dict(mode="slice_ordered", rule="no cross-validated stack head")
+    return default_mode(stack["folds"], ordered["folds"])
 
 
 def _spread(rows: list[dict]) -> dict:

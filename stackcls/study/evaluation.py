@@ -237,6 +237,8 @@ def calibrate_setting(folder: Path, res: dict, stage: StackStage, seed: int, tr:
         modes["stack"] = (_per_stack(te, _log(head.probs, np.finfo(np.float32).tiny)),
                           head.model.scores_many)
     row, outcomes = {}, {}
+    trivial = [t is not None and tuple(int(v) for v in t) == (0, len(y) - 1)
+               for t, y in zip(truths, _per_stack(te, te["y"]))]     # every slice IN is right
     for mode, (tables, score) in modes.items():
         t = calibration.temperature(mode)
         p, right = cal.range_outcomes(tables, truths, t)
@@ -244,7 +246,8 @@ def calibrate_setting(folder: Path, res: dict, stage: StackStage, seed: int, tr:
         row[mode] = dict(temperature=t, **cal.range_measures(p, right),
                          uncalibrated=cal.range_measures(*cal.range_outcomes(tables, truths, 1.0)),
                          truncation=[cal.truncation_test(feats, _per_stack(te, te["y"]), score, t,
-                                                         margin=m) for m in (0, 1)])
+                                                         margin=m) for m in (0, 1)],
+                         review_effort=cal.review_effort(p, right, trivial))
     return calibration, row, outcomes
 
 

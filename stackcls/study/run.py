@@ -175,7 +175,8 @@ def run_anatomy_study(study: Study, run_dir: Path, t_start: float) -> dict:
                    device=jax.devices()[0].device_kind, devices=parallel.describe(),
                    timing=dict(total_seconds=round(time.perf_counter() - t_start, 3)))
     write_json(run_dir / "results.json", results)
-    write_run_models(run_dir)      # every trained setting in the one model format
+    # the model in the one format, with the mode its CV chose
+    write_run_models(run_dir, {"anatomy": row.get("default_mode", {}).get("mode")})
     (run_dir / "results.md").write_text(results_markdown(results))
     print(summary_table(results))
     if study.export.path:

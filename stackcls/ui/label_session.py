@@ -168,9 +168,12 @@ class LabelSession:
             grp[row[2:]] = label
         self._pending[row] = label
 
-    def _set_slices(self, labels: dict[int, str | None]) -> None:
-        """slice position -> label (None clears) on the current stack, under its frame; a
-        frameless row of the same slice is folded into it."""
+    def set_labels(self, labels: dict[int, str | None]) -> None:
+        """slice position -> label (None clears) on the current stack, under its frame, saved
+        once; a frameless row of the same slice is folded into it."""
+        bad = sorted({str(v) for v in labels.values() if v is not None and v not in CLASS_INDEX})
+        if bad:
+            raise ValueError(f"unknown label(s) {bad}; expected one of {CLASSES}")
         s = self.stack
         fr = self.frame_of(s)
         grp = self.table.get((s.subject, s.phase), {})
@@ -182,9 +185,9 @@ class LabelSession:
         self.save()
 
     def set_label(self, slice_pos: int, label: str) -> None:
-        if label not in CLASS_INDEX:
-            raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}")
-        self._set_slices({slice_pos: label})
+        if label is None:
+            raise ValueError(f"unknown label None; expected one of {CLASSES}")
+        self.set_labels({slice_pos: label})
 
     def set_first_in(self, slice_pos: int) -> None:
         """Apical boundary: slices apical of `slice_pos` become OAP; the basal boundary stays where
@@ -201,11 +204,11 @@ class LabelSession:
 
     def set_range(self, first: int, last: int) -> None:
         """Both boundaries at once: OAP before `first`, IN from `first` to `last`, OBS after."""
-        self._set_slices({k: "OAP" if k < first else "IN" if k <= last else "OBS"
+        self.set_labels({k: "OAP" if k < first else "IN" if k <= last else "OBS"
                           for k in range(self.stack.n_slices)})
 
     def clear(self) -> None:
-        self._set_slices({k: None for k in range(self.stack.n_slices)})
+        self.set_labels({k: None for k in range(self.stack.n_slices)})
 
     # -- navigation ---------------------------------------------------------------------------
     def go(self, i: int) -> None:

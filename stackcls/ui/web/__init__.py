@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stackcls.ui.web.effort import review_effort
+from stackcls.train.calibration import review_effort
 
 __all__ = ["create_app", "serve_command", "review_effort"]
 

@@ -23,7 +23,7 @@ import numpy as np
 from stackcls import CLASSES
 from stackcls.ui.label_session import LabelSession, file_state
 from stackcls.ui.web import render
-from stackcls.ui.web.effort import review_effort
+from stackcls.train.calibration import review_effort
 
 STATUSES = ("unreviewed", "agreed", "corrected", "labelled")
 FLAGS = ("apex may be missing", "base may be missing")
@@ -217,13 +217,7 @@ class AppState:
     @staticmethod
     def _set_all(sess, labels: list) -> None:
         # one save for the whole stack (undo, accept); set_label per slice would write S times
-        if hasattr(sess, "_set_slices"):
-            sess._set_slices(dict(enumerate(labels)))
-        else:
-            sess.clear()
-            for k, lab in enumerate(labels):
-                if lab is not None:
-                    sess.set_label(k, lab)
+        sess.set_labels(dict(enumerate(labels)))
 
     # -- the queue --------------------------------------------------------------------------
     def status(self, sid: int, labels: list) -> str:

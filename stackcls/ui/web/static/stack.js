@@ -35,7 +35,7 @@ function build() {
     c.dataset.k = k;
     const head = el("div", "head");
     const pos = D.positions ? ` · ${D.positions[k] >= 0 ? "+" : ""}${Math.round(D.positions[k])} mm` : "";
-    head.append(el("span", "num", `${k}${pos}`), el("span", "lab"), el("span", "pred"));
+    head.append(el("span", "num", `${k}${pos}`), el("span", "lab"));
     head.title = `slice ${k} (CSV slice ${D.slice_ids[k]}): ${D.sources[k]}`;
     const box = el("div", "imgbox");
     const base = el("img", "base");
@@ -57,7 +57,7 @@ function build() {
     }
     const bounds = el("div", "bounds");
     bounds.append(el("span", "bf"), el("span", "bl"));
-    c.append(head, box, probs, bounds);
+    c.append(head, box, el("div", "pred"), probs, bounds);
     c.addEventListener("mousedown", (ev) => {
       ev.preventDefault();
       drag = { from: k, last: ev.button === 2 || ev.shiftKey };
@@ -94,7 +94,7 @@ function paint() {
     c.classList.toggle("playing", !!cine && cine.k === k);
     c.classList.toggle("disagree", !!(p && lab && lab !== p.labels[k]));
     c.querySelector(".lab").textContent = lab || "?";
-    c.querySelector(".pred").textContent = p ? `model ${p.labels[k]}` : "";
+    c.querySelector(".pred").textContent = p ? `model: ${p.labels[k]}` : "";
     c.querySelector(".pred").title = "the model's label";
     const rows = c.querySelectorAll(".prow");
     rows.forEach((r, j) => {
