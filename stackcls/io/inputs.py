@@ -38,6 +38,7 @@ class StackInput:
     slice_ids: list[int] | None = None   # caller order
     masks: np.ndarray | None = None      # (S, H, W) working order, as `images`, when the stack has them
     spacing: tuple | None = None         # (row, col, slice) mm, when the file or caller says
+    spacing_used: dict | None = None     # the in-plane spacing the model used, and how it got it
 
 
 def resolve_stack_input(source, orientation: str | None = None,

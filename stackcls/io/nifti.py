@@ -7,7 +7,13 @@ non-singular, voxel sizes equal to pixdim) gives the apex end (RAS, flipped to L
 placeholder: the file order is kept, `orientation_known=False` with the reason in
 `meta["orientation"]`, and the direction is decided from the images at prediction time. A dataset's
 documented convention may give the starting order (ACDC: slice 0 is basal, so slices are reversed).
-Spacing always comes from pixdim.
+Spacing comes from pixdim, except for the placeholder that `nib.Nifti1Image(array, np.eye(4))`
+writes: an identity or unit-diagonal affine with in-plane pixdim 1 x 1. Public conversions write it
+whatever the true pixel size (cardiac cines are ~1.2-2 mm), so it means "unknown": the in-plane part
+of `Stack.spacing` is NaN (the tuple keeps its (row, col, slice) layout, NaN marks what is unknown,
+as for DICOM), `meta["spacing_source"]` says why, and a warning names the file. The anatomy model
+then estimates the spacing from the images (`stackcls.preprocess.spacing`). The ACDC release
+(unit-scale affine, pixdim 1.5 x 1.5 x 10) keeps its pixdim.
 
 Masks: an image's `<stem>_gt.nii.gz` (or `.nii`) beside it (ACDC's naming) is read as its
 `Stack.masks`, in the image's slice order; a bad one is reported in `skipped` and the image loads
@@ -20,6 +26,7 @@ import gzip
 import math
 import re
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -33,6 +40,8 @@ from stackcls.stack import Stack, mask_problem
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ACDC_FRAME = re.compile(r"^(?P<subject>.+)_frame(?P<frame>\d+)\.nii(\.gz)?$")
 ACDC_ORIENTATION = "acdc convention: slice 0 basal"
+SPACING_PIXDIM = "pixdim"
+SPACING_UNKNOWN = "unknown: identity affine with pixdim 1"
 
 
 def is_nifti(path) -> bool:
@@ -175,6 +184,26 @@ def affine_problem(aff: np.ndarray, codes: tuple[int, int], zooms) -> str | None
     return None
 
 
+def unit_placeholder(aff: np.ndarray, zooms) -> bool:
+    """An identity or unit-diagonal affine (axis-aligned, every axis 1 mm) with in-plane pixdim
+    1 x 1: what a conversion writes when it knows no geometry, not a 1 mm acquisition."""
+    if zooms is None or not np.allclose(zooms[:2], 1.0, atol=1e-4):
+        return False
+    m = np.asarray(aff, np.float64)[:3, :3]
+    return bool(np.all(np.isfinite(m)) and np.allclose(np.abs(m), np.eye(3), atol=1e-6))
+
+
+def _spacing(img, path):
+    """(spacing, source): pixdim, or NaN in-plane for the unit placeholder (warned, naming the
+    file). The slice spacing keeps pixdim: only the in-plane scale feeds the models."""
+    zooms = _zooms(img)
+    if not unit_placeholder(np.asarray(img.affine, np.float64), zooms):
+        return zooms, SPACING_PIXDIM
+    warnings.warn(f"{path}: identity affine with pixdim 1 x 1: pixel spacing unknown (not 1 mm); "
+                  "the anatomy model estimates it from the images", stacklevel=3)
+    return (math.nan, math.nan, zooms[2]), SPACING_UNKNOWN
+
+
 def _geometry(img, n_slices: int):
     """(order, positions, known, note, spacing). order is None when the affine is not trusted
     (`affine_problem`); positions then come from pixdim along the file's slice order."""
@@ -216,7 +245,8 @@ def read_nifti(path, phases=("ED", "ES"), es=None, subject: str | None = None,
     cine = data[None] if data.ndim == 3 else np.moveaxis(data, 3, 0)  # (T, rows, cols, S)
     cine = np.moveaxis(cine, 3, 1)  # (T, S, rows, cols)
     T, S = cine.shape[:2]
-    order, pos, known, note, zooms = _geometry(img, S)
+    order, pos, known, note, _ = _geometry(img, S)
+    zooms, spacing_how = _spacing(img, path)
     if order is None:
         order = np.arange(S)
     if T == 1:
@@ -238,7 +268,8 @@ def read_nifti(path, phases=("ED", "ES"), es=None, subject: str | None = None,
             phase=name, slice_ids=[int(i) for i in order], frame=t if T > 1 else None,
             positions=pos, spacing=zooms, orientation_known=known, masks=masks,
             meta=dict(format="nifti", file=str(path), orientation=note, n_phases=T,
-                      es_frame=es_t if es_t >= 0 else None, es_source=es_how),
+                      es_frame=es_t if es_t >= 0 else None, es_source=es_how,
+                      spacing_source=spacing_how),
         ))
     return stacks
 
@@ -317,7 +348,8 @@ def read_acdc_patient(folder: Path, phases=("ED", "ES")):
                                         "(rows, cols, slices)")
             if data.shape[2] < 2:
                 raise StackReadError(f, f"NIfTI of shape {data.shape} has a single slice")
-            order, pos, known, note, zooms = _geometry(img, data.shape[2])
+            order, pos, known, note, _ = _geometry(img, data.shape[2])
+            zooms, spacing_how = _spacing(img, f)
             if order is None:  # the dataset's convention (slice 0 basal) is the prior
                 order, note = np.arange(data.shape[2])[::-1], f"{ACDC_ORIENTATION} ({note})"
             name = "ED" if t == ed else "ES" if t == es else str(t)
@@ -327,7 +359,8 @@ def read_acdc_patient(folder: Path, phases=("ED", "ES")):
                 positions=pos, spacing=zooms, orientation_known=known,
                 masks=_masks_beside(f, data.shape, order, skipped),
                 meta=dict(format="nifti", layout="acdc", file=str(f), orientation=note,
-                          es_frame=es, es_source="Info.cfg", group=info.get("Group")),
+                          es_frame=es, es_source="Info.cfg", group=info.get("Group"),
+                          spacing_source=spacing_how),
             ))
         except StackReadError as e:
             skipped.append((e.path, e.reason))

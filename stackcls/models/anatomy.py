@@ -309,6 +309,11 @@ class AnatomyModel:
         self.localise_size = int(self.config.get("localise_size", 256))
         fn, self._state = _ensemble_fn(self.ensemble)
         self._jit = jax.jit(fn)
+        # unknown in-plane spacing: estimated from the images (False: the fixed field of view of
+        # physical.pixel_spacing, for ablations); `last_preprocess` is the info of the last stack
+        # `preprocess` saw (spacing, its source and the estimate), for the caller to report
+        self.estimate_spacing = True
+        self.last_preprocess: dict | None = None
 
     @property
     def input_size(self) -> int:
@@ -331,7 +336,9 @@ class AnatomyModel:
         the slice evidence and the slice probabilities. The networks run here, on the host side of
         predict_stack, through one compiled call per chunk shape; inside the core (compiled once per
         stack length) they would be recompiled for every new length."""
-        x, _ = model_inputs(images, spacing, self.cfg, self.localise_size, self.lv_map)
+        x, info = model_inputs(images, spacing, self.cfg, self.localise_size, self.lv_map,
+                               estimate=self.estimate_spacing)
+        self.last_preprocess = info
         o = self.run(x)
         return np.concatenate([o["evidence"], o["probs"]], axis=1)
 
@@ -340,34 +347,40 @@ class AnatomyModel:
         return x[:, :len(EVIDENCE)], x[:, len(EVIDENCE):]
 
 
-def model_inputs(images, spacing, cfg: AnatomyConfig, localise_size: int, lv_map):
+def model_inputs(images, spacing, cfg: AnatomyConfig, localise_size: int, lv_map,
+                 estimate: bool = True):
     """Physical normalisation and localisation of one stack: (x (S, n, n, 3), info)."""
-    xs, infos = batch_inputs([(images, spacing)], cfg, localise_size, lv_map)
+    xs, infos = batch_inputs([(images, spacing)], cfg, localise_size, lv_map, estimate)
     return xs[0], infos[0]
 
 
-def batch_inputs(stacks, cfg: AnatomyConfig, localise_size: int, lv_map):
+def batch_inputs(stacks, cfg: AnatomyConfig, localise_size: int, lv_map, estimate: bool = True):
     """Physical normalisation and localisation of many stacks [(images, spacing)], each model
     pass batched over all of them: ([x (S_i, n, n, 3)], [info]). lv_map(x) gives the LV
     probability maps of model inputs (one model's or an ensemble's).
 
     Pass 1 puts the whole image on a canvas of localise_size pixels at SPACING_MM and finds the
     heart in the LV map; pass 2 cuts the model's field of view around it (the image centre when
-    the map holds too little LV: info["localised"] False)."""
+    the map holds too little LV: info["localised"] False). A stack without a usable in-plane spacing
+    gets one estimated first (`resolve_spacing`), unless estimate=False."""
     from stackcls.preprocess import physical
-    fulls, infos = [], []
+    from stackcls.preprocess.spacing import resolve_spacing
+    fulls, infos, resolved = [], [], []
     for images, spacing in stacks:
+        spacing, how = resolve_spacing(images, spacing, lambda c: lv_map(with_context(c, cfg.context)),
+                                       localise_size, estimate)
         full, _, info = physical.canvas(images, spacing, localise_size)
         fulls.append(with_context(full, cfg.context))
-        infos.append(info)
+        infos.append({**info, **how})
+        resolved.append((images, spacing))
     lv = lv_map(np.concatenate(fulls))
     cut = np.cumsum([0] + [len(f) for f in fulls])
     xs = []
-    for k, (images, spacing) in enumerate(stacks):
+    for k, (images, spacing) in enumerate(resolved):
         info = infos[k]
         centre = physical.heart_centre(lv[cut[k]:cut[k + 1]], info["spacing"], info["centre"])
-        x, _, info = physical.canvas(images, spacing, cfg.canvas, centre)
-        info["localised"] = centre is not None
+        x, _, new = physical.canvas(images, spacing, cfg.canvas, centre)
+        info = {**info, **new, "localised": centre is not None}
         xs.append(with_context(centre_crop(x, cfg.size), cfg.context))
         infos[k] = info
     return xs, infos

@@ -113,7 +113,8 @@ def predict_archive(root, model, out, *, mode: str | None = None, shard=(0, 1), 
     batch_slices: slices per device call (K = max(1, batch_slices // S) stacks of length S;
     default `default_batch_slices()`).
     summary: the CSV path (default: `out` with .csv). Returns counts and timings."""
-    from stackcls.predict.stack import MODES, _compiled, _preprocess, as_model, finish, resolve_mode
+    from stackcls.predict.stack import (MODES, _compiled, _preprocess, as_model, finish, resolve_mode,
+                                        spacing_used)
 
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -205,6 +206,7 @@ def predict_archive(root, model, out, *, mode: str | None = None, shard=(0, 1), 
             if networks:
                 t0 = time.perf_counter()
                 w.images = _preprocess(m, w.images, w.spacing)
+                w.spacing_used = spacing_used(m, w.spacing)
                 t.device_s += time.perf_counter() - t0
             S = w.images.shape[0]
             buckets[S].append((rel, key, w))
