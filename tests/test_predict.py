@@ -343,3 +343,23 @@ def test_round_trip_from_run_checkpoint(cohort2, tmp_path, BB="mobilenet", SIZE=
     assert main(["predict", str(root / "dicom" / st.subject), "--model", str(run), "--json", str(out)]) == 0
     blob = json.loads(out.read_text())
     assert {s["phase"] for s in blob["stacks"]} == {"ED", "ES"} and blob["mode"] == "stack"
+
+
+@pytest.mark.parametrize("mode", ["slice", "slice_ordered", "stack"])
+def test_padding_to_the_compiled_length_changes_nothing(model, mode):
+    """The compiled core runs on stacks padded to `padded_length`; its outputs equal the core's
+    on the unpadded stack (traced at the stack's own length), whatever the length."""
+    from stackcls.predict.stack import _core, padded_length
+    core = jax.jit(_core(model, mode))
+    rng = np.random.default_rng(5)
+    for S in (7, 9, 13, 16, 21):
+        img, _ = toy_stack(rng, S=S)
+        assert padded_length(S) % 4 == 0 and S <= padded_length(S) < S + 4
+        x = model.preprocess(img)
+        ref = core(x, jnp.int32(S))                                 # no padding at all
+        got = _compiled(model, mode)(x)
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        for i in (2, 3):                                            # the labels, exactly
+            np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(ref[i]))

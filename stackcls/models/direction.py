@@ -31,12 +31,19 @@ FILE = "direction.json"
 C_GRID = (0.01, 0.1, 1.0, 10.0)   # inverse L2 strength, chosen by subject-level CV
 
 
-def moment(features, mean, std):
-    """First moment (D,) of standardised features (S, D) along the stack; works on numpy and jax."""
-    xp = jnp if isinstance(features, jnp.ndarray) else np
+def moment(features, mean, std, length=None):
+    """First moment (D,) of standardised features (S, D) along the stack; works on numpy and jax.
+    length: of a stack padded to S rows (traceable); the rows after it do not count."""
+    xp = jnp if isinstance(features, jnp.ndarray) or length is not None else np
     S = features.shape[0]
-    c = xp.linspace(-1.0, 1.0, S) if S > 1 else xp.zeros(1)
-    return (c[:, None] * (features - mean) / std).mean(0)
+    if length is None:
+        c = xp.linspace(-1.0, 1.0, S) if S > 1 else xp.zeros(1)
+        return (c[:, None] * (features - mean) / std).mean(0)
+    i = jnp.arange(S, dtype=jnp.float32)
+    n = jnp.asarray(length, jnp.float32)
+    c = jnp.where(n > 1, -1.0 + 2.0 * i / jnp.maximum(n - 1.0, 1.0), 0.0)   # linspace(-1, 1, n)
+    c = jnp.where(i < n, c, 0.0)
+    return (c[:, None] * (features - mean) / std).sum(0) / n
 
 
 class DirectionModel:
@@ -48,9 +55,10 @@ class DirectionModel:
         self.weights = np.asarray(weights, np.float32)
         self.info = dict(info or {})
 
-    def logit(self, features):
-        """Log-odds that `features` (S, D) run apex -> base; traceable inside a jit."""
-        return moment(features, self.mean, self.std) @ self.weights
+    def logit(self, features, length=None):
+        """Log-odds that `features` (S, D) run apex -> base (the first `length` rows of a padded
+        stack); traceable inside a jit."""
+        return moment(features, self.mean, self.std, length) @ self.weights
 
     def save(self, folder) -> Path:
         path = Path(folder) / FILE

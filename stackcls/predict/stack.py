@@ -60,7 +60,7 @@ from stackcls.predict.load import load_model
 from stackcls.decode.ordered import decode_batch, in_range
 from stackcls.io.inputs import resolve_stack_input
 from stackcls.stack import CLASSES
-from stackcls.models.stack_head import PROB_FLOOR
+from stackcls.models.stack_head import PROB_FLOOR, reverse_within_length
 
 MODES = ("stack", "slice", "slice_ordered")
 ALTERNATIVES = 3           # ranges listed after the returned one
@@ -101,6 +101,9 @@ class Prediction:
     coverage: dict | None = None             # status, apex_end_in, base_end_in, threshold
     level: list | None = None                # per slice (caller order): apical | mid | basal | None
     temperature: float = 1.0                 # of the range distribution (1: not calibrated)
+    spacing: dict | None = None              # mm: the in-plane (row, col) spacing used; source:
+                                             # "given" (file or caller), "estimated" from the
+                                             # images (with the estimate), "assumed", "not used"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -125,29 +128,43 @@ def as_model(model=None):
     return model
 
 
+PAD_TO = 4          # stack lengths are padded to a multiple of this: 6-24 slices, 5 programs
+PER_SLICE = 4       # _core's first outputs are per slice (cut back to the stack's length)
+
+
+def padded_length(S: int) -> int:
+    """The length a stack of S slices is padded to inside the compiled core. Fine steps, not
+    decode.bucket's 16: with the paper's classifier the core runs the CNN on every padded slice."""
+    return max(PAD_TO, -(-S // PAD_TO) * PAD_TO)
+
+
 def _core(model, mode: str):
-    """fn(x) -> (probs_fwd (S, 3), probs_rev (S, 3), labels_fwd, labels_rev, all in working order;
-    score_f, score_r: the best ordered log-scores of each direction; the direction model's logit
-    for the working order running apex -> base, 0 without a direction model)."""
+    """fn(x, n) -> (probs_fwd (L, 3), probs_rev (L, 3), labels_fwd, labels_rev, all in working
+    order; score_f, score_r: the best ordered log-scores of each direction; the direction model's
+    logit for the working order running apex -> base, 0 without a direction model). x holds the
+    stack's n slices and padding after them to L = padded_length(n): every step reads the first
+    n alone (the GRU, the reversals and the decoding take the length; the slices are
+    independent), so the result equals the unpadded stack's."""
     head = getattr(model, "stack_head", None) if mode == "stack" else None
     direction = getattr(model, "direction", None)
 
-    def fn(x):
+    def fn(x, n):
         pen, probs = model.slice_outputs(x)
         lp = jnp.log(jnp.clip(jnp.asarray(probs, jnp.float32), PROB_FLOOR, 1.0))   # as slice_features
-        S = lp.shape[0]
-        n = jnp.array([S], jnp.int32)
+        n1 = jnp.reshape(n, (1,)).astype(jnp.int32)
         feats = jnp.concatenate([jnp.asarray(pen, jnp.float32), lp], axis=1)
         if head is not None:
-            lp_f = head.log_probs_padded(feats[None], n)[0]
-            lp_r = head.log_probs_padded(feats[None, ::-1], n)[0][::-1]   # back in working order
+            lp_f = head.log_probs_padded(feats[None], n1)[0]
+            rev = head.log_probs_padded(reverse_within_length(feats[None], n1), n1)
+            lp_r = reverse_within_length(rev, n1)[0]                    # back in working order
         else:
             lp_f = lp_r = lp
-        both = jnp.stack([lp_f, lp_r[::-1]])                           # decode each along its own direction
-        labels, _, _, score = decode_batch(both, jnp.array([S, S], jnp.int32))
-        dir_logit = direction.logit(feats) if direction is not None else jnp.float32(0.0)
-        return (jnp.exp(lp_f), jnp.exp(lp_r), labels[0], labels[1][::-1], score[0], score[1],
-                dir_logit)
+        # decode each along its own direction
+        both = jnp.concatenate([lp_f[None], reverse_within_length(lp_r[None], n1)])
+        labels, _, _, score = decode_batch(both, jnp.concatenate([n1, n1]))
+        dir_logit = direction.logit(feats, n1[0]) if direction is not None else jnp.float32(0.0)
+        return (jnp.exp(lp_f), jnp.exp(lp_r), labels[0],
+                reverse_within_length(labels[1:2], n1)[0], score[0], score[1], dir_logit)
 
     return fn
 
@@ -170,28 +187,35 @@ def _compiled(model, mode: str, batched: bool = False, grey: bool = False):
         return hit[1]
     core = rgb = _core(model, mode)
     if grey:
-        def core(x):
-            return rgb(jnp.broadcast_to(x[..., None], x.shape + (3,)))
-    fn = jax.vmap(core) if batched else core
+        def core(x, n):
+            return rgb(jnp.broadcast_to(x[..., None], x.shape + (3,)), n)
+    fn = jax.vmap(core, in_axes=(0, None)) if batched else core
+    axis = 1 if batched else 0                  # the slice axis
     per_shape: dict = {}
 
     def run(x):
-        x = jnp.asarray(x)
-        k = (x.shape, str(x.dtype))
+        x = np.asarray(x)
+        S = x.shape[axis]
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, padded_length(S) - S)
+        xp = jnp.asarray(np.pad(x, widths))
+        n = jnp.int32(S)
+        k = (xp.shape, str(xp.dtype))
         if k not in per_shape:
             try:
-                closed, shapes = jax.make_jaxpr(fn, return_shape=True)(x)
+                closed, shapes = jax.make_jaxpr(fn, return_shape=True)(xp, n)
             except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                     jax.errors.TracerBoolConversionError):
                 per_shape[k] = None             # slice_outputs is not traceable: run it eagerly
             else:
                 jaxpr, tree = closed.jaxpr, jax.tree.structure(shapes)
-                jitted = jax.jit(lambda consts, x: jax.tree.unflatten(tree, jax.core.eval_jaxpr(jaxpr, consts, x)))
+                jitted = jax.jit(lambda consts, x, n: jax.tree.unflatten(
+                    tree, jax.core.eval_jaxpr(jaxpr, consts, x, n)))
                 per_shape[k] = (jitted, closed.consts)
         entry = per_shape[k]
-        if entry is None:
-            return fn(x)
-        return entry[0](entry[1], x)
+        out = fn(xp, n) if entry is None else entry[0](entry[1], xp, n)
+        cut = (slice(None),) * axis + (slice(0, S),)
+        return tuple(o[cut] if i < PER_SLICE else o for i, o in enumerate(out))
 
     run.per_shape = per_shape
     while len(_CACHE) >= 8:                     # keep a few models' executables, not all ever seen
@@ -237,7 +261,23 @@ def predict_stack(stack, model=None, mode: str | None = None, orientation: str |
     if spacing is not None:
         w.spacing = tuple(float(v) for v in spacing)
     x = _preprocess(model, w.images, w.spacing)
+    w.spacing_used = spacing_used(model, w.spacing)
     return finish(w, _compiled(model, mode)(x), mode, model)
+
+
+def spacing_used(model, spacing) -> dict:
+    """What the prediction says of the in-plane spacing: the anatomy model's record of the stack
+    it just preprocessed (`last_preprocess`: read right after `preprocess`), else the file's; the
+    paper's classifier crops a fixed fraction of the pixels and uses none."""
+    info = getattr(model, "last_preprocess", None)
+    if info is not None and "spacing" in info:
+        out = dict(mm=[float(v) for v in info["spacing"]],
+                   source=info.get("spacing_source", "given"))
+        if info.get("spacing_estimate"):
+            out["estimate"] = info["spacing_estimate"]
+        return out
+    known = spacing is not None and np.all(np.isfinite(np.asarray(spacing[:2], float)))
+    return dict(mm=[float(v) for v in spacing[:2]] if known else None, source="not used")
 
 
 def _preprocess(model, images, spacing):
@@ -288,7 +328,7 @@ def finish(w, out, mode: str, model) -> Prediction:
         orientation="reversed" if use_rev else "as_given", orientation_source=w.source,
         orientation_scores={"as_given": s_f, "reversed": s_r, "direction_logit": dir_logit},
         orientation_warning=warning, in_range_apex_to_base=rng,
-        subject=w.subject, phase=w.phase, slice_ids=w.slice_ids,
+        subject=w.subject, phase=w.phase, slice_ids=w.slice_ids, spacing=w.spacing_used,
         **how_sure(probs_w[apex_first], rng, rank_to_caller, labels, mode, model))
 
 
