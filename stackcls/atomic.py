@@ -98,7 +98,7 @@ def inside(folder, name) -> Path:
     return target
 
 
-def _jsonable(o):
+def jsonable(o):
     if isinstance(o, (np.floating, np.integer, np.bool_)):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -111,7 +111,7 @@ def _jsonable(o):
 def write_json(path, obj) -> Path:
     """JSON (numpy scalars and arrays allowed), written atomically."""
     with replace_atomically(path) as f:
-        json.dump(obj, f, indent=1, default=_jsonable)
+        json.dump(obj, f, indent=1, default=jsonable)
     return Path(path)
 
 

@@ -100,7 +100,7 @@ def save(path, model, dtype: str = "float32", extra: dict | None = None) -> Path
     """Write a trained model and its parts as one .npz file (atomically). dtype: of an anatomy
     ensemble's floating arrays ("float16" halves the file); everything else stays float32.
     extra: JSON-able provenance kept in the manifest."""
-    from stackcls.atomic import _jsonable, replace_atomically
+    from stackcls.atomic import jsonable, replace_atomically
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     kind = kind_of(model)
@@ -125,7 +125,7 @@ def save(path, model, dtype: str = "float32", extra: dict | None = None) -> Path
                 stack_head=parts.get("stack_head"), direction=parts.get("direction"),
                 calibration=None if cal is None else dict(temperatures=cal.temperatures, info=cal.info),
                 **(extra or {}))
-    arrays[MANIFEST] = np.frombuffer(json.dumps(meta, sort_keys=True, default=_jsonable)
+    arrays[MANIFEST] = np.frombuffer(json.dumps(meta, sort_keys=True, default=jsonable)
                                      .encode(), np.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

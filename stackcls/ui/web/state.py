@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stackcls.atomic import jsonable
 from stackcls import CLASSES
 from stackcls.ui.label_session import LabelSession, file_state
 from stackcls.ui.web import render
@@ -347,15 +348,7 @@ class AppState:
         for sid in range(len(self.stacks)):
             p = self.preds.get(sid)
             if p is not None:
-                lines.append(json.dumps(p.to_dict(), default=_jsonable))
+                lines.append(json.dumps(p.to_dict(), default=jsonable))
         return "".join(line + "\n" for line in lines)
 
 
-def _jsonable(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, Path):
-        return str(v)
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
