@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stackcls.io import dicom as dcm
 from stackcls.io import nifti as nii
-from stackcls.io.errors import ScanResult, StackReadError, os_reason
+from stackcls.io.errors import ScanResult, StackReadError, os_reason, printable
 from stackcls.io.labels import (COLUMNS, LabelRow, attach_labels, es_frames, load_labels, rows_of,
                                 save_labels)
 from stackcls.io.masks import attach_masks, mask_file, write_mask
@@ -179,7 +179,7 @@ def scan(source, phases=("ED", "ES"), labels=None, es=None, masks=None,
                 stacks += st
                 skipped += sk
     for w in warns:
-        warnings.warn(w, stacklevel=3)
+        warnings.warn(printable(w), stacklevel=3)
     stacks.sort(key=lambda s: (s.subject, str(s.meta.get("series_uid", s.meta.get("file", ""))),
                                s.frame if s.frame is not None else -1))
     if rows is not None and stacks:
@@ -195,7 +195,7 @@ def load_stacks(source, phases=("ED", "ES"), labels=None, es=None, masks=None) -
     `warnings.warn` (file and reason), and a source without any stack raises StackReadError."""
     res = scan(source, phases=phases, labels=labels, es=es, masks=masks)
     for path, reason in res.skipped:
-        warnings.warn(f"skipped {path}: {reason}", stacklevel=2)
+        warnings.warn(printable(f"skipped {path}: {reason}"), stacklevel=2)
     if not res.stacks:
         detail = "; ".join(f"{p}: {r}" for p, r in res.skipped[:5])
         more = f" (and {len(res.skipped) - 5} more)" if len(res.skipped) > 5 else ""

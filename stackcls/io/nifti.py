@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stackcls.io.errors import StackReadError
+from stackcls.io.errors import StackReadError, printable
 from stackcls.io.geometry import apex_to_base, estimate_es, resolve_phases
 from stackcls.io.limits import check_file, decoded_bytes
 from stackcls.stack import Stack, mask_problem
@@ -199,8 +199,9 @@ def _spacing(img, path):
     zooms = _zooms(img)
     if not unit_placeholder(np.asarray(img.affine, np.float64), zooms):
         return zooms, SPACING_PIXDIM
-    warnings.warn(f"{path}: identity affine with pixdim 1 x 1: pixel spacing unknown (not 1 mm); "
-                  "the anatomy model estimates it from the images", stacklevel=3)
+    # printable: a warning carries the name to every handler (xdist cannot send a lone surrogate)
+    warnings.warn(printable(f"{path}: identity affine with pixdim 1 x 1: pixel spacing unknown "
+                            "(not 1 mm); the anatomy model estimates it from the images"), stacklevel=3)
     return (math.nan, math.nan, zooms[2]), SPACING_UNKNOWN
 
 
