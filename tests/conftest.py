@@ -32,7 +32,7 @@ def acdc_root() -> Path:
 
 @pytest.fixture(scope="session")
 def mobilenet_weights() -> Path:
-    return ROOT / "stackcls" / "backbones" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5"
+    return ROOT / "stackcls" / "models" / "backbones" / "imagenet" / "mobilenet_2_5_224_tf_no_top.h5"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The backbone contract: what every port provides, and how it is registered.
 
-How to write a port (one module per architecture, e.g. stackcls/backbones/xception.py)
+How to write a port (one module per architecture, e.g. stackcls/models/backbones/xception.py)
 -------------------------------------------------------------------------------------
 1. Subclass `Backbone`. Build every weight-bearing layer from `layers.py` (Conv2D,
    DepthwiseConv2D, SeparableConv2D, BatchNorm, Dense), each with the name of the Keras layer it

@@ -74,7 +74,7 @@ class MobileNet(Backbone):
 _ALPHA_TAGS = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}
 _ROWS = (128, 160, 192, 224)
 # Keras publishes no hash for these files. The alpha 0.25 / 224 one we checked ourselves (sha256)
-# and ship inside the package (stackcls/backbones/imagenet/, with its provenance and licence);
+# and ship inside the package (stackcls/models/backbones/imagenet/, with its provenance and licence);
 # the other 15 are unpinned (`verified` False: checked to be Keras HDF5 files, warned about once).
 _PACKAGED = (0.25, 224)
 _SHA256 = {_PACKAGED: "dbdb03ee2a22fd895301636cd328b234bb3a9952358f436d82f46b81e0d5b0bf"}
