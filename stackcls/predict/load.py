@@ -26,6 +26,7 @@ Run directory layout (written by `python -m experiments.run`):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -81,7 +82,6 @@ def load_model(path=None, setting: str | None = None, stack: bool = True):
         else:
             model = model_file.load(_run_model_file(path, setting))
     if not stack and model.stack_head is not None:
-        import dataclasses
         model = dataclasses.replace(model, stack_head=None)
     return model
 
