@@ -77,8 +77,7 @@ def load_model(path=None, setting: str | None = None, stack: bool = True):
         if path.is_file():
             model = model_file.load(path)
         elif (path / model_file.WEIGHTS).is_file() or (path / model_file.CARD).is_file():
-            model = model_file.folder(path) if (path / model_file.CARD).is_file() else \
-                model_file.load(path / model_file.WEIGHTS)
+            model = model_file.folder(path)
         else:
             model = model_file.load(_run_model_file(path, setting))
     if not stack and model.stack_head is not None:

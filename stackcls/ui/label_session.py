@@ -31,11 +31,20 @@ except ImportError:  # Windows: no advisory lock, the compare-and-merge still ru
 
 from stackcls.atomic import remove_stale_temps, replace_atomically
 from stackcls.decode.ordered import in_range
-from stackcls.io import load_labels, save_labels
+from stackcls.io import es_frames, load_labels, load_stacks, save_labels
 from stackcls.io.labels import _uncell, csv_cell
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
 
 Row = tuple[str, str, "int | None", int]  # (subject, phase, frame, slice)
+
+
+def stacks_to_label(data, labels=None, masks=None) -> list[Stack]:
+    """The stacks of `data` as the labelling UIs show them: a subject's ES frame is the one the
+    labels CSV names (if it names one), else the estimate, so labels are shown on the images they
+    were made on. The rows are not attached (`load_stacks(labels=)` would refuse a CSV still being
+    labelled): the session reads them, keyed by frame."""
+    es = es_frames(load_labels(labels)) if labels is not None and Path(labels).is_file() else {}
+    return load_stacks(data, es=es or None, masks=masks)
 
 
 class LabelsConflictError(ValueError):

@@ -27,8 +27,8 @@ from PIL import Image
 from stackcls.atomic import inside, safe_name
 from stackcls.ui.explain import gradcam
 from stackcls.predict.load import load_model
-from stackcls.io import es_frames, load_labels, load_stacks
-from stackcls.ui.label_session import LabelsConflictError, LabelSession, read_review_queue
+from stackcls.ui.label_session import (LabelsConflictError, LabelSession, read_review_queue,
+                                       stacks_to_label)
 from stackcls.predict.stack import predict_stack
 from stackcls.progress import bar as tqdm
 from stackcls.stack import CLASS_INDEX, CLASSES, Stack
@@ -289,12 +289,8 @@ class StackView:
 # ----------------------------------------------------------------------------------- Commands
 
 def _load(data: Path, labels: Path | None = None) -> list[Stack]:
-    """The stacks of `data`; the ES frame of a subject is the one the labels CSV names (if it names
-    one), else the estimate, so labels are shown on the images they were made on. The rows are not
-    attached here (`load_stacks(labels=)` would refuse a CSV still being labelled): the session
-    reads them, keyed by frame."""
-    es = es_frames(load_labels(labels)) if labels is not None and Path(labels).exists() else {}
-    stacks = load_stacks(data, es=es or None)
+    """`label_session.stacks_to_label`, or the command ends naming the folder."""
+    stacks = stacks_to_label(data, labels)
     if not stacks:
         raise SystemExit(f"{data}: no stacks found (try `stackcls inspect {data}`)")
     return stacks

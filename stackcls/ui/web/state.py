@@ -22,27 +22,13 @@ import numpy as np
 
 from stackcls.atomic import jsonable
 from stackcls import CLASSES
-from stackcls.ui.label_session import LabelSession, file_state
+from stackcls.decode.ordered import in_range
+from stackcls.ui.label_session import LabelSession, file_state, stacks_to_label
 from stackcls.ui.web import render
 from stackcls.train.calibration import review_effort
 
 STATUSES = ("unreviewed", "agreed", "corrected", "labelled")
 FLAGS = ("apex may be missing", "base may be missing")
-
-
-def in_range(labels) -> tuple[int, int] | None:
-    idx = [k for k, lab in enumerate(labels) if lab == "IN"]
-    return (idx[0], idx[-1]) if idx else None
-
-
-def _load_stacks(root: Path, labels: Path, masks):
-    """Like `stackcls label`: the ES frame the labels CSV names is the one loaded, so labels are
-    shown on the images they were made on; rows are not attached (the session reads them)."""
-    from stackcls import load_labels, load_stacks
-    from stackcls.io import es_frames
-
-    es = es_frames(load_labels(labels)) if labels.is_file() else {}
-    return load_stacks(root, es=es or None, masks=masks)
 
 
 def resolve_model(model):
@@ -66,7 +52,7 @@ class AppState:
         # never into ROOT: a data set is often a shared reference copy, and root ignores its
         # read-only bits.
         self.labels_path = Path(labels) if labels is not None else Path.cwd() / "review_labels.csv"
-        self.stacks = stacks if stacks is not None else _load_stacks(self.root, self.labels_path, masks)
+        self.stacks = stacks if stacks is not None else stacks_to_label(self.root, self.labels_path, masks)
         if not self.stacks:
             raise ValueError(f"{root}: no stacks found (try `stackcls inspect {root}`)")
         self.lock = threading.RLock()          # the session and the file state
