@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +154,90 @@ def test_compilations_per_bucket_over_lengths_6_to_24():
                       mode="slice_ordered", orientation="apex_to_base")
     buckets = {padded_length(S) for S in range(6, 25)}
     assert len(buckets) == 5 and model.traces <= len(buckets)
+
+
+# ----------------------------------------------------------------------------- traced programs on disk
+
+PROGRAM = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from stackcls.programs import Program
+
+def fn(state, x):          # a pytree of weights (dict, list), two outputs
+    h = jnp.tanh(x @ state["w"][0] + state["b"])
+    return h.sum(1), jnp.argmax(h, 1)
+
+rng = np.random.default_rng(0)
+state = {"w": [jax.device_put(rng.normal(size=(5, 4)).astype(np.float32))],
+         "b": jax.device_put(np.arange(4, dtype=np.float32))}
+x = rng.normal(size=(3, 5)).astype(np.float32)
+p = Program(fn, "tiny", key=sys.argv[1])
+a, b = p(state, x)
+p(state, x)                                 # the same signature: no second load or trace
+c, d = jax.jit(fn)(state, x)
+print(json.dumps(dict(loaded=p.loaded, out=np.asarray(a).tolist(), arg=np.asarray(b).tolist(),
+                      same=bool(np.array_equal(a, c) and np.array_equal(b, d)))))
+"""
+
+
+def run_program(cache, key="k1", **env):
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("STACKCLS_NO_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    e.update(STACKCLS_CACHE=str(cache), JAX_PLATFORMS="cpu", **env)
+    r = subprocess.run([PY, "-c", PROGRAM, key], env=e, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_program_kept_on_disk_reused_and_identical_to_jit(tmp_path):
+    cache = tmp_path / "c"
+    first = run_program(cache)
+    files = sorted((cache / "programs").glob("tiny-*.bin"))
+    assert first["loaded"] == 0 and len(files) == 1 and first["same"]
+    second = run_program(cache)
+    assert second["loaded"] == 1 and second["same"]
+    assert (second["out"], second["arg"]) == (first["out"], first["arg"])
+    # another key (another architecture or config) never reads that entry
+    other = run_program(cache, key="k2")
+    assert other["loaded"] == 0 and len(list((cache / "programs").glob("tiny-*.bin"))) == 2
+    # a damaged entry costs a trace, not an error, and is written again
+    files[0].write_bytes(b"not a program")
+    again = run_program(cache)
+    assert again["loaded"] == 0 and again["out"] == first["out"] and files[0].stat().st_size > 100
+    # off with the compilation cache: nothing written
+    off = run_program(tmp_path / "off", STACKCLS_NO_COMPILE_CACHE="1")
+    assert off["loaded"] == 0 and off["out"] == first["out"]
+    assert not (tmp_path / "off" / "programs").exists()
+
+
+def test_program_key_covers_the_source():
+    """An edit anywhere in the package changes every entry's name (no stale program is run)."""
+    from stackcls import programs
+    d = programs.source_digest()
+    assert len(d) == 64 and d == programs.source_digest()
+
+
+def test_shipped_model_same_json_with_programs_on_disk_and_without(tmp_path):
+    """The shipped model through `stackcls predict`: a cold cache, a warm one (programs read from
+    disk) and the cache off give the same JSON, byte for byte, and the warm run read its programs."""
+    from stackcls.phantom import cohort
+    study = cohort(2, seed=0) / "dicom"
+    outs = []
+    for name, cache, env in (("cold", "c", {}), ("warm", "c", {}),
+                             ("off", "o", {"STACKCLS_NO_COMPILE_CACHE": "1"})):
+        e = {k: v for k, v in os.environ.items()
+             if k not in ("STACKCLS_NO_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+        e.update(STACKCLS_CACHE=str(tmp_path / cache), JAX_PLATFORMS="cpu", **env)
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([PY, "-m", "stackcls.cli", "predict", str(study), "--json", str(out)],
+                           env=e, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(out.read_bytes())
+        kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "programs").glob("*.bin")}
+        if name == "cold":
+            written = kept
+            assert sorted(n.rsplit("-", 1)[0] for n in kept) == ["anatomy-ensemble", "anatomy-net"]
+        else:     # read, not traced and written again
+            assert kept == written
+    assert outs[0] == outs[1] == outs[2]
+    assert not (tmp_path / "o" / "programs").exists()

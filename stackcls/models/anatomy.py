@@ -20,6 +20,7 @@ moving averages updated): grey MR images are far from ImageNet's statistics.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from flax import nnx
 from stackcls.batching import map_chunks
 from stackcls.models.classifier import Head, gap, preprocess_input
 from stackcls.preprocess.physical import SPACING_MM
+from stackcls.programs import Program
 
 N_MASK = 4                   # background, RV cavity, LV myocardium, LV cavity (ACDC's labels)
 EVIDENCE = ("lv_cavity_area", "lv_myocardium_area", "rv_cavity_area", "lv_cavity_peak",
@@ -225,19 +227,22 @@ def _rgb(x):
     return jnp.repeat(x[..., None], 3, -1) if x.ndim == 3 else x
 
 
+def _net_fn(graphdef):
+    """fn(state, xb) -> one net's outputs (OUTPUTS order), not yet compiled."""
+    def fn(state, xb):
+        m = nnx.merge(graphdef, state, copy=True)
+        seg, logits, pen = m(_rgb(xb))
+        p = jax.nn.softmax(seg, -1)
+        return (m.slice_probs(logits), pen, evidence(p), p[..., 2] + p[..., 3],
+                jnp.argmax(seg, -1).astype(jnp.uint8))
+    return fn
+
+
 def _infer(graphdef):
     """The jitted inference of one architecture (cached: every fold and evaluation reuses it)."""
-    fn = _INFER.get(graphdef)
-    if fn is None:
-        @jax.jit
-        def fn(state, xb):
-            m = nnx.merge(graphdef, state, copy=True)
-            seg, logits, pen = m(_rgb(xb))
-            p = jax.nn.softmax(seg, -1)
-            return (m.slice_probs(logits), pen, evidence(p), p[..., 2] + p[..., 3],
-                    jnp.argmax(seg, -1).astype(jnp.uint8))
-        _INFER[graphdef] = fn
-    return fn
+    if graphdef not in _INFER:
+        _INFER[graphdef] = jax.jit(_net_fn(graphdef))
+    return _INFER[graphdef]
 
 
 def outputs(net: AnatomyNet, x, chunk: int = 32) -> dict:
@@ -246,8 +251,8 @@ def outputs(net: AnatomyNet, x, chunk: int = 32) -> dict:
     mask (N, n, n) the most probable class of each pixel."""
     graphdef, state = nnx.split(net)
     run = _infer(graphdef)
-    out = map_chunks(lambda xb: run(state, xb), jnp.asarray(x, jnp.float32), chunk)
-    return dict(zip(OUTPUTS, (np.asarray(a) for a in out)))
+    out = map_chunks(lambda xb: run(state, xb), np.asarray(x, np.float32), chunk, host=True)
+    return dict(zip(OUTPUTS, out))
 
 
 # ----------------------------------------------------------------------------- the trained model
@@ -273,7 +278,9 @@ def _ensemble_fn(ensemble: Ensemble):
     the K models (vmapped over their stacked weights: one compiled call for the whole ensemble)."""
     nets = list(ensemble.nets)
     graphdef = nnx.graphdef(nets[0])
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(n) for n in nets])
+    # stacked on the host: an eager jnp.stack per weight would be one more program each
+    stacked = jax.tree.map(lambda *a: jax.device_put(np.stack([np.asarray(v) for v in a])),
+                           *[nnx.state(n) for n in nets])
 
     def one(state, x):
         m = nnx.merge(graphdef, state, copy=True)
@@ -307,8 +314,12 @@ class AnatomyModel:
         self.cfg = AnatomyConfig(**{"context": 0, **{k: (tuple(v) if isinstance(v, list) else v)
                                                      for k, v in self.config["anatomy"].items()}})
         self.localise_size = int(self.config.get("localise_size", 256))
+        # the networks' traced programs are kept on disk (stackcls.programs), keyed by this config
+        key = json.dumps(self.config, sort_keys=True, default=str)
         fn, self._state = _ensemble_fn(self.ensemble)
-        self._jit = jax.jit(fn)
+        self._jit = Program(fn, "anatomy-ensemble", key)
+        graphdef, self._state0 = nnx.split(self.ensemble.nets[0])
+        self._net0 = Program(_net_fn(graphdef), "anatomy-net", key)
         # unknown in-plane spacing: estimated from the images (False: the fixed field of view of
         # physical.pixel_spacing, for ablations); `last_preprocess` is the info of the last stack
         # `preprocess` saw (spacing, its source and the estimate), for the caller to report
@@ -321,15 +332,18 @@ class AnatomyModel:
 
     def run(self, x, chunk: int = 16) -> dict:
         """Ensemble outputs over model inputs (N, n, n, 3), as numpy."""
-        out = map_chunks(lambda xb: self._jit(self._state, xb), jnp.asarray(x, jnp.float32), chunk)
-        return dict(zip(OUTPUTS, (np.asarray(a) for a in out)))
+        out = map_chunks(lambda xb: self._jit(self._state, xb), np.asarray(x, np.float32), chunk,
+                         host=True)
+        return dict(zip(OUTPUTS, out))
 
     def lv_map(self, x, chunk: int = 16) -> np.ndarray:
         """LV probability maps (N, n, n) of localisation inputs, from the first fold's net alone.
         Localisation needs the heart's centre, not the ensemble's mean map (each fold's net found it
         alone in cross-validation), and its pass, at localise_size, has four times the pixels of
         the model's own: one net instead of K makes the whole prediction about 2.5x faster."""
-        return outputs(self.ensemble.nets[0], x, chunk)["lv"]
+        out = map_chunks(lambda xb: self._net0(self._state0, xb), np.asarray(x, np.float32), chunk,
+                         host=True)
+        return out[OUTPUTS.index("lv")]
 
     def preprocess(self, images, spacing=None) -> np.ndarray:
         """(S, H, W) -> the per-slice outputs predict_stack's compiled core reads: (S, E + 3),

@@ -72,7 +72,7 @@ def _flat(module) -> dict[str, np.ndarray]:
 def _fill(module, arrays: dict, prefix: str, where: Path):
     """Every variable of `module` from arrays[prefix + path], shapes checked, cast to the
     module's dtype; returns the names used."""
-    import jax.numpy as jnp
+    import jax
     from flax import nnx
     state = nnx.state(module)
     used = set()
@@ -84,7 +84,8 @@ def _fill(module, arrays: dict, prefix: str, where: Path):
         a = arrays[name]
         if a.shape != want.shape:
             raise ModelFileError(f"{where}: {name} has shape {a.shape}, the model wants {want.shape}")
-        v.set_value(jnp.asarray(a, want.dtype))
+        # device_put, not jnp.asarray: in this JAX the latter stages one small program per shape
+        v.set_value(jax.device_put(np.asarray(a, want.dtype)))
         used.add(name)
     nnx.update(module, state)
     return used
@@ -167,10 +168,13 @@ def _network(kind: str, config: dict):
     if kind == "classifier":
         from stackcls.models.classifier import rebuild
         return rebuild(config)
+    from flax import nnx
+
     from stackcls.models.anatomy import AnatomyConfig, Ensemble, build_net
     cfg = AnatomyConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                            for k, v in config["anatomy"].items()})
-    return Ensemble([build_net(config["backbone"], cfg) for _ in range(int(config["folds"]))])
+    one = build_net(config["backbone"], cfg)       # the folds share one architecture
+    return Ensemble([one] + [nnx.clone(one) for _ in range(int(config["folds"]) - 1)])
 
 
 def load(path):
@@ -190,11 +194,14 @@ def load(path):
     head = direction = calibration = None
     try:
         config = meta["config"]
-        network = _network(kind, config)
+        # built abstract (shapes only): every value is replaced by the file's below, and a real
+        # random initialisation of five networks would cost seconds of eager ops per process
+        network = nnx.eval_shape(lambda: _network(kind, config))
         if meta.get("stack_head"):
             hc = meta["stack_head"]["config"]
-            head = StackHead(int(hc["in_features"]), int(hc["hidden"]), float(hc["dropout"]),
-                             bool(hc.get("residual", False)), rngs=nnx.Rngs(0))
+            head = nnx.eval_shape(lambda: StackHead(int(hc["in_features"]), int(hc["hidden"]),
+                                                    float(hc["dropout"]), bool(hc.get("residual", False)),
+                                                    rngs=nnx.Rngs(0)))
         if meta.get("direction"):
             direction = DirectionModel(arrays["direction/mean"], arrays["direction/std"],
                                        arrays["direction/weights"], meta["direction"].get("info"))

@@ -39,17 +39,20 @@ def _pair(v):
 
 
 def _zeros(shape):
-    return jnp.asarray(np.zeros(shape, np.float32))  # host-side: no compile per shape
+    return jax.device_put(np.zeros(shape, np.float32))  # host-side: no program per shape
 
 
 def _ones(shape):
-    return jnp.asarray(np.ones(shape, np.float32))
+    return jax.device_put(np.ones(shape, np.float32))
 
 
 def _host_rng(rngs: nnx.Rngs) -> np.random.Generator:
     # Initial values are drawn with numpy from a seed taken off the nnx key stream: jax.random
     # would compile one kernel per distinct shape (~30 s for a backbone on a busy 2-core CPU).
-    return np.random.default_rng(np.asarray(jax.random.key_data(rngs.params())).ravel())
+    key = jax.random.key_data(rngs.params())
+    if isinstance(key, jax.core.Tracer):     # under nnx.eval_shape only the shapes are wanted
+        return np.random.default_rng(0)
+    return np.random.default_rng(np.asarray(key).ravel())
 
 
 def _fans(shape):
@@ -61,7 +64,7 @@ def _glorot(rngs: nnx.Rngs, shape):
     """Keras's default kernel initializer (glorot_uniform)."""
     fan_in, fan_out = _fans(shape)
     limit = np.sqrt(6.0 / (fan_in + fan_out))
-    return jnp.asarray(_host_rng(rngs).uniform(-limit, limit, shape).astype(np.float32))
+    return jax.device_put(_host_rng(rngs).uniform(-limit, limit, shape).astype(np.float32))
 
 
 def _he(rngs: nnx.Rngs, shape):
@@ -71,7 +74,7 @@ def _he(rngs: nnx.Rngs, shape):
     v = _host_rng(rngs).standard_normal(shape)
     while np.any(bad := np.abs(v) > 2):  # resample outside 2 std, as truncated_normal does
         v[bad] = _host_rng(rngs).standard_normal(int(bad.sum()))
-    return jnp.asarray((v * std).astype(np.float32))
+    return jax.device_put((v * std).astype(np.float32))
 
 
 class KerasLayer(nnx.Module):
