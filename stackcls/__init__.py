@@ -6,7 +6,8 @@ Data flow, one wing (folder) per stage:
     load_model, predict_stack, the archive) -> labels; beside it train/ (the loops, CV,
     calibration), ui/ (labelling, review, figures), study/ (the paper's protocol), phantom/.
 The top level holds what every wing uses: stack.Stack, atomic writes, progress, the device
-mesh (parallel), the cache folder, the chunked apply (batching), the CLI.
+mesh (parallel), the cache folder, traced programs kept on disk (programs), the chunked apply
+(batching), the CLI.
 """
 
 import importlib

@@ -149,7 +149,7 @@ def distributions(tables, temperature: float = 1.0) -> list[BoundaryDistribution
     for i, t in enumerate(tables):
         batch[i, :len(t)] = t
     out = {k: np.asarray(v, np.float64) for k, v in
-           distribution_batch(jnp.asarray(batch), jnp.asarray(lengths), float(temperature)).items()}
+           distribution_batch(jax.device_put(batch), jax.device_put(lengths), float(temperature)).items()}
     return [BoundaryDistribution(joint=np.exp(out["log_joint"][i, :L + 1, :L + 1]),
                                  marginals=out["marginals"][i, :L], first=out["first"][i, :L],
                                  last=out["last"][i, :L], none=float(out["none"][i]),

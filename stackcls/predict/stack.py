@@ -198,8 +198,10 @@ def _compiled(model, mode: str, batched: bool = False, grey: bool = False):
         S = x.shape[axis]
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, padded_length(S) - S)
-        xp = jnp.asarray(np.pad(x, widths))
-        n = jnp.int32(S)
+        # host-side padding, trimming and device_put: eager jnp ops here would each be one more
+        # small program for every stack length
+        xp = jax.device_put(np.pad(x, widths))
+        n = np.int32(S)
         k = (xp.shape, str(xp.dtype))
         if k not in per_shape:
             try:
@@ -215,7 +217,7 @@ def _compiled(model, mode: str, batched: bool = False, grey: bool = False):
         entry = per_shape[k]
         out = fn(xp, n) if entry is None else entry[0](entry[1], xp, n)
         cut = (slice(None),) * axis + (slice(0, S),)
-        return tuple(o[cut] if i < PER_SLICE else o for i, o in enumerate(out))
+        return tuple(np.asarray(o)[cut] if i < PER_SLICE else np.asarray(o) for i, o in enumerate(out))
 
     run.per_shape = per_shape
     while len(_CACHE) >= 8:                     # keep a few models' executables, not all ever seen
