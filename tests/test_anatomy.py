@@ -73,6 +73,35 @@ def evidence_of(*maps):
     return np.asarray(anatomy.evidence(jnp.asarray(np.stack(maps))))
 
 
+def brute_border_enclosed(cav, myo) -> float:
+    """The basal rule on hard masks, pixel by pixel: border = cavity pixels with a non-cavity
+    pixel among their 8 neighbours (inside the image); the share of them with myocardium there."""
+    n, border, enclosed = cav.shape[0], 0, 0
+    for r, c in zip(*np.nonzero(cav)):
+        nb = [(r + a, c + b) for a in (-1, 0, 1) for b in (-1, 0, 1) if 0 <= r + a < n and 0 <= c + b < n]
+        if min(cav[q] for q in nb) == 0:
+            border += 1
+            enclosed += max(myo[q] for q in nb) > 0
+    return enclosed / border if border else 0.0
+
+
+def test_border_enclosed_is_the_basal_rule_by_brute_force():
+    from stackcls.models.evidence import border_enclosed
+    cav = disk(48, 48, 12)
+    ring = disk(48, 48, 18) * (1 - cav)            # myocardium all round, touching the cavity
+    half = ring * (CC >= 48)                        # myocardium on one side: an opened base
+    rng = np.random.default_rng(0)
+    blobs = [(disk(*rng.integers(30, 66, 2), rng.integers(4, 15)),
+              annulus(*rng.integers(30, 66, 2), 10, 20) * (rng.random((N, N)) < 0.7)) for _ in range(4)]
+    cases = [(cav, ring), (cav, half), (cav, np.zeros_like(cav)), (np.zeros_like(cav), ring)]
+    cases += [(c, m * (1 - c)) for c, m in blobs]
+    got = np.asarray(border_enclosed(jnp.asarray(np.stack(
+        [prob_map(cavity=c, myocardium=m) for c, m in cases]))))
+    want = [brute_border_enclosed(c, m) for c, m in cases]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got[0] == 1.0 and 0.4 < got[1] < 0.65 and got[2] == 0.0 and got[3] == 0.0
+
+
 def test_evidence_areas_in_square_centimetres():
     ev = evidence_of(prob_map(cavity=disk(48, 48, 12)), prob_map(rv=disk(30, 30, 6)),
                      prob_map(myocardium=annulus(48, 48, 13, 18)), prob_map())

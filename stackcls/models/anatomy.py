@@ -4,7 +4,7 @@ RV cavity / LV myocardium / LV cavity, trained jointly with the paper's slice cl
     x (N, n, n, 3) 0..255 -> backbone.pyramid -> [s2, s4, s8, s16, s32] feature maps
         s32 -> GAP -> Dense 256 ReLU -> Dense 3        slice logits (the paper's head)
         s32 ... s2 -> upsample + skip + 2 convs each   -> 4-class mask logits at s1
-    mask probabilities -> `evidence`: what the stack head reads besides the classifier
+    mask probabilities -> `evidence` (models/evidence.py): what the stack head reads besides the classifier
 
 Why masks: the labels are defined by anatomy (IN = the LV cavity is in the slice; OAP/OBS = which
 side of that range), and 40 patients' worth of slice labels are too few to learn the cavity from a
@@ -29,13 +29,10 @@ from flax import nnx
 
 from stackcls.batching import map_chunks
 from stackcls.models.classifier import Head, gap, preprocess_input
-from stackcls.preprocess.physical import SPACING_MM
+from stackcls.models.evidence import EVIDENCE, evidence
 from stackcls.programs import Program
 
 N_MASK = 4                   # background, RV cavity, LV myocardium, LV cavity (ACDC's labels)
-EVIDENCE = ("lv_cavity_area", "lv_myocardium_area", "rv_cavity_area", "lv_cavity_peak",
-            "ring_closure", "cavity_inside_ring")
-_SECTORS = 16
 OUTPUTS = ("probs", "pen", "evidence", "lv", "mask")   # what inference returns per slice
 
 
@@ -144,47 +141,6 @@ class AnatomyNet(nnx.Module):
         f = gap(feats[-1])
         pen = self.head.penultimate(f)
         return self.decoder(feats, x.shape[1]), self.head(f, key), pen
-
-
-def evidence(mask_probs: jax.Array) -> jax.Array:
-    """Per-slice anatomy read off the mask probabilities (N, n, n, 4) -> (N, len(EVIDENCE)).
-
-    Areas are in cm^2 (log1p), so they mean the same whatever the input size. Ring closure: the
-    share of 16 angular sectors around the cavity (or, without one, the LV) centre in which some
-    myocardium is seen: a full ring marks a cut through the ventricle, a crescent the basal or
-    apical edge. cavity_inside_ring: how much of the cavity lies within the ring's radius around
-    the ring's own centre (the myocardium's centroid), low when the "cavity" is the outflow tract
-    or an atrium opening beside the myocardium. Measured around the cavity-weighted centre instead,
-    a ring beside the cavity only looks far away, and the whole cavity passes as inside it."""
-    p = mask_probs
-    n = p.shape[1]
-    px_cm2 = (SPACING_MM / 10.0) ** 2
-    area = jnp.sum(p, axis=(1, 2)) * px_cm2                            # (N, 4)
-    cav, myo = p[..., 3], p[..., 2]
-    peak = jnp.max(cav, axis=(1, 2))
-    rr, cc = jnp.meshgrid(jnp.arange(n, dtype=jnp.float32), jnp.arange(n, dtype=jnp.float32),
-                          indexing="ij")
-    w = cav + 0.2 * myo + 1e-6
-    wsum = jnp.sum(w, axis=(1, 2))
-    r0 = jnp.sum(w * rr, axis=(1, 2)) / wsum
-    c0 = jnp.sum(w * cc, axis=(1, 2)) / wsum
-    dr, dc = rr[None] - r0[:, None, None], cc[None] - c0[:, None, None]
-    dist = jnp.sqrt(dr ** 2 + dc ** 2) * SPACING_MM                     # mm
-    near = dist < 50.0
-    sector = jnp.floor((jnp.arctan2(dr, dc) + jnp.pi) / (2 * jnp.pi) * _SECTORS).astype(jnp.int32)
-    sector = jnp.clip(sector, 0, _SECTORS - 1)
-    onehot = jax.nn.one_hot(sector, _SECTORS)                           # (N, n, n, K)
-    seen = jnp.max(onehot * (myo * near)[..., None], axis=(1, 2))       # (N, K)
-    closure = jnp.mean(jnp.clip(seen * 2.0, 0.0, 1.0), axis=-1)
-    wm = myo + 1e-6 * w                          # without myocardium: the centre above
-    wmsum = jnp.sum(wm, axis=(1, 2))
-    dr_m = rr[None] - (jnp.sum(wm * rr, axis=(1, 2)) / wmsum)[:, None, None]
-    dc_m = cc[None] - (jnp.sum(wm * cc, axis=(1, 2)) / wmsum)[:, None, None]
-    dist_m = jnp.sqrt(dr_m ** 2 + dc_m ** 2)
-    ring_r = jnp.sum(myo * dist_m, axis=(1, 2)) / (jnp.sum(myo, axis=(1, 2)) + 1e-3)
-    inside = jnp.sum(cav * (dist_m <= ring_r[:, None, None]), axis=(1, 2)) / (jnp.sum(cav, axis=(1, 2)) + 1e-3)
-    return jnp.stack([jnp.log1p(area[:, 3]), jnp.log1p(area[:, 2]), jnp.log1p(area[:, 1]),
-                      peak, closure, inside], axis=-1)
 
 
 # ----------------------------------------------------------------------------- augmentation
