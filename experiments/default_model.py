@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from stackcls import pretrained
+from stackcls.predict.model_file import DTYPES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "model-card.md"
 PIN_SUBJECT = (0, 0)          # phantom.render.render_subject(seed, index): the pinned stack
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     e.add_argument("--out", type=Path, default=pretrained.DEFAULT_DIR)
     e.add_argument("--name", default="stackcls-anatomy-acdc")
     e.add_argument("--version", default="1")
-    e.add_argument("--dtype", choices=pretrained.DTYPES, default="float32")
+    e.add_argument("--dtype", choices=DTYPES, default="float32")
     e.add_argument("--stand-in", action="store_true", help="mark the card as a stand-in model")
     e.add_argument("--doc", type=Path, default=DOC, help="model card whose table to regenerate")
     for name, what in (("verify", "check the file's sha256 against its card"),

@@ -1,0 +1,92 @@
+"""Other patients' files, release and degraded, measured honestly: each stack through the fold
+network that did not train on it (issue 27, item 4).
+
+    python benchmarks/generalisation_oof.py [--model RUN_OR_FILE ...] [--data ../shared/data/acdc]
+
+benchmarks/generalisation.py predicts with the whole ensemble, which trained on every ACDC
+patient, so its rows lean optimistic. A shipped-model file holds its K fold networks in fold
+order, and the folds are `patient_folds(subjects, K, seed)` of the training stacks (the
+default_model command: every ACDC patient, seed 0), so each stack can go through the one network
+that held it out, as in the cross-validation. The release rows must then reproduce the model's
+own cross-validated slice_ordered exact range (printed beside them: the check that the folds are
+the right ones). The degraded copy is generalisation.degrade's (8-bit, transposed, identity
+affine, pixdim 1; spacing estimated). Mode slice_ordered (the stack head trained on every
+stack's out-of-fold outputs: no held-out version of it exists in the file), orientation given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from generalisation import DATA, degrade, scores  # noqa: E402
+
+from stackcls import load_model, load_stacks, predict_stack  # noqa: E402
+from stackcls.models.anatomy import AnatomyModel, Ensemble  # noqa: E402
+from stackcls.preprocess.arrays import patient_folds  # noqa: E402
+
+
+def fold_models(model) -> list:
+    """The K single-network models of an ensemble, in fold order (no stack head)."""
+    cfg = dict(model.config, folds=1)
+    return [AnatomyModel(Ensemble([net]), cfg) for net in model.ensemble.nets]
+
+
+def out_of_fold(stacks, folds: list, model_seed: int = 0) -> list:
+    k = len(folds)
+    splits = patient_folds([st.subject for st in stacks], k=k, seed=model_seed)
+    labels = [None] * len(stacks)
+    for f, (_, va) in enumerate(splits):
+        for i in va:
+            p = predict_stack(stacks[i], folds[f], mode="slice_ordered", orientation="apex_to_base")
+            labels[i] = list(p.labels)
+        print(f"    fold {f + 1}/{k}", file=sys.stderr, flush=True)
+    return labels
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", default=None,
+                    help="run folder or model file (repeatable; default: the shipped model)")
+    ap.add_argument("--data", type=Path, default=DATA)
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    patients = sorted(p.name for p in a.data.iterdir() if (p / "Info.cfg").is_file())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stackcls-degraded-") as tmp:
+        degrade(a.data, Path(tmp), patients)
+        release = sorted(load_stacks(a.data, labels=a.data / "labels.csv"), key=lambda s: s.key)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            degraded = sorted(load_stacks(Path(tmp), labels=Path(tmp) / "labels.csv"),
+                              key=lambda s: s.key)
+        assert [s.key for s in release] == [s.key for s in degraded]
+        for path in a.model or [None]:
+            model = load_model(path)
+            folds = fold_models(model)
+            cv = getattr(model, "card", {}).get("metrics", {}).get("slice_ordered", {})
+            name = "shipped" if path is None else str(path)
+            for data, stacks in (("release files", release), ("degraded, spacing estimated", degraded)):
+                print(f"  {name}: {data}", file=sys.stderr, flush=True)
+                rows.append(dict(model=name, data=data, **scores(release, out_of_fold(stacks, folds)),
+                                 card_cv=cv.get("exact_range_rate")))
+    trivial = scores(release, [["IN"] * len(st.labels) for st in release])
+    print(f"\n{len(release)} stacks of {len(patients)} patients, out of fold; {time.time() - t0:.0f} s\n")
+    print("| model | data | exact IN range | F1 OAP | F1 OBS |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['data']} | {r['exact']:.3f} | {r['f1_oap']:.3f} | {r['f1_obs']:.3f} |")
+    print(f"| - | every slice IN | {trivial['exact']:.3f} | 0 | 0 |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
