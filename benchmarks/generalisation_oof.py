@@ -12,6 +12,8 @@ own cross-validated slice_ordered exact range (printed beside them: the check th
 the right ones). The degraded copy is generalisation.degrade's (8-bit, transposed, identity
 affine, pixdim 1; spacing estimated). Mode slice_ordered (the stack head trained on every
 stack's out-of-fold outputs: no held-out version of it exists in the file), orientation given.
+A second table splits the same predictions by ACDC pathology group (not leave-one-group-out:
+every fold network saw the other patients of each group).
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ def out_of_fold(stacks, folds: list, model_seed: int = 0) -> list:
     return labels
 
 
+def by_group(stacks, labels) -> dict:
+    """Exact IN range per ACDC pathology group (Info.cfg's Group, in the stack's meta)."""
+    out = {}
+    for g in sorted({str(st.meta.get("group")) for st in stacks}):
+        keep = [i for i, st in enumerate(stacks) if str(st.meta.get("group")) == g]
+        out[g] = scores([stacks[i] for i in keep], [labels[i] for i in keep])["exact"]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=None,
@@ -77,14 +88,23 @@ def main(argv=None) -> int:
             name = "shipped" if path is None else str(path)
             for data, stacks in (("release files", release), ("degraded, spacing estimated", degraded)):
                 print(f"  {name}: {data}", file=sys.stderr, flush=True)
-                rows.append(dict(model=name, data=data, **scores(release, out_of_fold(stacks, folds)),
-                                 card_cv=cv.get("exact_range_rate")))
+                labels = out_of_fold(stacks, folds)
+                rows.append(dict(model=name, data=data, **scores(release, labels),
+                                 card_cv=cv.get("exact_range_rate"), groups=by_group(release, labels)))
     trivial = scores(release, [["IN"] * len(st.labels) for st in release])
     print(f"\n{len(release)} stacks of {len(patients)} patients, out of fold; {time.time() - t0:.0f} s\n")
     print("| model | data | exact IN range | F1 OAP | F1 OBS |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['data']} | {r['exact']:.3f} | {r['f1_oap']:.3f} | {r['f1_obs']:.3f} |")
     print(f"| - | every slice IN | {trivial['exact']:.3f} | 0 | 0 |")
+    groups = sorted({str(st.meta.get("group")) for st in release})
+    every = by_group(release, [["IN"] * len(st.labels) for st in release])
+    print("\nExact IN range by ACDC pathology group (the same out-of-fold predictions; stacks per group: "
+          + ", ".join(f"{g} {sum(str(st.meta.get('group')) == g for st in release)}" for g in groups) + ")\n")
+    print("| model | data | " + " | ".join(groups) + " |\n|---|---|" + "---|" * len(groups))
+    for r in rows:
+        print(f"| {r['model']} | {r['data']} | " + " | ".join(f"{r['groups'][g]:.3f}" for g in groups) + " |")
+    print("| - | every slice IN | " + " | ".join(f"{every[g]:.3f}" for g in groups) + " |")
     return 0
 
 
