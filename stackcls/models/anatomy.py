@@ -206,9 +206,13 @@ def outputs(net: AnatomyNet, x, chunk: int = 32) -> dict:
     penultimate (N, 256), evidence (N, E), LV probability map (N, n, n) (for localisation),
     mask (N, n, n) the most probable class of each pixel."""
     graphdef, state = nnx.split(net)
-    run = _infer(graphdef)
-    out = map_chunks(lambda xb: run(state, xb), np.asarray(x, np.float32), chunk, host=True)
-    return dict(zip(OUTPUTS, out))
+    return _chunked(_infer(graphdef), state, x, chunk)
+
+
+def _chunked(run, state, x, chunk: int) -> dict:
+    """run(state, chunk of x) over x's rows, as numpy, keyed by OUTPUTS."""
+    return dict(zip(OUTPUTS, map_chunks(lambda xb: run(state, xb), np.asarray(x, np.float32), chunk,
+                                        host=True)))
 
 
 # ----------------------------------------------------------------------------- the trained model
@@ -288,18 +292,14 @@ class AnatomyModel:
 
     def run(self, x, chunk: int = 16) -> dict:
         """Ensemble outputs over model inputs (N, n, n, 3), as numpy."""
-        out = map_chunks(lambda xb: self._jit(self._state, xb), np.asarray(x, np.float32), chunk,
-                         host=True)
-        return dict(zip(OUTPUTS, out))
+        return _chunked(self._jit, self._state, x, chunk)
 
     def lv_map(self, x, chunk: int = 16) -> np.ndarray:
         """LV probability maps (N, n, n) of localisation inputs, from the first fold's net alone.
         Localisation needs the heart's centre, not the ensemble's mean map (each fold's net found it
         alone in cross-validation), and its pass, at localise_size, has four times the pixels of
         the model's own: one net instead of K makes the whole prediction about 2.5x faster."""
-        out = map_chunks(lambda xb: self._net0(self._state0, xb), np.asarray(x, np.float32), chunk,
-                         host=True)
-        return out[OUTPUTS.index("lv")]
+        return _chunked(self._net0, self._state0, x, chunk)["lv"]
 
     def preprocess(self, images, spacing=None) -> np.ndarray:
         """(S, H, W) -> the per-slice outputs predict_stack's compiled core reads: (S, E + 3),
