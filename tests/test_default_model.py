@@ -8,6 +8,7 @@ A new model changes the pins on purpose: `python -m experiments.default_model pi
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,9 @@ def test_cli_predicts_without_a_model(dicom_dir, tmp_path, card, model):
     ref = stackcls.predict_stack(next(s for s in scan(dicom_dir).stacks if s.phase == "ED"), model)
     assert ed["labels"] == ref.labels
     np.testing.assert_allclose(ed["probabilities"], ref.probabilities, atol=1e-4)
+    # the command ends with os._exit: what it wrote into the pipe must still all arrive
+    rows = [l for l in r.stdout.splitlines() if re.match(r"\s+\d+\s+\d+\s+(OAP|IN|OBS)\s", l)]
+    assert len(rows) == sum(len(s["labels"]) for s in blob["stacks"]), r.stdout[-2000:]
 
 
 def test_review_without_a_model_saves_figures(dicom_dir, tmp_path, model, monkeypatch):
