@@ -35,7 +35,7 @@ from flax import nnx  # noqa: E402
 from stackcls.batching import map_chunks  # noqa: E402
 from stackcls.models.anatomy import outputs  # noqa: E402
 from stackcls.models.evidence import EVIDENCE, border_enclosed  # noqa: E402
-from stackcls.preprocess.arrays import patient_folds  # noqa: E402
+from stackcls.preprocess.arrays import fold_units, patient_folds  # noqa: E402
 from stackcls.study import anatomy as sa  # noqa: E402
 from stackcls.study.config import compose  # noqa: E402
 from stackcls.study.data import load_data  # noqa: E402
@@ -79,7 +79,7 @@ def border_of(net, x: np.ndarray) -> np.ndarray:
 def out_of_fold(study, stacks, run_dir: Path, epoch: int):
     """Per stack, in `stacks` order: (evidence, probs, border) through its held-out fold's net."""
     cfg = study.protocol.anatomy
-    splits = patient_folds(np.array([st.subject for st in stacks]), k=study.protocol.folds,
+    splits = patient_folds(fold_units(stacks, study.protocol.fold_by), k=study.protocol.folds,
                            seed=study.seed)
     per = [None] * len(stacks)
     for f, (_, va) in enumerate(splits):
@@ -123,7 +123,8 @@ def main(argv=None) -> int:
         for name, pen in variants.items():
             head = stack_head(Path(tmp) / str(len(rows)), study.protocol.anatomy.stack, study.seed,
                               tr, (pen, probs))
-            cv, _, _ = sa.cv_metrics(tr, (pen, probs), head.model, splits, study.seed)
+            cv, _, _ = sa.cv_metrics(tr, (pen, probs), head.model, splits, study.seed,
+                                    fold_units(stacks, study.protocol.fold_by))
             rows[name] = dict(columns=pen.shape[1], stack=cv["stack"]["exact_range_rate"],
                               stack_folds=cv["stack"]["folds"],
                               slice_ordered=cv["slice_ordered"]["exact_range_rate"],

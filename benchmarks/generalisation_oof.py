@@ -12,8 +12,9 @@ own cross-validated slice_ordered exact range (printed beside them: the check th
 the right ones). The degraded copy is generalisation.degrade's (8-bit, transposed, identity
 affine, pixdim 1; spacing estimated). Mode slice_ordered (the stack head trained on every
 stack's out-of-fold outputs: no held-out version of it exists in the file), orientation given.
-A second table splits the same predictions by ACDC pathology group (not leave-one-group-out:
-every fold network saw the other patients of each group).
+A second table splits the same predictions by ACDC pathology group. For the shipped model that
+is not leave-one-group-out (every fold network saw the other patients of each group); for a run
+trained with `protocol.fold_by=group` it is (each group through the network that never saw it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from generalisation import DATA, degrade, scores  # noqa: E402
 
 from stackcls import load_model, load_stacks, predict_stack  # noqa: E402
 from stackcls.models.anatomy import AnatomyModel, Ensemble  # noqa: E402
-from stackcls.preprocess.arrays import patient_folds  # noqa: E402
+from stackcls.preprocess.arrays import fold_units, patient_folds  # noqa: E402
 
 
 def fold_models(model) -> list:
@@ -43,9 +44,10 @@ def fold_models(model) -> list:
     return [AnatomyModel(Ensemble([net]), cfg) for net in model.ensemble.nets]
 
 
-def out_of_fold(stacks, folds: list, model_seed: int = 0) -> list:
+def out_of_fold(stacks, folds: list, units, model_seed: int = 0) -> list:
+    """units: what the model's CV folds kept together, per stack (fold_units)."""
     k = len(folds)
-    splits = patient_folds([st.subject for st in stacks], k=k, seed=model_seed)
+    splits = patient_folds(units, k=k, seed=model_seed)
     labels = [None] * len(stacks)
     for f, (_, va) in enumerate(splits):
         for i in va:
@@ -86,9 +88,11 @@ def main(argv=None) -> int:
             folds = fold_models(model)
             cv = getattr(model, "card", {}).get("metrics", {}).get("slice_ordered", {})
             name = "shipped" if path is None else str(path)
+            # a run with protocol.fold_by=group was cross-validated leave-one-group-out
+            units = fold_units(release, model.config.get("fold_by", "subject"))
             for data, stacks in (("release files", release), ("degraded, spacing estimated", degraded)):
                 print(f"  {name}: {data}", file=sys.stderr, flush=True)
-                labels = out_of_fold(stacks, folds)
+                labels = out_of_fold(stacks, folds, units)
                 rows.append(dict(model=name, data=data, **scores(release, labels),
                                  card_cv=cv.get("exact_range_rate"), groups=by_group(release, labels)))
     trivial = scores(release, [["IN"] * len(st.labels) for st in release])

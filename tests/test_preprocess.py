@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stackcls.preprocess.arrays import (center_crop, oversample, patient_folds, resize, split_subjects,
+from stackcls.preprocess.arrays import (center_crop, fold_units, oversample, patient_folds, resize, split_subjects,
                                  stack_arrays, to_model_input, window)
 from stackcls.preprocess.arrays import grey_model_input
 from stackcls.stack import Stack
@@ -127,6 +127,24 @@ def test_patient_folds_group_and_cover():
     assert any(set(subj[a[1]]) != set(subj[b[1]]) for a, b in zip(folds, other))
     with pytest.raises(ValueError, match="3 subjects cannot fill 5 folds"):
         patient_folds(["a", "b", "c", "a"], k=5)
+
+
+def test_fold_units_leave_one_group_out():
+    """fold_by=group: patient_folds over the group ids with as many folds as groups holds each
+    group out once, whole; subject units are the patient folds; a stack without the key is named."""
+    groups = ["DCM", "HCM", "MINF", "NOR", "RV"]
+    stacks = [Stack(np.zeros((3, 4, 4), np.float32), ["a", "b", "c"], f"p{i:03d}", phase,
+                    meta={"group": groups[i % 5]}) for i in range(20) for phase in ("ED", "ES")]
+    units = fold_units(stacks, "group")
+    held = [sorted({str(u) for u in units[va]}) for _, va in patient_folds(units, k=5, seed=0)]
+    assert sorted(h[0] for h in held) == groups and all(len(h) == 1 for h in held)
+    for _, va in patient_folds(units, k=5, seed=0):
+        assert len(va) == 8                                   # all 4 patients x 2 stacks of it
+    subj = fold_units(stacks, "subject")
+    assert [str(u) for u in subj] == [st.subject for st in stacks]
+    stacks[7].meta.pop("group")
+    with pytest.raises(ValueError, match="fold_by='group': 1 stack.*p003"):
+        fold_units(stacks, "group")
 
 
 def test_split_subjects():

@@ -216,6 +216,19 @@ def patient_folds(subjects, k: int = 5, seed: int = 0) -> list[tuple[np.ndarray,
     return [(idx[item_fold != f], idx[item_fold == f]) for f in range(k)]
 
 
+def fold_units(stacks, by: str = "subject") -> np.ndarray:
+    """What the CV folds keep together, one id per stack: its subject (patient folds), or the value
+    of meta key `by`, e.g. "group" (ACDC's pathology group: patient_folds over these ids with as
+    many folds as groups is leave-one-group-out)."""
+    if by == "subject":
+        return np.array([str(st.subject) for st in stacks])
+    missing = [st.subject for st in stacks if st.meta.get(by) in (None, "")]
+    if missing:
+        raise ValueError(f"fold_by={by!r}: {len(missing)} stack(s) have no {by!r} in their meta "
+                         f"(first: subject {missing[0]!r}); use fold_by=subject")
+    return np.array([str(st.meta[by]) for st in stacks])
+
+
 def split_subjects(subjects, test_size: float | int = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic patient-level train/test split: (train_idx, test_idx) into `subjects`.
 

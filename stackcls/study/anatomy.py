@@ -34,7 +34,7 @@ from stackcls.train.checkpoint import is_saved, restore_into, save_anatomy_model
 from stackcls.decode.ordered import decode_many
 from stackcls.study.metrics import stack_groups
 from stackcls.preprocess.physical import canvas, mask_centre
-from stackcls.preprocess.arrays import patient_folds
+from stackcls.preprocess.arrays import fold_units, patient_folds
 from stackcls.train.selection import default_mode, select
 from stackcls.stack import CLASSES
 from stackcls.models.stack_head import slice_features
@@ -110,12 +110,11 @@ def pretrained(cfg: AnatomyStage, backbone: str, weights, seed: int, run_dir: Pa
 
 
 def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights, seed: int,
-                   run_dir: Path) -> dict:
+                   run_dir: Path, fold_by: str = "subject") -> dict:
     """Train the K fold models; per fold and evaluated epoch: the weights and the held-out stacks'
     outputs. Returns dict(epochs, val (K, epochs) exact, loss, models {epoch: [K nets]},
     oof {epoch: [per-stack outputs]})."""
-    subjects = np.array([st.subject for st in stacks])
-    splits = patient_folds(subjects, k=folds, seed=seed)
+    splits = patient_folds(fold_units(stacks, fold_by), k=folds, seed=seed)
     eval_epochs = sorted({e for e in range(cfg.eval_every, cfg.epochs + 1, cfg.eval_every)}
                          | {cfg.epochs})
     arrays = None
@@ -182,14 +181,16 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
     cfg: AnatomyStage = p.anatomy
     d = run_dir / NAME
     t0 = time.perf_counter()
-    cv = cross_validate(train_stacks, cfg, p.folds, study.backbone, weights, study.seed, run_dir)
+    cv = cross_validate(train_stacks, cfg, p.folds, study.backbone, weights, study.seed, run_dir,
+                        p.fold_by)
     # the evaluated epochs are the columns; ties go to the lower validation loss
     _, j = select(cv["val"].mean(0)[None], cv["loss"].mean(0)[None], ties="lower_loss")
     epoch = cv["epochs"][j - 1]
     ensemble = Ensemble(cv["models"][epoch])
     config = dict(backbone=study.backbone, folds=p.folds, anatomy=as_plain(cfg.net()),
                   localise_size=cfg.localise_size, epoch=epoch, weights=str(weights),
-                  evidence=list(EVIDENCE), classes=list(CLASSES), method=NAME)
+                  evidence=list(EVIDENCE), classes=list(CLASSES), method=NAME,
+                  **({} if p.fold_by == "subject" else dict(fold_by=p.fold_by)))
     if not is_saved(d / "final"):
         save_anatomy_model(d / "final", ensemble, config)
     cv_seconds = cv["seconds"]
@@ -247,8 +248,9 @@ def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, r
     cfg: AnatomyStage = p.anatomy
     d = run_dir / NAME
     head = stack_head(d / "stack", cfg.stack, study.seed, tr, train_outputs)
-    splits = patient_folds(np.array([st.subject for st in stacks]), k=p.folds, seed=study.seed)
-    cv_row, tables, oof_stack = cv_metrics(tr, train_outputs, head.model, splits, study.seed)
+    units = fold_units(stacks, p.fold_by)
+    splits = patient_folds(units, k=p.folds, seed=study.seed)
+    cv_row, tables, oof_stack = cv_metrics(tr, train_outputs, head.model, splits, study.seed, units)
     res = dict(oof_probs=train_outputs[1], selected=dict(epochs=epoch))
     fit_calibration(d / "stack", res, cfg.stack, study.seed, tr, train_outputs, head, tables)
     row = dict(method=NAME, selected=_selected(cfg, cv, epoch), cv=cv_row,
@@ -268,7 +270,7 @@ def _run_cv_only(study, stacks, cv: dict, epoch: int, tr: dict, train_outputs, r
     return row, Evaluated(row, train_outputs[1], train_outputs[0], oof_stack), tr
 
 
-def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int):
+def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int, units=None):
     """(the cross-validated rows of a run without a test set, the stack head's out-of-fold
     log-scores per stack, the same as per-slice probabilities (M, 3); both None for a head
     trained without CV).
@@ -285,8 +287,9 @@ def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int):
     pen, probs = train_outputs
     groups = stack_groups(tr["stack_index"])
     feats = [slice_features(pen[g], probs[g]) for g in groups]
-    subjects = [str(tr["subject"][g[0]]) for g in groups]
-    tables = cal.oof_stack_tables(feats, [tr["y"][g] for g in groups], subjects, head_model, seed)
+    # the stack head's folds keep the same units together as the anatomy CV's (units: one per stack)
+    units = [str(tr["subject"][g[0]]) for g in groups] if units is None else list(units)
+    tables = cal.oof_stack_tables(feats, [tr["y"][g] for g in groups], units, head_model, seed)
     stack_probs = None
     if tables is not None:
         stack_probs = np.zeros((len(tr["y"]), 3), np.float32)

@@ -135,6 +135,9 @@ class Protocol:
     views: int = 8                      # fixed rotated views per training slice cached for depth 0 / 1
     epochs: int = 50
     folds: int = 5
+    # what a fold keeps together: "subject" (patients), or a stack meta key such as "group" (ACDC's
+    # pathology group; with folds equal to the number of groups, leave-one-group-out; method=anatomy)
+    fold_by: str = "subject"
     batch_size: int = 32
     decay: float = 1e-6
     oversample: int = 6
