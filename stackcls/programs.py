@@ -64,10 +64,7 @@ class Program:
 
     def _program(self, tree, leaves, sig):
         from jax import export
-        digest = hashlib.sha256("\0".join([
-            self.key, source_digest(), jax.__version__, jax.default_backend(), repr(sig[1]),
-            str(tree)]).encode()).hexdigest()[:32]
-        path = cache_dir(SUB) / f"{self.name}-{digest}.bin"
+        path = _entry(self.name, [self.key, repr(sig[1]), str(tree)], ".bin")
         try:
             exp = export.deserialize(bytearray(path.read_bytes()))
             self.loaded += 1
@@ -78,6 +75,25 @@ class Program:
                 *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves))
             _write(path, exp.serialize())
         return jax.jit(exp.call)
+
+
+def checked(name: str, key: str) -> bool:
+    """Whether `mark_checked(name, key)` was called with this cache, stackcls source and JAX (a
+    check that need not run again: e.g. a model file's variables against the modules it fills).
+    Always False with the cache off."""
+    return compile_cache() is not None and _entry(name, [key], ".checked").is_file()
+
+
+def mark_checked(name: str, key: str) -> None:
+    if compile_cache() is not None:
+        _write(_entry(name, [key], ".checked"), b"")
+
+
+def _entry(name: str, parts: list[str], suffix: str) -> Path:
+    """The cache file of `name` for these key parts, this stackcls source, JAX and backend."""
+    digest = hashlib.sha256("\0".join([*parts, source_digest(), jax.__version__,
+                                        jax.default_backend()]).encode()).hexdigest()[:32]
+    return cache_dir(SUB) / f"{name}-{digest}{suffix}"
 
 
 def _write(path: Path, data: bytes) -> None:

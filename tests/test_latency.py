@@ -241,3 +241,71 @@ def test_shipped_model_same_json_with_programs_on_disk_and_without(tmp_path):
             assert kept == written
     assert outs[0] == outs[1] == outs[2]
     assert not (tmp_path / "o" / "programs").exists()
+
+
+# a model file loaded, its ensemble run on fixed inputs, then its modules asked for
+LAZY = r"""
+import hashlib, json, sys
+import numpy as np
+from stackcls.io.errors import ModelFileError
+from stackcls.models.anatomy import FoldWeights
+from stackcls.predict import model_file
+try:
+    m = model_file.load(sys.argv[1])
+except ModelFileError as e:
+    print(json.dumps(dict(error=str(e))))
+    sys.exit(0)
+built = "ensemble" in m.__dict__
+x = np.random.default_rng(0).uniform(0, 255, (4, 128, 128, 3)).astype(np.float32)
+o = m.run(x)
+digest = hashlib.sha256(b"".join(np.ascontiguousarray(o[k]).tobytes() for k in sorted(o))).hexdigest()
+w = FoldWeights.of(m.ensemble)                    # the modules: built now if they were not
+same = w.names == m.weights.names and all(np.array_equal(a, b) for a, b in zip(w.stacked, m.weights.stacked))
+print(json.dumps(dict(built=built, digest=digest, same=same, nets=len(m.ensemble.nets))))
+"""
+
+
+def run_lazy(cache, model, **env):
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("STACKCLS_NO_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    e.update(STACKCLS_CACHE=str(cache), JAX_PLATFORMS="cpu", **env)
+    r = subprocess.run([PY, "-c", LAZY, str(model)], env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def write_model(path, meta, arrays):
+    """A model file of these arrays, its part hashes made to match (only the architecture check
+    can then tell an edit)."""
+    from stackcls.predict import model_file
+    meta = dict(meta, parts={n: dict(p, sha256=model_file._arrays_hash(arrays, n + "/"))
+                             for n, p in (meta.get("parts") or {}).items()})
+    np.savez(path, **arrays, **{model_file.MANIFEST: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+    return path
+
+
+def test_warm_model_file_runs_without_building_its_modules(tmp_path):
+    """Once a model file's variables were checked against the modules (this cache, this source),
+    a new process reads them straight into the traced programs: no module is built, the outputs
+    are the same bytes as with the modules built (cold) and with the cache off, and the modules,
+    when asked for, hold the file's values. An edited file is checked again; its error names it."""
+    from stackcls import pretrained
+    from stackcls.predict import model_file
+    f = pretrained.DEFAULT_DIR / model_file.WEIGHTS
+    cold, warm = run_lazy(tmp_path / "c", f), run_lazy(tmp_path / "c", f)
+    off = run_lazy(tmp_path / "o", f, STACKCLS_NO_COMPILE_CACHE="1")
+    assert cold["built"] and off["built"] and not warm["built"]
+    assert cold["digest"] == warm["digest"] == off["digest"]
+    assert cold["same"] and warm["same"] and warm["nets"] == 5
+    meta, arrays = model_file.read(f)
+    some = sorted(k for k in arrays if k.startswith("ensemble/nets/0/"))[0].split("/", 3)[3]
+    edits = {
+        "renamed": ({k.replace(some, some + "_x"): v for k, v in arrays.items()}, "is missing"),
+        "shape": ({k: v[..., :-1] if k.endswith(some) else v for k, v in arrays.items()}, "has shape"),
+        "one fold": ({k: v for k, v in arrays.items() if k != f"ensemble/nets/3/{some}"},
+                     "fold network 3 does not have fold 0's variables"),
+    }
+    for name, (edited, why) in edits.items():
+        g = write_model(tmp_path / f"{name.replace(' ', '_')}.npz", meta, edited)
+        r = run_lazy(tmp_path / "c", g)
+        assert r.get("error", "").startswith(str(g)) and why in r["error"], (name, r)

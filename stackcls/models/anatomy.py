@@ -183,10 +183,10 @@ def _rgb(x):
     return jnp.repeat(x[..., None], 3, -1) if x.ndim == 3 else x
 
 
-def _net_fn(graphdef):
-    """fn(state, xb) -> one net's outputs (OUTPUTS order), not yet compiled."""
+def _net_fn(merge):
+    """fn(state, xb) -> one net's outputs (OUTPUTS order), not yet compiled; merge(state) -> the net."""
     def fn(state, xb):
-        m = nnx.merge(graphdef, state, copy=True)
+        m = merge(state)
         seg, logits, pen = m(_rgb(xb))
         p = jax.nn.softmax(seg, -1)
         return (m.slice_probs(logits), pen, evidence(p), p[..., 2] + p[..., 3],
@@ -197,7 +197,7 @@ def _net_fn(graphdef):
 def _infer(graphdef):
     """The jitted inference of one architecture (cached: every fold and evaluation reuses it)."""
     if graphdef not in _INFER:
-        _INFER[graphdef] = jax.jit(_net_fn(graphdef))
+        _INFER[graphdef] = jax.jit(_net_fn(lambda state: nnx.merge(graphdef, state, copy=True)))
     return _INFER[graphdef]
 
 
@@ -233,27 +233,39 @@ def build_net(backbone: str, cfg: AnatomyConfig, weights=None, seed: int = 0) ->
     return AnatomyNet(bb, cfg, rngs=nnx.Rngs(seed))
 
 
-def _ensemble_fn(ensemble: Ensemble):
-    """fn(state, x (N, n, n, 3) model inputs) -> (probs, penultimate, evidence, lv map), each the mean over
-    the K models (vmapped over their stacked weights: one compiled call for the whole ensemble)."""
-    nets = list(ensemble.nets)
-    graphdef = nnx.graphdef(nets[0])
-    # stacked on the host: an eager jnp.stack per weight would be one more program each
-    stacked = jax.tree.map(lambda *a: jax.device_put(np.stack([np.asarray(v) for v in a])),
-                           *[nnx.state(n) for n in nets])
-
-    def one(state, x):
-        m = nnx.merge(graphdef, state, copy=True)
+def _ensemble_fn(merge):
+    """fn(leaves stacked over the K nets, x (N, n, n, 3) model inputs) -> (probs, penultimate,
+    evidence, lv map, mask) of the ensemble: the K nets vmapped (one compiled call for all), their
+    mask probabilities averaged, then the evidence. merge(leaves of one net) -> the net."""
+    def one(leaves, x):
+        m = merge(leaves)
         seg, logits, pen = m(_rgb(x))
         return m.slice_probs(logits), pen, jax.nn.softmax(seg, -1)
 
-    def fn(state, x):
-        probs, pen, p = jax.vmap(one, in_axes=(0, None))(state, jnp.asarray(x, jnp.float32))
-        p = p.mean(0)                       # the ensemble's mask probabilities, then the evidence
+    def fn(leaves, x):
+        probs, pen, p = jax.vmap(one, in_axes=(0, None))(leaves, jnp.asarray(x, jnp.float32))
+        p = p.mean(0)
         return (probs.mean(0), pen.mean(0), evidence(p), p[..., 2] + p[..., 3],
                 jnp.argmax(p, -1).astype(jnp.uint8))
+    return fn
 
-    return fn, stacked
+
+@dataclasses.dataclass(frozen=True)
+class FoldWeights:
+    """The K fold networks' variables by name within one net ("backbone/.../kernel"; sorted), each
+    stacked over the folds (K, ...): all that the traced programs read. build() -> the Ensemble,
+    for a trace or a caller that needs the modules (a model file's are built only then)."""
+
+    names: tuple[str, ...]
+    stacked: tuple[np.ndarray, ...]
+    build: object = None
+
+    @classmethod
+    def of(cls, ensemble: Ensemble) -> "FoldWeights":
+        flats = [{"/".join(map(str, p)): np.asarray(v.get_value())
+                  for p, v in nnx.to_flat_state(nnx.state(net))} for net in ensemble.nets]
+        names = tuple(sorted(flats[0]))
+        return cls(names, tuple(np.stack([f[k] for f in flats]) for k in names))
 
 
 @dataclasses.dataclass
@@ -262,29 +274,52 @@ class AnatomyModel:
     inference.TrainedModel): preprocess (physical normalisation with a localisation pass),
     slice_outputs (slice evidence and probabilities), stack_head, direction."""
 
-    ensemble: Ensemble
+    ensemble: Ensemble | None      # None: built from `weights` when first asked for
     config: dict
     stack_head: object = None
     path: object = None
     direction: object = None
     calibration: object = None     # temperatures of the range probabilities (stackcls.train.calibration)
+    weights: FoldWeights | None = None   # the ensemble's variables (from it, when not given)
 
     def __post_init__(self):
         # runs saved before `context` existed fed the slice alone
         self.cfg = AnatomyConfig(**{"context": 0, **{k: (tuple(v) if isinstance(v, list) else v)
                                                      for k, v in self.config["anatomy"].items()}})
         self.localise_size = int(self.config.get("localise_size", 256))
-        # the networks' traced programs are kept on disk (stackcls.programs), keyed by this config
-        key = json.dumps(self.config, sort_keys=True, default=str)
-        fn, self._state = _ensemble_fn(self.ensemble)
-        self._jit = Program(fn, "anatomy-ensemble", key)
-        graphdef, self._state0 = nnx.split(self.ensemble.nets[0])
-        self._net0 = Program(_net_fn(graphdef), "anatomy-net", key)
+        if self.ensemble is None:
+            del self.ensemble              # __getattr__ builds it on first use
+        w = self.weights = self.weights or FoldWeights.of(self.ensemble)
+        # the programs are kept on disk (stackcls.programs), keyed by the config and the variables'
+        # names, and read the variables as flat leaves: a warm process never builds the modules
+        key = "\0".join([json.dumps(self.config, sort_keys=True, default=str), *w.names])
+        # placed on the host: an eager jnp op per weight would be one more program each
+        self._state = tuple(jax.device_put(a) for a in w.stacked)
+        self._state0 = tuple(jax.device_put(a[0]) for a in w.stacked)
+        self._one = None
+        self._jit = Program(_ensemble_fn(self._merge), "anatomy-ensemble", key)
+        self._net0 = Program(_net_fn(self._merge), "anatomy-net", key)
         # unknown in-plane spacing: estimated from the images (False: the fixed field of view of
         # physical.pixel_spacing, for ablations); `last_preprocess` is the info of the last stack
         # `preprocess` saw (spacing, its source and the estimate), for the caller to report
         self.estimate_spacing = True
         self.last_preprocess: dict | None = None
+
+    def __getattr__(self, name):
+        if name != "ensemble" or "weights" not in self.__dict__:
+            raise AttributeError(name)
+        self.ensemble = self.weights.build()
+        return self.ensemble
+
+    def _merge(self, leaves):
+        """One net whose variables are `leaves` (weights.names order); called while tracing."""
+        if self._one is None:
+            graphdef, state = nnx.split(self.ensemble.nets[0])
+            self._one = graphdef, list(nnx.to_flat_state(state))
+        graphdef, flat = self._one
+        by = dict(zip(self.weights.names, leaves))
+        return nnx.merge(graphdef, nnx.from_flat_state(
+            [(p, v.replace(value=by["/".join(map(str, p))])) for p, v in flat]), copy=True)
 
     @property
     def input_size(self) -> int:

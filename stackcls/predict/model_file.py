@@ -25,6 +25,7 @@ loads unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -177,12 +178,51 @@ def _network(kind: str, config: dict):
     return Ensemble([one] + [nnx.clone(one) for _ in range(int(config["folds"]) - 1)])
 
 
+def _built(kind: str, config: dict, arrays: dict, path: Path):
+    """The network the config describes, every variable from the file's arrays (checked)."""
+    from flax import nnx
+    try:
+        # built abstract (shapes only): every value is replaced by the file's, and a real random
+        # initialisation of five networks would cost seconds of eager ops
+        network = nnx.eval_shape(lambda: _network(kind, config))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(f"{path}: {MANIFEST} does not describe a {kind} model "
+                             f"({type(e).__name__}: {e})") from None
+    _fill(network, arrays, NETWORK[kind], path)
+    return network
+
+
+def _fold_weights(arrays: dict, folds: int, path: Path):
+    """An anatomy file's K fold networks as FoldWeights (floats widened to the modules' float32):
+    ensemble/nets/<k>/<name>, the same names and shapes for every k < folds."""
+    from stackcls.models.anatomy import FoldWeights
+    per: dict = {}
+    for name in arrays:
+        if name.startswith(NETWORK["anatomy"]):
+            k, _, var = name[len(NETWORK["anatomy"] + "nets/"):].partition("/")
+            if not name.startswith(NETWORK["anatomy"] + "nets/") or not k.isdigit() or not var:
+                raise ModelFileError(f"{path}: {name} is not a variable of a fold network")
+            per.setdefault(int(k), {})[var] = arrays[name]
+    if sorted(per) != list(range(folds)):
+        raise ModelFileError(f"{path}: holds fold networks {sorted(per)[:8]}, its {MANIFEST} "
+                             f"says {folds} folds")
+    names = tuple(sorted(per[0]))
+    for k, net in per.items():
+        if sorted(net) != list(names) or any(net[n].shape != per[0][n].shape for n in names):
+            raise ModelFileError(f"{path}: fold network {k} does not have fold 0's variables")
+    widen = [np.float32 if np.issubdtype(per[0][n].dtype, np.floating) else per[0][n].dtype
+             for n in names]
+    return FoldWeights(names, tuple(np.stack([np.asarray(per[k][n], t) for k in range(folds)])
+                                    for n, t in zip(names, widen)))
+
+
 def load(path):
     """The model saved by `save`: a TrainedModel or an AnatomyModel with every part it was saved
     with. A damaged file or one that does not fit the architecture its manifest describes raises
     ModelFileError naming the file."""
     from flax import nnx
 
+    from stackcls import programs
     from stackcls.models.anatomy import AnatomyModel
     from stackcls.models.classifier import TrainedModel
     from stackcls.models.direction import DirectionModel
@@ -194,9 +234,7 @@ def load(path):
     head = direction = calibration = None
     try:
         config = meta["config"]
-        # built abstract (shapes only): every value is replaced by the file's below, and a real
-        # random initialisation of five networks would cost seconds of eager ops per process
-        network = nnx.eval_shape(lambda: _network(kind, config))
+        folds = int(config["folds"]) if kind == "anatomy" else None
         if meta.get("stack_head"):
             hc = meta["stack_head"]["config"]
             head = nnx.eval_shape(lambda: StackHead(int(hc["in_features"]), int(hc["hidden"]),
@@ -211,7 +249,18 @@ def load(path):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"{path}: {MANIFEST} does not describe a {kind} model "
                              f"({type(e).__name__}: {e})") from None
-    used = _fill(network, arrays, NETWORK[kind], path)
+    if kind == "anatomy":
+        weights = dataclasses.replace(_fold_weights(arrays, folds, path),
+                                      build=lambda: _built(kind, config, arrays, path))
+        # the modules are built (and the file checked against them) once per cache: a warm
+        # process reads the variables straight into the traced programs (stackcls.programs)
+        layout = json.dumps([config, [(n, a.shape[1:], a.dtype.str) for n, a in
+                                      zip(weights.names, weights.stacked)]], sort_keys=True, default=str)
+        network = None if programs.checked("anatomy-file", layout) else weights.build()
+        used = {k for k in arrays if k.startswith(NETWORK[kind])}
+    else:
+        network = _built(kind, config, arrays, path)
+        used = {NETWORK[kind] + "/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(network))}
     if head is not None:
         used |= _fill(head, arrays, "stack_head/", path)
         head = StackModel(head, hc, meta["stack_head"].get("info"))
@@ -220,8 +269,12 @@ def load(path):
     extra = sorted(set(arrays) - used)
     if extra:
         raise ModelFileError(f"{path}: holds arrays the model does not have: {extra[:5]}")
-    wrap = AnatomyModel if kind == "anatomy" else TrainedModel
-    model = wrap(network, config, head, path, direction, calibration)
+    if kind == "anatomy":
+        if network is not None:
+            programs.mark_checked("anatomy-file", layout)
+        model = AnatomyModel(network, config, head, path, direction, calibration, weights)
+    else:
+        model = TrainedModel(network, config, head, path, direction, calibration)
     model.default_mode = (meta.get("default_mode") or {}).get("mode")
     return model
 
