@@ -31,6 +31,7 @@ def test_protocol_presets_keep_their_values(preset, yaml):
     plain = as_plain(preset)
     stack = plain.pop("stack")
     plain.pop("anatomy")   # method=anatomy's settings, added after the YAML presets
+    assert plain.pop("fold_by") == "subject"    # added later too: the YAML's patient folds
     assert plain == {k: v for k, v in yaml.items() if k != "stack"}
     assert {k: stack[k] for k in yaml["stack"]} == yaml["stack"]
     # every other stack-head setting is the stack model's own default
