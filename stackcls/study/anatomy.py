@@ -33,6 +33,7 @@ from stackcls.atomic import savez, write_json
 from stackcls.train.checkpoint import is_saved, restore_into, save_anatomy_model, save_module
 from stackcls.decode.ordered import decode_many
 from stackcls.study.metrics import stack_groups
+from stackcls.preprocess.beyond import beyond_slices, extended
 from stackcls.preprocess.physical import canvas, mask_centre
 from stackcls.preprocess.arrays import fold_units, patient_folds
 from stackcls.train.selection import default_mode, select
@@ -109,6 +110,18 @@ def pretrained(cfg: AnatomyStage, backbone: str, weights, seed: int, run_dir: Pa
     return net
 
 
+def _with_beyond(arrays: dict, stacks, cfg: AnatomyStage, seed: int) -> dict:
+    """`arrays` and, after them, the slices past the ends of extended copies of cfg.beyond of the
+    stacks, each under its source stack's index (so that it trains in that stack's folds only)."""
+    ext = extended(stacks, cfg.beyond, seed) if cfg.beyond else []
+    if not ext:
+        return arrays
+    more = training_arrays([e for _, e in ext], cfg)
+    keep = np.concatenate([beyond_slices(e) for _, e in ext])
+    more["stack_index"] = np.concatenate([np.full(e.n_slices, i) for i, e in ext])
+    return {k: np.concatenate([arrays[k], more[k][keep]]) for k in arrays}
+
+
 def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights, seed: int,
                    run_dir: Path, fold_by: str = "subject") -> dict:
     """Train the K fold models; per fold and evaluated epoch: the weights and the held-out stacks'
@@ -140,7 +153,7 @@ def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights
             seconds += rec["seconds"]
             continue
         if arrays is None:
-            arrays = training_arrays(stacks, cfg)
+            arrays = _with_beyond(training_arrays(stacks, cfg), stacks, cfg, seed)
         keep = np.isin(arrays["stack_index"], tr_idx)
         data = {k: v[keep] for k, v in arrays.items()}
         if start is None and cfg.pretrain_subjects:
@@ -190,7 +203,8 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
     config = dict(backbone=study.backbone, folds=p.folds, anatomy=as_plain(cfg.net()),
                   localise_size=cfg.localise_size, epoch=epoch, weights=str(weights),
                   evidence=list(EVIDENCE), classes=list(CLASSES), method=NAME,
-                  **({} if p.fold_by == "subject" else dict(fold_by=p.fold_by)))
+                  **({} if p.fold_by == "subject" else dict(fold_by=p.fold_by)),
+                  **({} if not cfg.beyond else dict(beyond=cfg.beyond)))
     if not is_saved(d / "final"):
         save_anatomy_model(d / "final", ensemble, config)
     cv_seconds = cv["seconds"]

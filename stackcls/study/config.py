@@ -114,6 +114,9 @@ class AnatomyStage(AnatomyConfig):
     # every fold model starts from those weights; 0: from ImageNet directly
     pretrain_subjects: int = 0
     pretrain_epochs: int = 10
+    # this share of the training stacks also trains on 1-3 slices past either end, made from its
+    # own end slices (preprocess/beyond.py); 0: off
+    beyond: float = 0.0
     stack: StackStage = StackStage(epochs=300, learning_rates=(3e-3, 1e-3), select="exact",
                                    class_weight="sqrt", residual=True)
 
