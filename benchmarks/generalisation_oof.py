@@ -2,6 +2,7 @@
 network that did not train on it (issue 27, item 4).
 
     python benchmarks/generalisation_oof.py [--model RUN_OR_FILE ...] [--data ../shared/data/acdc]
+                                            [--beyond] [--max-subjects N]
 
 benchmarks/generalisation.py predicts with the whole ensemble, which trained on every ACDC
 patient, so its rows lean optimistic. A shipped-model file holds its K fold networks in fold
@@ -15,6 +16,10 @@ stack's out-of-fold outputs: no held-out version of it exists in the file), orie
 A second table splits the same predictions by ACDC pathology group. For the shipped model that
 is not leave-one-group-out (every fold network saw the other patients of each group); for a run
 trained with `protocol.fold_by=group` it is (each group through the network that never saw it).
+--beyond adds a third copy: every release stack extended by 1-3 slices past the apex and the base
+(preprocess/beyond.py, seed 2027; each stack still through the network that never saw its
+patient), against its own labels. --max-subjects N: the model was trained with
+data.max_subjects=N (seed 0), so only those patients are predicted.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from generalisation import DATA, degrade, scores  # noqa: E402
 from stackcls import load_model, load_stacks, predict_stack  # noqa: E402
 from stackcls.models.anatomy import AnatomyModel, Ensemble  # noqa: E402
 from stackcls.preprocess.arrays import fold_units, patient_folds  # noqa: E402
+from stackcls.preprocess.beyond import extended  # noqa: E402
+from stackcls.study.data import some_subjects  # noqa: E402
 
 
 def fold_models(model) -> list:
@@ -71,6 +78,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", action="append", default=None,
                     help="run folder or model file (repeatable; default: the shipped model)")
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--beyond", action="store_true", help="add the stacks extended past both ends")
+    ap.add_argument("--max-subjects", type=int, default=None,
+                    help="the model's data.max_subjects (its patients only)")
     a = ap.parse_args(argv)
     t0 = time.time()
     patients = sorted(p.name for p in a.data.iterdir() if (p / "Info.cfg").is_file())
@@ -83,6 +93,14 @@ def main(argv=None) -> int:
             degraded = sorted(load_stacks(Path(tmp), labels=Path(tmp) / "labels.csv"),
                               key=lambda s: s.key)
         assert [s.key for s in release] == [s.key for s in degraded]
+        if a.max_subjects:
+            release, degraded = (some_subjects(s, a.max_subjects, 0) for s in (release, degraded))
+        sets = [("release files", release), ("degraded, spacing estimated", degraded)]
+        if a.beyond:
+            ext = [e for _, e in extended(release, 1.0, seed=2027)]
+            if len(ext) != len(release):
+                raise SystemExit("--beyond needs masks and spacing on every stack of --data")
+            sets.append(("past both ends (1-3 slices made from the end slices)", ext))
         for path in a.model or [None]:
             model = load_model(path)
             folds = fold_models(model)
@@ -90,17 +108,20 @@ def main(argv=None) -> int:
             name = "shipped" if path is None else str(path)
             # a run with protocol.fold_by=group was cross-validated leave-one-group-out
             units = fold_units(release, model.config.get("fold_by", "subject"))
-            for data, stacks in (("release files", release), ("degraded, spacing estimated", degraded)):
+            for data, stacks in sets:
                 print(f"  {name}: {data}", file=sys.stderr, flush=True)
                 labels = out_of_fold(stacks, folds, units)
-                rows.append(dict(model=name, data=data, **scores(release, labels),
-                                 card_cv=cv.get("exact_range_rate"), groups=by_group(release, labels)))
+                truth = stacks if a.beyond and stacks is sets[-1][1] else release
+                rows.append(dict(model=name, data=data, **scores(truth, labels),
+                                 card_cv=cv.get("exact_range_rate"), groups=by_group(truth, labels)))
     trivial = scores(release, [["IN"] * len(st.labels) for st in release])
     print(f"\n{len(release)} stacks of {len(patients)} patients, out of fold; {time.time() - t0:.0f} s\n")
     print("| model | data | exact IN range | F1 OAP | F1 OBS |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['data']} | {r['exact']:.3f} | {r['f1_oap']:.3f} | {r['f1_obs']:.3f} |")
     print(f"| - | every slice IN | {trivial['exact']:.3f} | 0 | 0 |")
+    if a.beyond:
+        print("| - | every slice IN, past both ends | 0.000 | 0 | 0 |")
     groups = sorted({str(st.meta.get("group")) for st in release})
     every = by_group(release, [["IN"] * len(st.labels) for st in release])
     print("\nExact IN range by ACDC pathology group (the same out-of-fold predictions; stacks per group: "

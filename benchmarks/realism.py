@@ -1,6 +1,6 @@
 """How far the built-in phantom is from real ACDC slices, as a frozen ImageNet network sees them.
 
-    python benchmarks/realism.py [--subjects 20] [--seed 0] [--shared ../shared]
+    python benchmarks/realism.py [--subjects 20] [--seed 0] [--shared ../shared] [--beyond]
 
 The same measure as `../shared/tools/realism_probe.py`: `stackcls synth`-equivalent cohort
 (phantom.generate), real ACDC stacks (the first 2 x N of ../shared/data/acdc, ED and ES), every slice
@@ -9,6 +9,12 @@ then a standardised logistic regression (C=0.1) with subject-level 5-fold CV. 0.
 Printed beside the same probe on real data: ACDC vs another hospital 0.88, ACDC train vs test 0.69.
 Two finer readings of our own, which still move while the probe reads 1.000: the accuracy of a far
 more regularised probe (C=1e-4) and how many single features alone separate the two (AUC > 0.9).
+--beyond measures the other route instead (preprocess/beyond.py): the slices made past the apex
+and the base of every ACDC stack against ACDC's real slices past them (its OAP and OBS slices),
+the same features and probe, scored as balanced accuracy; beside it the control, the phantom's
+slices past the ends (--subjects of them) against the same real ones, which the probe must still
+tell apart (the made slices outnumber the real). Only
+the slices made by erasing count: an end slice already past the heart is copied as it is.
 Needs keras (JAX backend), scikit-learn and ../shared (data/acdc, weights); skips without them.
 """
 
@@ -43,11 +49,7 @@ def _slices(stacks, tag):
 
 def measure(n: int, seed: int, shared: Path) -> dict:
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GroupKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     import keras
     import stackcls
@@ -67,15 +69,66 @@ def measure(n: int, seed: int, shared: Path) -> dict:
     y = np.r_[np.zeros(len(Xr)), np.ones(len(Xs))]
     groups = np.array(gr + gs)
 
-    def probe(C):
-        pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=C))
-        return float(cross_val_score(pipe, F, y, groups=groups, cv=GroupKFold(5)).mean())
-
     auc = np.array([roc_auc_score(y, F[:, j]) if F[:, j].std() > 0 else 0.5 for j in range(F.shape[1])])
     auc = np.maximum(auc, 1 - auc)
-    return dict(probe=probe(0.1), probe_c1e4=probe(1e-4), features_auc90=int((auc > 0.9).sum()),
+    return dict(probe=_probe(F, y, groups), probe_c1e4=_probe(F, y, groups, C=1e-4), features_auc90=int((auc > 0.9).sum()),
                 n_features=int(F.shape[1]), real=len(Xr), synthetic=len(Xs),
                 generate_s=round(gen_s, 1), generate_workers=summary["workers"])
+
+
+def _probe(F, y, groups, C=0.1, scoring="accuracy") -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=C))
+    return float(cross_val_score(pipe, F, y, groups=groups, cv=GroupKFold(5), scoring=scoring).mean())
+
+
+def measure_beyond(n: int, seed: int, shared: Path) -> dict:
+    import numpy as np
+    import keras
+    import stackcls
+    from stackcls.phantom import generate
+    from stackcls.preprocess.beyond import beyond_slices, extended
+    from stackcls.stack import Stack
+
+    acdc = shared / "data" / "acdc"
+    stacks = stackcls.load_stacks(acdc, labels=acdc / "labels.csv")
+
+    def part(st, keep, name):
+        return Stack(images=st.images[keep], sources=["-"] * int(keep.sum()), subject=st.subject,
+                     phase=name)
+
+    real = [part(s, np.isin(s.labels, ("OAP", "OBS")), "real") for s in stacks
+            if s.labels and set(s.labels) != {"IN"}]
+    made = []
+    for _, e in extended(stacks, 1.0, seed=seed):
+        a, b = e.meta["beyond"]
+        ends = np.r_[[a] * a, np.arange(a, e.n_slices - b), [e.n_slices - b - 1] * b]
+        # an end slice already past the heart is copied as it is: only the slices made by erasing
+        erased = beyond_slices(e) & ~np.array([np.array_equal(e.images[i], e.images[j])
+                                               for i, j in enumerate(ends)])
+        if erased.any():
+            made.append(part(e, erased, "made"))
+    # the control: the phantom's slices past the ends, which the probe should still tell apart
+    with tempfile.TemporaryDirectory() as d:
+        generate(Path(d), n, seed, progress=False)
+        syn = stackcls.load_stacks(Path(d) / "dicom", labels=Path(d) / "labels.csv")
+    drawn = [part(s, np.isin(s.labels, ("OAP", "OBS")), "drawn") for s in syn
+             if s.labels and set(s.labels) != {"IN"}]
+    net = keras.applications.MobileNet(alpha=0.25, include_top=False, pooling="avg",
+                                       input_shape=(224, 224, 3), weights=str(shared / WEIGHTS))
+    (Xr, gr), (Xm, gm), (Xd, gd) = _slices(real, "r"), _slices(made, "m"), _slices(drawn, "d")
+    F = np.asarray(net.predict(np.concatenate([Xr, Xm, Xd]), batch_size=64, verbose=0))
+    r, m = len(Xr), len(Xm)
+
+    def against_real(F2, n2, g2):
+        return _probe(np.concatenate([F[:r], F2]), np.r_[np.zeros(r), np.ones(n2)], np.array(gr + g2),
+                      scoring="balanced_accuracy")
+
+    return dict(probe=against_real(F[r:r + m], m, gm), control=against_real(F[r + m:], len(Xd), gd),
+                real=r, made=m, drawn=len(Xd), real_patients=len({s.subject for s in real}))
 
 
 def main(argv=None) -> int:
@@ -83,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    p.add_argument("--beyond", action="store_true",
+                   help="the slices made past the ends of real stacks, against real ones")
     a = p.parse_args(argv)
     if not (a.shared / "data" / "acdc").is_dir() or not (a.shared / WEIGHTS).is_file():
         print(f"skipped: {a.shared} has no data/acdc or {WEIGHTS} (the real side of the probe)")
@@ -92,6 +147,15 @@ def main(argv=None) -> int:
         import sklearn  # noqa: F401
     except ImportError as e:
         print(f"skipped: {e.name} is not installed (the probe needs keras and scikit-learn)")
+        return 0
+    if a.beyond:
+        r = measure_beyond(a.subjects, a.seed, a.shared)
+        print(f"made past the ends by erasing: {r['made']} slices of the ACDC stacks (seed {a.seed}) against the "
+              f"{r['real']} real OAP/OBS slices of {r['real_patients']} patients")
+        print(f"  {'probe, balanced accuracy (0.5 = indistinguishable)':56s} {r['probe']:.3f}")
+        print(f"  {'control: the phantom past the ends (%d slices)' % r['drawn']:56s} {r['control']:.3f}")
+        for name, v in REFERENCE:
+            print(f"  {name:56s} {v:.3f}   (reference)")
         return 0
     r = measure(a.subjects, a.seed, a.shared)
     print(f"phantom: {a.subjects} subjects (seed {a.seed}), {r['synthetic']} slices against "

@@ -35,6 +35,13 @@ def _stacks(study: Study) -> tuple[list[Stack], float | int]:
     return load_stacks(root, labels=Path(labels), masks=masks), d.test_size
 
 
+def some_subjects(stacks: list[Stack], n: int, seed: int) -> list[Stack]:
+    """The stacks of `n` patients drawn at random (seeded): data.max_subjects."""
+    subjects = sorted({s.subject for s in stacks})
+    keep = set(np.random.default_rng(seed).permutation(subjects)[:n])
+    return [s for s in stacks if s.subject in keep]
+
+
 def load_data(study: Study) -> tuple[list[Stack], list[Stack]]:
     """(train stacks, test stacks) split by patient; test_size 0 (data.test_size=0, or
     protocol.synthetic_subjects.test=0): every stack trains, no test set."""
@@ -43,10 +50,8 @@ def load_data(study: Study) -> tuple[list[Stack], list[Stack]]:
     if unlabelled:
         raise ValueError(f"{len(unlabelled)} stack(s) have no labels (e.g. {unlabelled[:3]}); "
                          "every stack needs labels for training and evaluation")
-    subjects = sorted({s.subject for s in stacks})
     if study.data.max_subjects:
-        keep = set(np.random.default_rng(study.seed).permutation(subjects)[:int(study.data.max_subjects)])
-        stacks = [s for s in stacks if s.subject in keep]
+        stacks = some_subjects(stacks, int(study.data.max_subjects), study.seed)
     if test_size == 0:
         return stacks, []
     tr, te = split_subjects([s.subject for s in stacks], test_size=test_size, seed=study.seed)
