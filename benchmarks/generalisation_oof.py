@@ -95,12 +95,13 @@ def main(argv=None) -> int:
         assert [s.key for s in release] == [s.key for s in degraded]
         if a.max_subjects:
             release, degraded = (some_subjects(s, a.max_subjects, 0) for s in (release, degraded))
-        sets = [("release files", release), ("degraded, spacing estimated", degraded)]
+        # (name, stacks, the stacks whose labels are the truth)
+        sets = [("release files", release, release), ("degraded, spacing estimated", degraded, release)]
         if a.beyond:
             ext = [e for _, e in extended(release, 1.0, seed=2027)]
             if len(ext) != len(release):
                 raise SystemExit("--beyond needs masks and spacing on every stack of --data")
-            sets.append(("past both ends (1-3 slices made from the end slices)", ext))
+            sets.append(("past both ends (1-3 slices made from the end slices)", ext, ext))
         for path in a.model or [None]:
             model = load_model(path)
             folds = fold_models(model)
@@ -108,10 +109,9 @@ def main(argv=None) -> int:
             name = "shipped" if path is None else str(path)
             # a run with protocol.fold_by=group was cross-validated leave-one-group-out
             units = fold_units(release, model.config.get("fold_by", "subject"))
-            for data, stacks in sets:
+            for data, stacks, truth in sets:
                 print(f"  {name}: {data}", file=sys.stderr, flush=True)
                 labels = out_of_fold(stacks, folds, units)
-                truth = stacks if a.beyond and stacks is sets[-1][1] else release
                 rows.append(dict(model=name, data=data, **scores(truth, labels),
                                  card_cv=cv.get("exact_range_rate"), groups=by_group(truth, labels)))
     trivial = scores(release, [["IN"] * len(st.labels) for st in release])

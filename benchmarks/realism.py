@@ -11,10 +11,10 @@ Two finer readings of our own, which still move while the probe reads 1.000: the
 more regularised probe (C=1e-4) and how many single features alone separate the two (AUC > 0.9).
 --beyond measures the other route instead (preprocess/beyond.py): the slices made past the apex
 and the base of every ACDC stack against ACDC's real slices past them (its OAP and OBS slices),
-the same features and probe, scored as balanced accuracy; beside it the control, the phantom's
-slices past the ends (--subjects of them) against the same real ones, which the probe must still
-tell apart (the made slices outnumber the real). Only
-the slices made by erasing count: an end slice already past the heart is copied as it is.
+the same features and probe, scored as balanced accuracy (the made slices outnumber the real). Only
+the slices made by erasing count: an end slice already past the heart is copied as it is. Beside it
+the control: the phantom's slices past the ends (--subjects of them) against the same real ones,
+which the probe must still tell apart.
 Needs keras (JAX backend), scikit-learn and ../shared (data/acdc, weights); skips without them.
 """
 
@@ -71,7 +71,8 @@ def measure(n: int, seed: int, shared: Path) -> dict:
 
     auc = np.array([roc_auc_score(y, F[:, j]) if F[:, j].std() > 0 else 0.5 for j in range(F.shape[1])])
     auc = np.maximum(auc, 1 - auc)
-    return dict(probe=_probe(F, y, groups), probe_c1e4=_probe(F, y, groups, C=1e-4), features_auc90=int((auc > 0.9).sum()),
+    return dict(probe=_probe(F, y, groups), probe_c1e4=_probe(F, y, groups, C=1e-4),
+                features_auc90=int((auc > 0.9).sum()),
                 n_features=int(F.shape[1]), real=len(Xr), synthetic=len(Xs),
                 generate_s=round(gen_s, 1), generate_workers=summary["workers"])
 
@@ -150,8 +151,8 @@ def main(argv=None) -> int:
         return 0
     if a.beyond:
         r = measure_beyond(a.subjects, a.seed, a.shared)
-        print(f"made past the ends by erasing: {r['made']} slices of the ACDC stacks (seed {a.seed}) against the "
-              f"{r['real']} real OAP/OBS slices of {r['real_patients']} patients")
+        print(f"made past the ends by erasing: {r['made']} slices of the ACDC stacks (seed {a.seed}) "
+              f"against the {r['real']} real OAP/OBS slices of {r['real_patients']} patients")
         print(f"  {'probe, balanced accuracy (0.5 = indistinguishable)':56s} {r['probe']:.3f}")
         print(f"  {'control: the phantom past the ends (%d slices)' % r['drawn']:56s} {r['control']:.3f}")
         for name, v in REFERENCE:

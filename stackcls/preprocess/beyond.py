@@ -4,8 +4,8 @@ ACDC's stacks stop at the heart (3 % of their slices OAP, 2 % OBS), while clinic
 1-3 slices past the apex and the base. A drawn phantom is told from real slices by a linear probe
 every time (docs/phantom.md), so the slices beyond the ends are made from the real image itself:
 the stack's end slice is copied, and the structures that end there are replaced by tissue cut
-from elsewhere in the same image (an end slice already past them is copied as it is), so noise, contrast and coil shading are the
-scanner's own.
+from elsewhere in the same image, so noise, contrast and coil shading are the scanner's own (an end
+slice already past them is copied as it is).
 
 - Below the apex the ventricles end: the LV myocardium, the LV cavity and the RV go.
 - Above the base the LV ends but the RV outflow tract goes on: the LV myocardium and cavity go.
