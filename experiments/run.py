@@ -42,14 +42,15 @@ ConfigStore.instance().store(name="experiments", node={
               "output_subdir": None, "job": {"chdir": False}}})
 
 # the shipped model: method=anatomy on all ACDC patients (protocol=paper's anatomy stage: 5 folds,
-# 20 epochs, 128 px at 1.5 mm, each slice with its two neighbours, rotations of +-180 degrees),
-# exported into the package
+# 20 epochs, 128 px at 1.5 mm, each slice with its two neighbours, rotations of +-180 degrees, half
+# of the stacks also extended past both ends), exported into the package
 ConfigStore.instance().store(name="default_model", node={
     "defaults": ["experiments", {"override /data": "acdc"}, {"override /protocol": "paper"}, "_self_"],
     "method": "anatomy",
     # the 2.5-D input: the best of the ACDC ablations (docs/results.md, section A); the full circle
-    # of rotations: transposed and rotated copies as public conversions write them (section G)
-    "protocol": {"anatomy": {"context": 1, "rotation": 180}},
+    # of rotations: transposed and rotated copies as public conversions write them; slices past
+    # the ends made from real ones (section G)
+    "protocol": {"anatomy": {"context": 1, "rotation": 180, "beyond": 0.5}},
     "data": {"root": "${oc.env:STACKCLS_ACDC,../shared/data/acdc}", "test_size": 0},
     "run_dir": "${oc.env:STACKCLS_RUNS,runs}/default_model",
     "export": {"path": str(DEFAULT_DIR),

@@ -32,15 +32,14 @@ from stackcls.phantom.render import render_subject
 ROOT = Path(__file__).resolve().parents[1]
 
 # the shipped model's predictions on the pinned phantom stack; a new model: paste the output of
-# `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 2-acdc80-rot180)
+# `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 3-acdc80-beyond)
 PINS = dict(
-    sha256='4a027ffc8e6b1d3a8989ded7b8e952ac54aa774f8e874ac36e18471cafba1c5a',
-    labels='AANNNNNNNNNNNNN',
+    sha256='44f3fa49dd88317c6197d7ed20c042aea0cb922fae0d26b5d844e87ec7cf69a7',
+    labels='ANNNNNNNNNNNNNN',
     probabilities=[
-        [0.9993, 0.0007, 0.0],
-        [0.9711, 0.0288, 0.0],
-        [0.2684, 0.7315, 0.0001],
-        [0.0, 0.9999, 0.0],
+        [0.7824, 0.2176, 0.0],
+        [0.0373, 0.9627, 0.0],
+        [0.0001, 0.9999, 0.0],
         [0.0, 1.0, 0.0],
         [0.0, 1.0, 0.0],
         [0.0, 1.0, 0.0],
@@ -48,12 +47,13 @@ PINS = dict(
         [0.0, 1.0, 0.0],
         [0.0, 1.0, 0.0],
         [0.0, 1.0, 0.0],
-        [0.0, 0.9999, 0.0001],
-        [0.0, 0.9999, 0.0001],
         [0.0, 1.0, 0.0],
-        [0.0, 0.9975, 0.0025],
+        [0.0003, 0.9978, 0.0019],
+        [0.0756, 0.9215, 0.0029],
+        [0.8881, 0.1111, 0.0007],
+        [0.9844, 0.0102, 0.0054],
     ],
-    range_probability=0.3261,
+    range_probability=0.2274,
 )
 
 
