@@ -291,8 +291,8 @@ def cv_metrics(tr: dict, train_outputs, head_model, splits, seed: int, units=Non
 
     slice and slice_ordered: each stack through the fold model that did not train on it (the
     out-of-fold outputs); stack: a K-fold CV of the stack head over those outputs (its own folds,
-    the same patients' folds when protocol.anatomy.stack.folds equals protocol.folds; at the
-    learning rate and epoch count its CV selected; calibration.oof_stack_tables). Each mode and
+    the same patients' folds when protocol.anatomy.stack.folds equals protocol.folds; fresh runs
+    at the learning rate and epoch count its CV selected; calibration.oof_stack_tables). Each mode and
     the trivial "every slice IN" row carry `fold_sd`: the standard deviation of every metric over
     the K patient folds of the anatomy CV, and `folds`: the per-fold exact-range rates. Both
     selections (the epoch count, the head's settings) were made on these same folds, so the

@@ -194,7 +194,9 @@ def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: d
     stacks, or loaded from `folder` when fitted for the same stack settings and seed.
     stack_tables: the stack head's out-of-fold log-scores when the caller has them already
     (calibration.oof_stack_tables of the same head)."""
-    want = dict(as_plain(stage), seed=seed, classifier=res["selected"])
+    # tables: which runs the head's out-of-fold scores come from (temperatures fitted on the CV's
+    # own runs, before they were fresh, are fitted again)
+    want = dict(as_plain(stage), seed=seed, classifier=res["selected"], tables=cal.TABLES_KEY)
     try:
         old = cal.Calibration.load(folder)
         if old.info.get("stamp") == want:
