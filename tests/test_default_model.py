@@ -32,9 +32,9 @@ from stackcls.phantom.render import render_subject
 ROOT = Path(__file__).resolve().parents[1]
 
 # the shipped model's predictions on the pinned phantom stack; a new model: paste the output of
-# `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 3-acdc80-beyond)
+# `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 3.1-acdc80-beyond)
 PINS = dict(
-    sha256='44f3fa49dd88317c6197d7ed20c042aea0cb922fae0d26b5d844e87ec7cf69a7',
+    sha256='b1216bc22c436d19f09b48f064cbb89e74c1120b533bf6708f52e30dbbd5dded',
     labels='ANNNNNNNNNNNNNN',
     probabilities=[
         [0.7824, 0.2176, 0.0],
@@ -53,7 +53,7 @@ PINS = dict(
         [0.8881, 0.1111, 0.0007],
         [0.9844, 0.0102, 0.0054],
     ],
-    range_probability=0.2274,
+    range_probability=0.2226,
 )
 
 
