@@ -88,7 +88,7 @@ def held_out(head_sets, splits, feats) -> list[list[str]]:
     of several (an ensemble of heads trained with other seeds)."""
     labels = [None] * len(feats)
     for f, (_, va) in enumerate(splits):
-        ps = [np.exp(heads[f].scores_many([feats[i] for i in va])) for heads in head_sets]
+        ps = [[np.exp(lp) for lp in heads[f].scores_many([feats[i] for i in va])] for heads in head_sets]
         lps = [np.log(np.mean([p[b] for p in ps], axis=0)) for b in range(len(va))]
         for i, lab in zip(va, decode_many(lps)):
             labels[i] = [CLASSES[int(v)] for v in lab]
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             if a.seeds > 1:
                 got = scores(truth, held_out(seeds, splits, feats[key]))
                 rows.append((f"{name}, mean of {a.seeds} heads", data,
-                             {k: (v, 0.0) for k, v in got.items()}))
+                             {k: (v, None) for k, v in got.items()}))
     slice_rows = []
     for data, key, truth in (("release files", "release", release), ("past both ends", "test_ext", test_ext)):
         lps = [f[:, -3:] for f in feats[key]]
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     print("| mode | head trained on | data | exact IN range | F1 OAP | F1 OBS |\n|---|---|---|---|---|---|")
     for data, s in slice_rows:
         print(f"| slice_ordered | - | {data} | {s['exact']:.3f} | {s['f1_oap']:.3f} | {s['f1_obs']:.3f} |")
-    sd = (lambda m, v: f"{m:.3f} ± {v:.3f}") if a.seeds > 1 else (lambda m, v: f"{m:.3f}")
+    sd = lambda m, v: f"{m:.3f}" if v is None or a.seeds == 1 else f"{m:.3f} ± {v:.3f}"  # noqa: E731
     for name, data, s in rows:
         print(f"| stack | {name} | {data} | " + " | ".join(sd(*s[k]) for k in ("exact", "f1_oap", "f1_obs")) + " |")
     trivial = scores(release, [["IN"] * len(st.labels) for st in release])
