@@ -144,10 +144,10 @@ def main(argv=None) -> int:
     i0 = int(splits[0][1][0])
     direct = predict_stack(release[i0], m0, mode="stack", orientation="apex_to_base").labels
     assert list(direct) == held_out([real], splits, feats["release"])[i0], "fold head != predict_stack"
+    measured = (("release files", "release", release), ("past both ends", "test_ext", test_ext))
     rows = []
     for name, seeds in runs.items():
-        for data, key, truth in (("release files", "release", release),
-                                 ("past both ends", "test_ext", test_ext)):
+        for data, key, truth in measured:
             got = [scores(truth, held_out([heads], splits, feats[key])) for heads in seeds]
             rows.append((name, data, {k: (np.mean([g[k] for g in got]), np.std([g[k] for g in got]))
                                       for k in got[0]}))
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                 rows.append((f"{name}, mean of {a.seeds} heads", data,
                              {k: (v, None) for k, v in got.items()}))
     slice_rows = []
-    for data, key, truth in (("release files", "release", release), ("past both ends", "test_ext", test_ext)):
+    for data, key, truth in measured:
         lps = [f[:, -3:] for f in feats[key]]
         slice_rows.append((data, scores(truth, [[CLASSES[int(v)] for v in l] for l in decode_many(lps)])))
     card = getattr(model, "card", {}).get("metrics", {}).get("stack", {}).get("exact_range_rate")
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
         print(f"| slice_ordered | - | {data} | {s['exact']:.3f} | {s['f1_oap']:.3f} | {s['f1_obs']:.3f} |")
     sd = lambda m, v: f"{m:.3f}" if v is None or a.seeds == 1 else f"{m:.3f} ± {v:.3f}"  # noqa: E731
     for name, data, s in rows:
-        print(f"| stack | {name} | {data} | " + " | ".join(sd(*s[k]) for k in ("exact", "f1_oap", "f1_obs")) + " |")
+        cells = " | ".join(sd(*s[k]) for k in ("exact", "f1_oap", "f1_obs"))
+        print(f"| stack | {name} | {data} | {cells} |")
     trivial = scores(release, [["IN"] * len(st.labels) for st in release])
     print(f"| every slice IN | - | release files | {trivial['exact']:.3f} | 0 | 0 |")
     print("| every slice IN | - | past both ends | 0.000 | 0 | 0 |")
