@@ -15,6 +15,8 @@ the same features and probe, scored as balanced accuracy (the made slices outnum
 the slices made by erasing count: an end slice already past the heart is copied as it is. Beside it
 the control: the phantom's slices past the ends (--subjects of them) against the same real ones,
 which the probe must still tell apart.
+--crop F adds a control of the probe itself: the same real slices against their own centre crops
+(a share F of each side), so nothing but the field of view differs.
 Needs keras (JAX backend), scikit-learn and ../shared (data/acdc, weights); skips without them.
 """
 
@@ -47,7 +49,19 @@ def _slices(stacks, tag):
     return np.stack(X), g
 
 
-def measure(n: int, seed: int, shared: Path) -> dict:
+def _crop(stacks, f: float) -> list:
+    from stackcls.stack import Stack
+    out = []
+    for st in stacks:
+        H, W = st.images.shape[1:]
+        h, w = int(H * f), int(W * f)
+        a, b = (H - h) // 2, (W - w) // 2
+        out.append(Stack(images=st.images[:, a:a + h, b:b + w], sources=["-"] * st.n_slices,
+                         subject=st.subject, phase=st.phase))
+    return out
+
+
+def measure(n: int, seed: int, shared: Path, crop: float | None = None) -> dict:
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
@@ -71,7 +85,13 @@ def measure(n: int, seed: int, shared: Path) -> dict:
 
     auc = np.array([roc_auc_score(y, F[:, j]) if F[:, j].std() > 0 else 0.5 for j in range(F.shape[1])])
     auc = np.maximum(auc, 1 - auc)
-    return dict(probe=_probe(F, y, groups), probe_c1e4=_probe(F, y, groups, C=1e-4),
+    cropped = None
+    if crop:
+        Xc, gc = _slices(_crop(real, crop), "c")
+        Fc = np.asarray(net.predict(Xc, batch_size=64, verbose=0))
+        cropped = _probe(np.concatenate([F[:len(Xr)], Fc]), np.r_[np.zeros(len(Xr)), np.ones(len(Xc))],
+                         np.array(gr + gc))
+    return dict(cropped=cropped, probe=_probe(F, y, groups), probe_c1e4=_probe(F, y, groups, C=1e-4),
                 features_auc90=int((auc > 0.9).sum()),
                 n_features=int(F.shape[1]), real=len(Xr), synthetic=len(Xs),
                 generate_s=round(gen_s, 1), generate_workers=summary["workers"])
@@ -139,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     p.add_argument("--beyond", action="store_true",
                    help="the slices made past the ends of real stacks, against real ones")
+    p.add_argument("--crop", type=float, default=None,
+                   help="control: the real slices against their own centre crops (this share of a side)")
     a = p.parse_args(argv)
     if not (a.shared / "data" / "acdc").is_dir() or not (a.shared / WEIGHTS).is_file():
         print(f"skipped: {a.shared} has no data/acdc or {WEIGHTS} (the real side of the probe)")
@@ -158,7 +180,7 @@ def main(argv=None) -> int:
         for name, v in REFERENCE:
             print(f"  {name:56s} {v:.3f}   (reference)")
         return 0
-    r = measure(a.subjects, a.seed, a.shared)
+    r = measure(a.subjects, a.seed, a.shared, a.crop)
     print(f"phantom: {a.subjects} subjects (seed {a.seed}), {r['synthetic']} slices against "
           f"{r['real']} real ACDC slices; generated and read in {r['generate_s']} s "
           f"({r['generate_workers']} workers)")
@@ -166,6 +188,8 @@ def main(argv=None) -> int:
     print(f"  {'phantom vs real ACDC':40s} {r['probe']:.3f}")
     for name, v in REFERENCE:
         print(f"  {name:40s} {v:.3f}   (reference)")
+    if r["cropped"] is not None:
+        print(f"  {'control: real vs its %g centre crops' % a.crop:40s} {r['cropped']:.3f}")
     print(f"  {'target / stretch':40s} 0.880 / 0.750")
     print(f"finer readings: C=1e-4 probe {r['probe_c1e4']:.3f}; single features with AUC > 0.9: "
           f"{r['features_auc90']} of {r['n_features']}")
