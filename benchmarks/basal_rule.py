@@ -3,14 +3,14 @@
     python benchmarks/basal_rule.py RUN_DIR [--json out.json]
 
 RUN_DIR: a finished method=anatomy run without a test set (the shipped model's command). Every
-stack goes again through the fold net that held it out, at the run's selected epoch. This gives the
-run's own evidence (checked against what the run saved) and `models.evidence.border_enclosed`: the
-share of the LV cavity's border with myocardium beside it. The stack head is then trained and
-cross-validated as the run does it (study.evaluation.stack_head: its settings' selection;
-study.anatomy.cv_metrics: a K-fold CV over the out-of-fold outputs) on three sets of evidence:
-  as trained         the run's columns (models.evidence.EVIDENCE)
-  + basal rule       those and border_enclosed
-  no ring evidence   without ring_closure and cavity_inside_ring (the rule's angular form)
+stack goes again through the fold net that held it out, at the run's selected epoch. This gives
+every column of models.evidence.EVIDENCE (the columns the run saved are checked against it), among
+them `border_enclosed`: the share of the LV cavity's border with myocardium beside it. The stack
+head is then trained and cross-validated as the run does it (study.evaluation.stack_head: its
+settings' selection; study.anatomy.cv_metrics: a K-fold CV over fresh runs) on three sets:
+  without the basal rule   EVIDENCE less border_enclosed (what models before version 3.2 read)
+  + basal rule             all of EVIDENCE
+  no ring evidence         the first, less ring_closure and cavity_inside_ring (the rule's angular form)
 Rows: exact IN range in stack mode (mean and per fold) beside slice_ordered and every slice IN,
 which the evidence does not touch.
 """
@@ -29,12 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from stackcls.batching import map_chunks  # noqa: E402
 from stackcls.models.anatomy import outputs  # noqa: E402
-from stackcls.models.evidence import EVIDENCE, border_enclosed  # noqa: E402
+from stackcls.models.evidence import EVIDENCE  # noqa: E402
 from stackcls.preprocess.arrays import fold_units, patient_folds  # noqa: E402
 from stackcls.study import anatomy as sa  # noqa: E402
 from stackcls.study.config import compose  # noqa: E402
@@ -65,19 +61,9 @@ def study_of(config: dict):
     return compose(out)
 
 
-def border_of(net, x: np.ndarray) -> np.ndarray:
-    graphdef, state = nnx.split(net)
-
-    @jax.jit
-    def fn(state, xb):
-        m = nnx.merge(graphdef, state, copy=True)
-        seg, _, _ = m(xb)
-        return border_enclosed(jax.nn.softmax(seg, -1))
-    return map_chunks(lambda xb: fn(state, xb), np.asarray(x, np.float32), 32, host=True)
-
-
 def out_of_fold(study, stacks, run_dir: Path, epoch: int):
-    """Per stack, in `stacks` order: (evidence, probs, border) through its held-out fold's net."""
+    """Per stack, in `stacks` order: (evidence, probs) through its held-out fold's net, with every
+    column of EVIDENCE (the run may have saved fewer)."""
     cfg = study.protocol.anatomy
     splits = patient_folds(fold_units(stacks, study.protocol.fold_by), k=study.protocol.folds,
                            seed=study.seed)
@@ -87,12 +73,11 @@ def out_of_fold(study, stacks, run_dir: Path, epoch: int):
         net = sa._restore_net(d, study.backbone, cfg)
         outs = sa.stack_outputs([stacks[i] for i in va], cfg, lambda x: outputs(net, x))
         saved = np.load(d / "val.npz")
-        border = border_of(net, np.concatenate([o["x"] for o in outs]))
-        cut = np.cumsum([0] + [len(o["x"]) for o in outs])
         for k, (i, o) in enumerate(zip(va, outs)):
             # the same nets on the same stacks: the evidence the run saved, or this is not that run
-            np.testing.assert_allclose(o["evidence"], saved[f"evidence{k}"], atol=1e-4)
-            per[i] = (o["evidence"], o["probs"], border[cut[k]:cut[k + 1]])
+            ran = saved[f"evidence{k}"]
+            np.testing.assert_allclose(o["evidence"][:, :ran.shape[1]], ran, atol=1e-4)
+            per[i] = (o["evidence"], o["probs"])
         print(f"  fold {f + 1}/{len(splits)}: {len(va)} stacks", file=sys.stderr, flush=True)
     return splits, per
 
@@ -114,10 +99,11 @@ def main(argv=None) -> int:
     tr = sa._arrays(stacks)
     ev = np.concatenate([p[0] for p in per])
     probs = np.concatenate([p[1] for p in per])
-    border = np.concatenate([p[2] for p in per])[:, None].astype(np.float32)
-    ring = [EVIDENCE.index("ring_closure"), EVIDENCE.index("cavity_inside_ring")]
-    variants = {"as trained": ev, "+ basal rule (border_enclosed)": np.concatenate([ev, border], 1),
-                "no ring evidence": np.delete(ev, ring, axis=1)}
+    ix = {n: EVIDENCE.index(n) for n in ("border_enclosed", "ring_closure", "cavity_inside_ring")}
+    border = ev[:, ix["border_enclosed"]]
+    without = np.delete(ev, ix["border_enclosed"], axis=1)
+    variants = {"without the basal rule": without, "+ basal rule (border_enclosed)": ev,
+                "no ring evidence": np.delete(without, [ix["ring_closure"], ix["cavity_inside_ring"]], axis=1)}
     rows = {}
     with tempfile.TemporaryDirectory(prefix="stackcls-basal-") as tmp:
         for name, pen in variants.items():
@@ -140,7 +126,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['columns']} | {r['stack']:.3f} | "
               f"{', '.join(f'{v:.2f}' for v in r['stack_folds'])} | {r['slice_ordered']:.3f} | "
               f"{r['every_slice_in']:.3f} |")
-    b = [float(np.mean(p[2])) for p in per]
+    b = [float(np.mean(p[0][:, ix["border_enclosed"]])) for p in per]
     print(f"\nborder_enclosed per slice: mean {border.mean():.3f}; by true label: " + ", ".join(
         f"{c} {border[tr['y'] == k].mean():.3f}" for k, c in enumerate(("OAP", "IN", "OBS"))
         if (tr["y"] == k).any()))

@@ -325,7 +325,21 @@ def model(ensemble):
     from stackcls.models.stack_head import StackHead, StackModel
     head = StackModel(StackHead(len(EVIDENCE) + 3, 8, residual=True, rngs=nnx.Rngs(0)),
                       dict(in_features=len(EVIDENCE) + 3))
-    return AnatomyModel(ensemble, small_config(), stack_head=head)
+    return AnatomyModel(ensemble, small_config(evidence=list(EVIDENCE)), stack_head=head)
+
+
+def test_model_files_read_the_evidence_columns_they_list(model, ensemble):
+    # files written before the basal rule list no evidence, or six columns: they get those six,
+    # equal to the first six of a newer model's; a column this stackcls lacks is a clear error
+    full = model.preprocess(heart_stack(), spacing=(1.5, 1.5, 10.0))
+    old = AnatomyModel(ensemble, small_config(), weights=model.weights)
+    six = old.preprocess(heart_stack(), spacing=(1.5, 1.5, 10.0))
+    assert len(EVIDENCE) == 7 and six.shape == (6, 6 + 3)
+    np.testing.assert_allclose(six, np.delete(full, EVIDENCE.index("border_enclosed"), axis=1), atol=1e-6)
+    ev, probs = old.slice_outputs(six)
+    assert ev.shape == (6, 6) and probs.shape == (6, 3)
+    with pytest.raises(ValueError, match=r"evidence \['wall_motion'\].*newer stackcls"):
+        AnatomyModel(ensemble, small_config(evidence=["lv_cavity_area", "wall_motion"]))
 
 
 def test_save_and_restore_give_identical_outputs(ensemble, model, tmp_path):
@@ -510,6 +524,39 @@ def test_study_rerun_resumes_without_training(anatomy_study, monkeypatch):
     again = run(study)
     assert without_timing(again) == without_timing(res)
     assert [f.stat().st_mtime_ns for f in done] == stamps and len(done) == 2
+
+
+@pytest.mark.slow
+def test_a_run_saved_before_the_basal_rule_resumes_with_it(anatomy_study, tmp_path, monkeypatch):
+    # a copy of the run as stackcls wrote it before border_enclosed: six evidence columns in every
+    # fold's outputs and in the final model's config, head stamps without their input width
+    import shutil
+    from stackcls.study import anatomy as stage
+    from stackcls.study.config import compose
+    from stackcls.study.run import run
+    _, run_dir, res = anatomy_study
+    old = tmp_path / "run"
+    shutil.copytree(run_dir, old)
+    vals = sorted(old.glob("anatomy/cv/fold*/epoch*/val.npz"))
+    full = [dict(np.load(v)) for v in vals]
+    for v, z in zip(vals, full):
+        np.savez(v, **{k: (a[:, :6] if k.startswith("evidence") else a) for k, a in z.items()})
+    cfg = old / "anatomy" / "final" / "config.json"
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), evidence=list(EVIDENCE[:6]))))
+    for stamp in old.glob("anatomy/**/protocol.json"):
+        stamp.write_text(json.dumps({k: v for k, v in json.loads(stamp.read_text()).items() if k != "inputs"}))
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(stage, "train", no_training)
+    again = run(compose(ANATOMY_STUDY + [f"run_dir={old}"]))
+    # the folds' outputs are computed again with every column, as the run first had them; the
+    # final model lists them, and the head trained on them gives the run's own test rows
+    for v, z in zip(vals, full):
+        np.testing.assert_allclose(np.load(v)["evidence0"], z["evidence0"], atol=1e-5)
+    assert json.loads(cfg.read_text())["evidence"] == list(EVIDENCE)
+    assert again["depths"]["anatomy"]["test"] == res["depths"]["anatomy"]["test"]
 
 
 @pytest.mark.slow

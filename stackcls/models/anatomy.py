@@ -29,7 +29,7 @@ from flax import nnx
 
 from stackcls.batching import map_chunks
 from stackcls.models.classifier import Head, gap, preprocess_input
-from stackcls.models.evidence import EVIDENCE, evidence
+from stackcls.models.evidence import EVIDENCE, columns, evidence
 from stackcls.programs import Program
 
 N_MASK = 4                   # background, RV cavity, LV myocardium, LV cavity (ACDC's labels)
@@ -287,6 +287,8 @@ class AnatomyModel:
         self.cfg = AnatomyConfig(**{"context": 0, **{k: (tuple(v) if isinstance(v, list) else v)
                                                      for k, v in self.config["anatomy"].items()}})
         self.localise_size = int(self.config.get("localise_size", 256))
+        # the evidence columns its stack head was trained on (files before the basal rule: six)
+        self.evidence = columns(self.config.get("evidence", EVIDENCE[:6]))
         if self.ensemble is None:
             del self.ensemble              # __getattr__ builds it on first use
         w = self.weights = self.weights or FoldWeights.of(self.ensemble)
@@ -345,11 +347,11 @@ class AnatomyModel:
                                estimate=self.estimate_spacing)
         self.last_preprocess = info
         o = self.run(x)
-        return np.concatenate([o["evidence"], o["probs"]], axis=1)
+        return np.concatenate([o["evidence"][:, self.evidence], o["probs"]], axis=1)
 
     def slice_outputs(self, x):
         """(features (S, E): the slice evidence, probs (S, 3)) from `preprocess`'s output."""
-        return x[:, :len(EVIDENCE)], x[:, len(EVIDENCE):]
+        return x[:, :len(self.evidence)], x[:, len(self.evidence):]
 
 
 def model_inputs(images, spacing, cfg: AnatomyConfig, localise_size: int, lv_map,

@@ -2,9 +2,10 @@
 anatomy network's mask probabilities (N, n, n, 4: background, RV cavity, LV myocardium, LV cavity)
 at physical.SPACING_MM per pixel.
 
-`evidence` is what every trained model reads (EVIDENCE, in that order). `border_enclosed` is the
+`evidence` gives every column of EVIDENCE, in that order; a model reads the columns its file lists
+(`columns`): files written before `border_enclosed` list the first six. `border_enclosed` is the
 basal rule of clinical practice in its direct form (the share of the cavity's border that
-myocardium encloses); it is measured beside the model (benchmarks/basal_rule.py), not yet read by it.
+myocardium encloses); benchmarks/basal_rule.py measures the stack head with and without it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from stackcls.preprocess.physical import SPACING_MM
 
 EVIDENCE = ("lv_cavity_area", "lv_myocardium_area", "rv_cavity_area", "lv_cavity_peak",
-            "ring_closure", "cavity_inside_ring")
+            "ring_closure", "cavity_inside_ring", "border_enclosed")
 _SECTORS = 16
 
 
@@ -57,7 +58,16 @@ def evidence(mask_probs: jax.Array) -> jax.Array:
     ring_r = jnp.sum(myo * dist_m, axis=(1, 2)) / (jnp.sum(myo, axis=(1, 2)) + 1e-3)
     inside = jnp.sum(cav * (dist_m <= ring_r[:, None, None]), axis=(1, 2)) / (jnp.sum(cav, axis=(1, 2)) + 1e-3)
     return jnp.stack([jnp.log1p(area[:, 3]), jnp.log1p(area[:, 2]), jnp.log1p(area[:, 1]),
-                      peak, closure, inside], axis=-1)
+                      peak, closure, inside, border_enclosed(p)], axis=-1)
+
+
+def columns(names) -> list[int]:
+    """The positions in EVIDENCE of the columns a model file lists (its config's "evidence")."""
+    unknown = [n for n in names if n not in EVIDENCE]
+    if unknown:
+        raise ValueError(f"model reads evidence {unknown} that this stackcls does not compute "
+                         f"(it knows {list(EVIDENCE)}): the file needs a newer stackcls")
+    return [EVIDENCE.index(n) for n in names]
 
 
 def _pool3(x: jax.Array, op, init: float) -> jax.Array:

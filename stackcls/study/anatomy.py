@@ -146,7 +146,11 @@ def cross_validate(stacks, cfg: AnatomyStage, folds: int, backbone: str, weights
             for j, e in enumerate(eval_epochs):
                 net = _restore_net(d / f"epoch{e}", backbone, cfg)
                 models[e][f] = net
-                z = np.load(d / f"epoch{e}" / "val.npz")
+                z = dict(np.load(d / f"epoch{e}" / "val.npz"))
+                if z["evidence0"].shape[1] != len(EVIDENCE):   # saved before a column was added
+                    outs = stack_outputs(va_stacks, cfg, lambda x, net=net: outputs(net, x))
+                    z = {f"{n}{k}": o[n] for k, o in enumerate(outs) for n in ("probs", "evidence")}
+                    savez(d / f"epoch{e}" / "val.npz", **z)
                 for k, i in enumerate(va_idx):
                     oof[e][i] = {n: z[f"{n}{k}"] for n in ("probs", "evidence")}
                 val[f, j], loss[f, j] = rec["val"][j], rec["loss"][j]
@@ -205,8 +209,10 @@ def run_anatomy(study, train_stacks, test_stacks, run_dir: Path, weights) -> tup
                   evidence=list(EVIDENCE), classes=list(CLASSES), method=NAME,
                   **({} if p.fold_by == "subject" else dict(fold_by=p.fold_by)),
                   **({} if not cfg.beyond else dict(beyond=cfg.beyond)))
-    if not is_saved(d / "final"):
-        save_anatomy_model(d / "final", ensemble, config)
+    final, plain = d / "final", json.loads(json.dumps(config))
+    # saved again when a resumed run was saved with another config (fewer evidence columns)
+    if not is_saved(final) or json.loads((final / "config.json").read_text()) != plain:
+        save_anatomy_model(final, ensemble, config)
     cv_seconds = cv["seconds"]
 
     # the stack head and the direction model on out-of-fold evidence (arrays as the paper's)
