@@ -32,14 +32,13 @@ from stackcls.phantom.render import render_subject
 ROOT = Path(__file__).resolve().parents[1]
 
 # the shipped model's predictions on the pinned phantom stack; a new model: paste the output of
-# `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 3.1-acdc80-beyond)
+# `python -m experiments.default_model pins` here (stackcls-anatomy-acdc 3.2-acdc80-beyond)
 PINS = dict(
-    sha256='b1216bc22c436d19f09b48f064cbb89e74c1120b533bf6708f52e30dbbd5dded',
+    sha256='59450e0ca4bb86b51ca647d2328211bb08f475aa0e6f064aea5dd834505c5dbb',
     labels='ANNNNNNNNNNNNNN',
     probabilities=[
-        [0.7824, 0.2176, 0.0],
-        [0.0373, 0.9627, 0.0],
-        [0.0001, 0.9999, 0.0],
+        [0.8906, 0.1093, 0.0001],
+        [0.1365, 0.8635, 0.0],
         [0.0, 1.0, 0.0],
         [0.0, 1.0, 0.0],
         [0.0, 1.0, 0.0],
@@ -48,12 +47,13 @@ PINS = dict(
         [0.0, 1.0, 0.0],
         [0.0, 1.0, 0.0],
         [0.0, 1.0, 0.0],
-        [0.0003, 0.9978, 0.0019],
-        [0.0756, 0.9215, 0.0029],
-        [0.8881, 0.1111, 0.0007],
-        [0.9844, 0.0102, 0.0054],
+        [0.0, 1.0, 0.0],
+        [0.0069, 0.9878, 0.0054],
+        [0.794, 0.2032, 0.0028],
+        [0.9905, 0.0094, 0.0001],
+        [0.9632, 0.0352, 0.0015],
     ],
-    range_probability=0.2226,
+    range_probability=0.2958,
 )
 
 
