@@ -198,7 +198,7 @@ def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: d
     # tables: which runs the head's out-of-fold scores come from (temperatures fitted on the CV's
     # own runs, before they were fresh, are fitted again)
     want = dict(as_plain(stage), seed=seed, classifier=res["selected"], tables=cal.TABLES_KEY,
-                inputs=int(np.shape(train_outputs[0])[1]))
+                inputs=None if train_outputs is None else int(np.shape(train_outputs[0])[1]))
     try:
         old = cal.Calibration.load(folder)
         if old.info.get("stamp") == want:
