@@ -100,11 +100,18 @@ def stack_inputs(res: dict, inputs: StageInputs, stage: str, how: str):
     return None if pen is None or np.isnan(probs).any() else (pen, probs)
 
 
+def _stamp(stage: StackStage, seed: int, train_outputs, **more) -> dict:
+    """What decides a trained stack head and its temperatures: the stage's settings, the seed and
+    the width of the evidence it reads (a head on other columns, e.g. from before the basal rule,
+    is trained again)."""
+    width = None if train_outputs is None else int(np.shape(train_outputs[0])[1])
+    return dict(as_plain(stage), seed=seed, inputs=width, **more)
+
+
 def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, te: dict | None = None,
                test_pen=None, test_probs=None) -> StackOutcome:
     """Train the stack head in `d` on the training stacks' outputs, or load it when its stamp
-    (protocol.json: the stage's settings, the seed and the input width) is unchanged; apply it to the test stacks
-    (probs None without them).
+    (protocol.json, `_stamp`) is unchanged; apply it to the test stacks (probs None without them).
     The direction model is a sub-second fit on the same inputs: refitted on every (re)run."""
     train_pen, train_probs = train_outputs
     feats, labels, subjects = [], [], []
@@ -114,8 +121,7 @@ def stack_head(d: Path, stage: StackStage, seed: int, tr: dict, train_outputs, t
         subjects.append(str(tr["subject"][g[0]]))
     direction = fit_direction(feats, subjects, seed=seed)
     direction.save(d)
-    # inputs: a head trained on other evidence columns (before the basal rule) is trained again
-    stamp, want = d / "protocol.json", dict(as_plain(stage), seed=seed, inputs=int(feats[0].shape[1]))
+    stamp, want = d / "protocol.json", _stamp(stage, seed, train_outputs)
     if (d / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         model = load_stack_model(d)
     else:
@@ -197,8 +203,7 @@ def fit_calibration(folder: Path, res: dict, stage: StackStage, seed: int, tr: d
     (calibration.oof_stack_tables of the same head)."""
     # tables: which runs the head's out-of-fold scores come from (temperatures fitted on the CV's
     # own runs, before they were fresh, are fitted again)
-    want = dict(as_plain(stage), seed=seed, classifier=res["selected"], tables=cal.TABLES_KEY,
-                inputs=None if train_outputs is None else int(np.shape(train_outputs[0])[1]))
+    want = _stamp(stage, seed, train_outputs, classifier=res["selected"], tables=cal.TABLES_KEY)
     try:
         old = cal.Calibration.load(folder)
         if old.info.get("stamp") == want:
